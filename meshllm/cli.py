@@ -1,0 +1,59 @@
+"""The ``meshllm`` command line. Each command group lives in ``meshllm.commands``."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from meshllm import __version__
+from meshllm.commands.generate import generate_cmd
+from meshllm.commands.model import model_group
+from meshllm.errors import MeshError
+from meshllm.log import configure
+
+
+@click.group()
+@click.version_option(__version__, prog_name="meshllm")
+@click.option(
+    "--home",
+    envvar="MESHLLM_HOME",
+    type=click.Path(file_okay=False),
+    help="Peer home directory  [env: MESHLLM_HOME; default: ~/.meshllm]",
+)
+@click.option(
+    "--log-level",
+    default="warning",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+)
+@click.pass_context
+def cli(ctx: click.Context, home: str | None, log_level: str) -> None:
+    """meshllm: run one language model across a mesh of small trusted devices."""
+    configure(log_level)
+    ctx.ensure_object(dict)
+    ctx.obj["home"] = home
+
+
+cli.add_command(model_group)
+cli.add_command(generate_cmd)
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except MeshError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

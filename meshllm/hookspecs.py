@@ -1,0 +1,32 @@
+"""Hook specifications: the extension points of meshllm.
+
+Hooks are synchronous and are called while the plugin manager is being set up or when the host
+needs a registry; anything long-running lives in the objects the hooks hand over.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from meshllm.partitioners import Partitioner
+
+hookspec = pluggy.HookspecMarker("meshllm")
+
+
+@hookspec
+def meshllm_register_partitioners(register: Callable[[Partitioner], None]) -> None:
+    """Register layer partitioners: strategies that cut a model's layers into contiguous ranges.
+
+    :param register: call it once per partitioner object. The object needs a ``name`` (lower-case
+        identifier, unique across all plugins; a duplicate is an error naming both plugins) and a
+        ``partition(request)`` method taking a :class:`meshllm.partitioners.PartitionRequest`
+        and returning one :class:`meshllm.model.ranges.LayerRange` per worker used, in pipeline
+        order, tiling all layers.
+
+    Called once, when the host builds its partitioner registry (at start-up of a command or
+    daemon). The result of the hook itself is ignored.
+    """

@@ -1,0 +1,1 @@
+"""Model import, graph partitioning, segment runtime, tokenizer and sampling."""

@@ -1,0 +1,75 @@
+"""The manifest written next to an imported model: facts later stages (planner, peers) need."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from meshllm.model.graph import KVNames
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Architecture:
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_size: int
+    vocab_size: int
+    context_length: int
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+    kv_dtype: str  # numpy dtype name of the KV cache
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    precision: str
+    source: str
+    source_kind: str
+    source_sha256: str
+    architecture: Architecture
+    kv_names: KVNames
+    total_weight_bytes: int
+    per_layer_weight_bytes: tuple[int, ...]
+    files: dict[str, FileEntry] = field(default_factory=dict)
+    created_at: str = ""
+    meshllm_version: str = ""
+    version: int = MANIFEST_VERSION
+
+    @property
+    def model_sha256(self) -> str:
+        return self.files["model.onnx"].sha256
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        raw = json.loads(text)
+        arch = dict(raw.pop("architecture"))
+        arch["eos_token_ids"] = tuple(arch["eos_token_ids"])
+        raw["architecture"] = Architecture(**arch)
+        raw["kv_names"] = KVNames(**raw["kv_names"])
+        raw["per_layer_weight_bytes"] = tuple(raw["per_layer_weight_bytes"])
+        raw["files"] = {k: FileEntry(**v) for k, v in raw["files"].items()}
+        return cls(**raw)
+
+    def write(self, model_dir: Path) -> None:
+        (model_dir / MANIFEST).write_text(self.to_json())
+
+    @classmethod
+    def read(cls, model_dir: Path) -> Manifest:
+        return cls.from_json((model_dir / MANIFEST).read_text())

@@ -1,0 +1,125 @@
+"""One ONNX Runtime session per segment, with the KV cache of its layers held per request.
+
+The KV cache of a request is allocated once at the length the request can reach (prompt plus
+tokens to generate) and bound as both the ``past`` input and the ``present`` output of the
+GroupQueryAttention nodes, which then append in place: no per-token copy of the cache, and no
+growth in per-token cost with the sequence length beyond attention itself.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from meshllm.errors import MeshError, PromptTooLong
+from meshllm.model.graph import KVNames
+from meshllm.model.manifest import Architecture
+
+Tensor = np.ndarray | ort.OrtValue
+
+
+class UnknownRequest(MeshError):
+    """A step for a request this segment holds no KV cache for."""
+
+
+@dataclass
+class _KVCache:
+    buffers: dict[str, ort.OrtValue]  # past/present name -> shared buffer
+    capacity: int
+    length: int = 0
+
+
+def session_options(threads: int) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = max(1, threads)
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3
+    return so
+
+
+class SegmentRuntime:
+    """Runs one segment (or the whole model) for any number of concurrent requests."""
+
+    def __init__(self, path: Path, arch: Architecture, kv: KVNames, *, threads: int = 1):
+        self.path = path
+        self.arch = arch
+        self.session = ort.InferenceSession(
+            str(path), session_options(threads), providers=["CPUExecutionProvider"]
+        )
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        pattern = re.compile("^" + re.escape(kv.past_key).replace("%d", r"(\d+)") + "$")
+        self.layers = sorted(int(m.group(1)) for n in self.input_names if (m := pattern.match(n)))
+        self._kv_pairs = [
+            (past, present)
+            for i in self.layers
+            for past, present in zip(kv.past(i), kv.present(i), strict=True)
+        ]
+        kv_names = {n for pair in self._kv_pairs for n in pair}
+        self.data_inputs = [n for n in self.input_names if n not in kv_names]
+        self.data_outputs = [n for n in self.output_names if n not in kv_names]
+        self._kv_dtype = np.dtype(arch.kv_dtype)
+        self._caches: dict[str, _KVCache] = {}
+
+    # -- request lifecycle --------------------------------------------------------------------
+    def open(self, request_id: str, capacity: int) -> None:
+        """Allocate this segment's KV cache for a request of up to *capacity* positions."""
+        shape = (1, self.arch.num_key_value_heads, capacity, self.arch.head_size)
+        buffers = {}
+        for past, present in self._kv_pairs:
+            buf = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self._kv_dtype))
+            buffers[past] = buffers[present] = buf
+        self._caches[request_id] = _KVCache(buffers, capacity)
+
+    def close(self, request_id: str) -> None:
+        self._caches.pop(request_id, None)
+
+    @property
+    def open_requests(self) -> list[str]:
+        return list(self._caches)
+
+    def kv_bytes(self, request_id: str) -> int:
+        cache = self._caches[request_id]
+        per = cache.capacity * self.arch.num_key_value_heads * self.arch.head_size
+        return 2 * len(self.layers) * per * self._kv_dtype.itemsize
+
+    # -- compute ------------------------------------------------------------------------------
+    def step(
+        self, request_id: str, feeds: Mapping[str, Tensor], new_tokens: int
+    ) -> dict[str, ort.OrtValue]:
+        """Run *new_tokens* positions for a request; returns the segment's data outputs.
+
+        *feeds* must hold every data input of the segment (others are ignored).
+        """
+        cache = self._caches.get(request_id)
+        if cache is None:
+            raise UnknownRequest(f"no KV cache for request {request_id!r} on {self.path.name}")
+        if cache.length + new_tokens > cache.capacity:
+            raise PromptTooLong(
+                f"request {request_id} needs {cache.length + new_tokens} positions, "
+                f"its cache holds {cache.capacity}"
+            )
+        binding = self.session.io_binding()
+        for name in self.data_inputs:
+            value = feeds[name]
+            if isinstance(value, ort.OrtValue):
+                binding.bind_ortvalue_input(name, value)
+            else:
+                binding.bind_cpu_input(name, value)
+        for past, present in self._kv_pairs:
+            buf = cache.buffers[past]
+            binding.bind_ortvalue_input(past, buf)
+            binding.bind_ortvalue_output(present, buf)
+        for name in self.data_outputs:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        cache.length += new_tokens
+        values = binding.get_outputs()
+        # get_outputs follows binding order: the KV buffers first, then the data outputs.
+        return dict(zip(self.data_outputs, values[len(self._kv_pairs) :], strict=True))

@@ -1,0 +1,69 @@
+"""Tokenizer and chat template of an imported model (tokenizers + a sandboxed Jinja template)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
+
+class ChatTokenizer:
+    def __init__(self, model_dir: Path):
+        self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        template = None
+        tpl_file = model_dir / "chat_template.jinja"
+        if tpl_file.is_file():
+            template = tpl_file.read_text()
+        cfg_file = model_dir / "tokenizer_config.json"
+        self._special: dict[str, str] = {}
+        if cfg_file.is_file():
+            cfg = json.loads(cfg_file.read_text())
+            template = template or cfg.get("chat_template")
+            for key in ("bos_token", "eos_token"):
+                if isinstance(cfg.get(key), str):
+                    self._special[key] = cfg[key]
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
+        self._template = env.from_string(template) if template else None
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self._template is not None
+
+    def render_chat(self, prompt: str) -> str:
+        if self._template is None:
+            return prompt
+        messages = [{"role": "user", "content": prompt}]
+        return self._template.render(messages=messages, add_generation_prompt=True, **self._special)
+
+    def encode_prompt(self, prompt: str, *, raw: bool = False) -> list[int]:
+        if raw or self._template is None:
+            return self.tokenizer.encode(prompt, add_special_tokens=True).ids
+        # The template already holds every special token the model expects.
+        return self.tokenizer.encode(self.render_chat(prompt), add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+class TextStream:
+    """Turns a growing list of token ids into text increments, never splitting a character."""
+
+    def __init__(self, tokenizer: ChatTokenizer):
+        self._tok = tokenizer
+        self._ids: list[int] = []
+        self._emitted = 0
+        self.text = ""
+
+    def push(self, token_id: int) -> str:
+        self._ids.append(token_id)
+        text = self._tok.decode(self._ids)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            return ""
+        delta = text[self._emitted :] if text.startswith(self.text) else text[len(self.text) :]
+        self.text = text
+        self._emitted = len(text)
+        return delta

@@ -1,0 +1,48 @@
+"""Fixtures: models are converted once per run and cached under .cache/ by source hash."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from meshllm.model.importer import import_model
+from meshllm.model.store import ImportedModel, ModelStore
+from meshllm.model.tiny import make_tiny_llama
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("MESHLLM_TEST_CACHE", REPO / ".cache" / "test"))
+
+
+@pytest.fixture(scope="session")
+def model_store() -> ModelStore:
+    """A models directory shared by the whole run (and by later runs: imports are idempotent)."""
+    return ModelStore(CACHE / "home" / "models")
+
+
+@pytest.fixture(scope="session")
+def tiny_source() -> Path:
+    return make_tiny_llama(CACHE / "tiny-src")
+
+
+def _import(store: ModelStore, source: Path | None, precision: str, name: str) -> ImportedModel:
+    import_model(store.dir, source, precision=precision, name=name)
+    return store.get(name)
+
+
+@pytest.fixture(scope="session", params=["int4", "fp32"])
+def tiny_model(request, model_store, tiny_source) -> ImportedModel:
+    return _import(model_store, tiny_source, request.param, f"tiny-{request.param}")
+
+
+@pytest.fixture(scope="session")
+def tiny_fp32(model_store, tiny_source) -> ImportedModel:
+    return _import(model_store, tiny_source, "fp32", "tiny-fp32")
+
+
+@pytest.fixture(scope="session", params=["int4", "fp32"])
+def smollm(request, model_store) -> ImportedModel:
+    """The real SmolLM2-135M-Instruct from the bundled GGUF."""
+    p = request.param
+    return _import(model_store, None, p, f"smollm2-135m-instruct-{p}")

@@ -1,0 +1,101 @@
+import inspect
+
+import pytest
+
+from meshllm import hookimpl, hookspecs
+from meshllm.errors import PluginError
+from meshllm.model.ranges import LayerRange
+from meshllm.partitioners import PartitionRequest
+from meshllm.plugins import DEFAULT_PLUGINS, PartitionerRegistry, get_plugin_manager
+
+
+class FirstLayerAlone:
+    name = "first-alone"
+
+    def partition(self, request):
+        return [LayerRange(0, 1), LayerRange(1, request.num_layers)]
+
+
+class Broken:
+    name = "broken"
+
+    def partition(self, request):
+        return [LayerRange(0, 1)]
+
+
+class TestPlugin:
+    @hookimpl
+    def meshllm_register_partitioners(self, register):
+        register(FirstLayerAlone())
+        register(Broken())
+
+
+@pytest.fixture
+def pm():
+    pm = get_plugin_manager(load_entry_points=False)
+    plugin = TestPlugin()
+    pm.register(plugin, name="test-plugin")
+    try:
+        yield pm
+    finally:
+        pm.unregister(plugin)
+
+
+def test_builtins_are_registered_like_plugins():
+    pm = get_plugin_manager(load_entry_points=False)
+    assert set(DEFAULT_PLUGINS) <= {name for name, _ in pm.list_name_plugin()}
+    assert "even" in PartitionerRegistry(pm).names()
+
+
+def test_even_partitioner_through_the_registry():
+    reg = PartitionerRegistry(get_plugin_manager(load_entry_points=False))
+    ranges = reg.partition("even", PartitionRequest(num_layers=30, num_workers=4))
+    assert [str(r) for r in ranges] == ["0-8", "8-16", "16-23", "23-30"]
+
+
+def test_third_party_partitioner_is_used_and_validated(pm):
+    reg = PartitionerRegistry(pm)
+    assert reg.partition("first-alone", PartitionRequest(30, 2)) == [
+        LayerRange(0, 1),
+        LayerRange(1, 30),
+    ]
+    with pytest.raises(PluginError, match="'broken' returned invalid ranges"):
+        reg.partition("broken", PartitionRequest(30, 2))
+    with pytest.raises(PluginError, match="unknown partitioner 'nope'"):
+        reg.get("nope")
+
+
+def test_duplicate_and_bad_names_are_rejected():
+    class Dup:
+        @hookimpl
+        def meshllm_register_partitioners(self, register):
+            register(FirstLayerAlone())
+            register(FirstLayerAlone())
+
+    class BadName:
+        @hookimpl
+        def meshllm_register_partitioners(self, register):
+            obj = FirstLayerAlone()
+            obj.name = "Bad Name!"
+            register(obj)
+
+    for plugin, message in ((Dup(), "registered twice"), (BadName(), "bad name")):
+        pm = get_plugin_manager(load_entry_points=False)
+        pm.register(plugin, name="p")
+        try:
+            with pytest.raises(PluginError, match=message):
+                PartitionerRegistry(pm)
+        finally:
+            pm.unregister(plugin)
+
+
+def test_every_hook_is_documented_and_tested():
+    specs = [
+        n for n, f in inspect.getmembers(hookspecs, inspect.isfunction) if n.startswith("meshllm_")
+    ]
+    assert specs, "no hook specs found"
+    source = inspect.getsource(inspect.getmodule(test_every_hook_is_documented_and_tested))
+    for name in specs:
+        doc = inspect.getdoc(getattr(hookspecs, name)) or ""
+        assert len(doc) > 80 and "Called" in doc, f"{name} lacks a full docstring"
+        assert f"def {name}" in source, f"{name} has no test plugin implementing it"

