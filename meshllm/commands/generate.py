@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -48,9 +49,9 @@ from meshllm.plugins import PartitionerRegistry, get_plugin_manager
 @click.option(
     "--threads",
     type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="ONNX Runtime intra-op threads per segment.",
+    default=os.cpu_count() or 1,
+    show_default="all cores",
+    help="ONNX Runtime threads, one pool shared by all segments.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @click.pass_context
@@ -106,6 +107,7 @@ def generate_cmd(
         print_json({"model": model.name, **result.to_dict()})
         return
     sys.stdout.write("\n")
+    sys.stdout.flush()
     progress(
         f"[{len(result.token_ids)} tokens, prompt {result.prompt_tokens}, "
         f"ttft {result.ttft_s * 1000:.0f} ms, {result.decode_tokens_per_s:.1f} tok/s, "

@@ -10,7 +10,7 @@ import onnxruntime as ort
 
 from meshllm.errors import PartitionError
 from meshllm.model.ranges import LayerRange
-from meshllm.model.runtime import SegmentRuntime
+from meshllm.model.runtime import SegmentRuntime, use_global_thread_pool
 from meshllm.model.store import ImportedModel
 
 
@@ -44,6 +44,7 @@ class LocalChain:
     ) -> LocalChain:
         """The whole model (*ranges* None) or its segments for *ranges*."""
         arch, kv = model.manifest.architecture, model.manifest.kv_names
+        use_global_thread_pool(threads)
         if ranges is None:
             full = LayerRange(0, arch.num_layers)
             return cls([SegmentRuntime(model.onnx_path, arch, kv, threads=threads)], [full])
