@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -19,6 +20,11 @@ class StepTimes:
     """Seconds spent in each segment, summed over steps (for --json and benchmarks)."""
 
     per_segment: list[float] = field(default_factory=list)
+
+    def add(self, segment: int, seconds: float) -> None:
+        if segment >= len(self.per_segment):
+            self.per_segment.extend([0.0] * (segment + 1 - len(self.per_segment)))
+        self.per_segment[segment] += seconds
 
 
 class LocalChain:
@@ -66,8 +72,6 @@ class LocalChain:
         self, request_id: str, input_ids: np.ndarray, total_len: int, times: StepTimes | None = None
     ) -> np.ndarray:
         """Run new tokens *input_ids* ([1, n]) with *total_len* positions in all; last logits."""
-        import time
-
         new = int(input_ids.shape[1])
         # A contiguous view: every segment's mask-derived subgraph reads the same tensor.
         mask = ort.OrtValue.ortvalue_from_numpy(self._ones[:, :total_len])
@@ -76,9 +80,7 @@ class LocalChain:
             t0 = time.perf_counter()
             feeds.update(seg.step(request_id, feeds, new))  # type: ignore[arg-type]
             if times is not None:
-                if len(times.per_segment) < len(self.segments):
-                    times.per_segment = [0.0] * len(self.segments)
-                times.per_segment[k] += time.perf_counter() - t0
+                times.add(k, time.perf_counter() - t0)
         logits = feeds["logits"]
         assert isinstance(logits, ort.OrtValue)
         return logits.numpy()[0, -1]
