@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
+    from meshllm.mesh.transport import Transport
     from meshllm.partitioners import Partitioner
 
 hookspec = pluggy.HookspecMarker("meshllm")
@@ -29,4 +30,21 @@ def meshllm_register_partitioners(register: Callable[[Partitioner], None]) -> No
 
     Called once, when the host builds its partitioner registry (at start-up of a command or
     daemon). The result of the hook itself is ignored.
+    """
+
+
+@hookspec
+def meshllm_register_transports(register: Callable[[Transport], None]) -> None:
+    """Register transports: the ways peers reach each other and exchange messages.
+
+    :param register: call it once per transport object. The object needs a ``name`` (lower-case
+        identifier, unique across all plugins; a duplicate is an error naming both plugins) and
+        a ``create_endpoint(options)`` method taking a
+        :class:`meshllm.mesh.transport.EndpointOptions` (key seed, mesh secret, listen
+        addresses, handshake timeout) and returning an :class:`meshllm.mesh.transport.Endpoint`.
+        An endpoint must admit only peers that prove they hold the mesh secret and must never
+        carry plaintext over a network.
+
+    Called once, when a daemon starts and builds its transport registry; the daemon then uses
+    the transport named by ``[mesh] transport`` in its config. The result is ignored.
     """

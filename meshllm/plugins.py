@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import importlib
 import re
+from typing import Generic, TypeVar
 
 import pluggy
 
 from meshllm import hookspecs
 from meshllm.errors import PluginError
+from meshllm.mesh.transport import Transport
 from meshllm.model.ranges import LayerRange, validate_ranges
 from meshllm.partitioners import Partitioner, PartitionRequest
 
 # Built-ins are registered exactly like third-party plugins.
-DEFAULT_PLUGINS: tuple[str, ...] = ("meshllm.partitioners",)
+DEFAULT_PLUGINS: tuple[str, ...] = (
+    "meshllm.partitioners",
+    "meshllm.mesh.memory",
+)
+T = TypeVar("T")
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 
 
@@ -29,29 +35,35 @@ def get_plugin_manager(*, load_entry_points: bool = True) -> pluggy.PluginManage
     return pm
 
 
-class PartitionerRegistry:
-    """Partitioners by name, validated in one place."""
+class Registry(Generic[T]):
+    """Named objects registered through one ``meshllm_register_*`` hook, validated in one place.
 
-    def __init__(self, pm: pluggy.PluginManager):
-        self._items: dict[str, Partitioner] = {}
+    Names must be unique across all plugins; an object must have every method in *methods*.
+    """
+
+    def __init__(self, pm: pluggy.PluginManager, hook: str, kind: str, methods: tuple[str, ...]):
+        self.kind = kind
+        self._methods = methods
+        self._items: dict[str, T] = {}
         self._owners: dict[str, str] = {}
-        for impl in pm.hook.meshllm_register_partitioners.get_hookimpls():
+        for impl in getattr(pm.hook, hook).get_hookimpls():
             owner = impl.plugin_name
 
-            def register(obj: Partitioner, _owner: str = owner) -> None:
+            def register(obj: T, _owner: str = owner) -> None:
                 self._add(obj, _owner)
 
             impl.function(register=register)
 
-    def _add(self, obj: Partitioner, owner: str) -> None:
+    def _add(self, obj: T, owner: str) -> None:
         name = getattr(obj, "name", None)
         if not isinstance(name, str) or not _NAME_RE.match(name):
-            raise PluginError(f"plugin {owner} registered a partitioner with bad name {name!r}")
-        if not callable(getattr(obj, "partition", None)):
-            raise PluginError(f"partitioner {name!r} from {owner} has no partition() method")
+            raise PluginError(f"plugin {owner} registered a {self.kind} with bad name {name!r}")
+        for method in self._methods:
+            if not callable(getattr(obj, method, None)):
+                raise PluginError(f"{self.kind} {name!r} from {owner} has no {method}() method")
         if name in self._items:
             raise PluginError(
-                f"partitioner {name!r} registered twice: by {self._owners[name]} and by {owner}"
+                f"{self.kind} {name!r} registered twice: by {self._owners[name]} and by {owner}"
             )
         self._items[name] = obj
         self._owners[name] = owner
@@ -59,13 +71,21 @@ class PartitionerRegistry:
     def names(self) -> list[str]:
         return sorted(self._items)
 
-    def get(self, name: str) -> Partitioner:
+    def owner(self, name: str) -> str:
+        return self._owners[name]
+
+    def get(self, name: str) -> T:
         try:
             return self._items[name]
         except KeyError:
             raise PluginError(
-                f"unknown partitioner {name!r}; available: {', '.join(self.names())}"
+                f"unknown {self.kind} {name!r}; available: {', '.join(self.names())}"
             ) from None
+
+
+class PartitionerRegistry(Registry[Partitioner]):
+    def __init__(self, pm: pluggy.PluginManager):
+        super().__init__(pm, "meshllm_register_partitioners", "partitioner", ("partition",))
 
     def partition(self, name: str, request: PartitionRequest) -> list[LayerRange]:
         """Run partitioner *name* and check its answer tiles the model's layers."""
@@ -74,3 +94,8 @@ class PartitionerRegistry:
             return validate_ranges(ranges, request.num_layers)
         except Exception as exc:
             raise PluginError(f"partitioner {name!r} returned invalid ranges: {exc}") from None
+
+
+class TransportRegistry(Registry[Transport]):
+    def __init__(self, pm: pluggy.PluginManager):
+        super().__init__(pm, "meshllm_register_transports", "transport", ("create_endpoint",))

@@ -99,3 +99,49 @@ def test_every_hook_is_documented_and_tested():
         doc = inspect.getdoc(getattr(hookspecs, name)) or ""
         assert len(doc) > 80 and "Called" in doc, f"{name} lacks a full docstring"
         assert f"def {name}" in source, f"{name} has no test plugin implementing it"
+
+
+class LoggingMemoryTransport:
+    """A third-party transport wrapping the in-memory one."""
+
+    name = "logging-memory"
+
+    def __init__(self):
+        from meshllm.mesh.memory import MemoryTransport
+
+        self.inner = MemoryTransport()
+        self.created = 0
+
+    def create_endpoint(self, options):
+        self.created += 1
+        return self.inner.create_endpoint(options)
+
+
+class TransportPlugin:
+    def __init__(self):
+        self.transport = LoggingMemoryTransport()
+
+    @hookimpl
+    def meshllm_register_transports(self, register):
+        register(self.transport)
+
+
+def test_transports_registry_has_builtins_and_third_party():
+    from meshllm.mesh.identity import MeshSecret
+    from meshllm.mesh.transport import EndpointOptions
+    from meshllm.plugins import TransportRegistry
+
+    pm = get_plugin_manager(load_entry_points=False)
+    plugin = TransportPlugin()
+    pm.register(plugin, name="transport-plugin")
+    try:
+        reg = TransportRegistry(pm)
+        assert {"memory", "logging-memory"} <= set(reg.names())
+        assert reg.owner("logging-memory") == "transport-plugin"
+        opts = EndpointOptions(key_seed=b"k" * 32, secret=MeshSecret(b"s" * 32), listen=())
+        ep = reg.get("logging-memory").create_endpoint(opts)
+        assert ep.peer_id and plugin.transport.created == 1
+        with pytest.raises(PluginError, match="unknown transport 'carrier-pigeon'"):
+            reg.get("carrier-pigeon")
+    finally:
+        pm.unregister(plugin)

@@ -1,0 +1,152 @@
+"""The peer's ``config.toml``: decoded into typed, frozen structures; unknown keys are errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from meshllm.errors import MeshError
+
+CONFIG_FILE = "config.toml"
+
+
+class ConfigError(MeshError):
+    """A configuration file that cannot be used, with the file and key at fault."""
+
+
+@dataclass(frozen=True)
+class PeerSection:
+    """This peer: its display name and the addresses it listens on."""
+
+    name: str = ""
+    listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
+
+
+@dataclass(frozen=True)
+class MeshSection:
+    """Membership and election timing, and admission."""
+
+    heartbeat_interval_s: float = 0.25
+    dead_after_s: float = 1.5
+    election_timeout_min_s: float = 0.8
+    election_timeout_max_s: float = 1.6
+    handshake_timeout_s: float = 2.0
+    transport: str = "libp2p"
+
+    def __post_init__(self) -> None:
+        if self.heartbeat_interval_s <= 0:
+            raise ConfigError("[mesh] heartbeat_interval_s must be > 0")
+        if self.dead_after_s <= self.heartbeat_interval_s:
+            raise ConfigError("[mesh] dead_after_s must be longer than heartbeat_interval_s")
+        if not 0 < self.election_timeout_min_s < self.election_timeout_max_s:
+            raise ConfigError("[mesh] need 0 < election_timeout_min_s < election_timeout_max_s")
+        if self.handshake_timeout_s <= 0:
+            raise ConfigError("[mesh] handshake_timeout_s must be > 0")
+
+
+@dataclass(frozen=True)
+class LogSection:
+    level: str = "info"
+
+    def __post_init__(self) -> None:
+        if self.level not in ("debug", "info", "warning", "error"):
+            raise ConfigError(
+                f"[log] level must be debug, info, warning or error, not {self.level!r}"
+            )
+
+
+@dataclass(frozen=True)
+class Config:
+    peer: PeerSection = field(default_factory=PeerSection)
+    mesh: MeshSection = field(default_factory=MeshSection)
+    log: LogSection = field(default_factory=LogSection)
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    origin = typing.get_origin(typ)
+    if origin is tuple:
+        (item_type, _ellipsis) = typing.get_args(typ)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list")
+        return tuple(_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(typ):
+            try:
+                return _coerce(value, option, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: unexpected value {value!r}")
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if typ in (str, bool):
+        if not isinstance(value, typ):
+            raise ConfigError(f"{where}: expected {typ.__name__}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(typ):
+        return _decode(typ, value, where)
+    raise ConfigError(f"{where}: unsupported type {typ!r}")  # a bug in our own schema
+
+
+def _decode(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a table")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def parse_config(text: str, source: str = CONFIG_FILE) -> Config:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    try:
+        return _decode(Config, raw, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {str(exc).lstrip(': ')}") from None
+
+
+def load_config(path: Path) -> Config:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    return parse_config(text, str(path))
+
+
+def default_config_text(name: str, listen: str = "/ip4/127.0.0.1/tcp/0") -> str:
+    d = MeshSection()
+    return f"""# meshllm peer configuration. Unknown keys are rejected: `meshllm config check FILE`.
+
+[peer]
+name = "{name}"
+listen = ["{listen}"]
+
+[mesh]
+transport = "{d.transport}"
+heartbeat_interval_s = {d.heartbeat_interval_s}
+dead_after_s = {d.dead_after_s}
+election_timeout_min_s = {d.election_timeout_min_s}
+election_timeout_max_s = {d.election_timeout_max_s}
+handshake_timeout_s = {d.handshake_timeout_s}
+
+[log]
+level = "info"
+"""

@@ -1,0 +1,1 @@
+"""The mesh: identity, admission, transports, membership and leader election."""

@@ -1,0 +1,82 @@
+"""The transport interface the mesh is written against; no library types cross it.
+
+A transport gives each peer an :class:`Endpoint`: an identity on the network, a way to dial an
+address (which also runs admission: only holders of the mesh secret get through), and
+fire-and-forget delivery of small control messages to connected peers. Built-ins: ``libp2p``
+(the default) and ``memory`` (in-process, for fast deterministic tests).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import trio
+
+from meshllm.errors import MeshError
+from meshllm.mesh.identity import MeshSecret
+
+
+class PeerUnreachable(MeshError):
+    """A peer could not be reached (no route, connection refused, timed out, closed)."""
+
+
+class AdmissionRefused(MeshError):
+    """A peer did not prove it holds the mesh secret (or refused our proof)."""
+
+
+@dataclass(frozen=True)
+class Message:
+    sender: str
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class EndpointOptions:
+    """What every transport gets to build an endpoint."""
+
+    key_seed: bytes
+    secret: MeshSecret
+    listen: tuple[str, ...]
+    handshake_timeout_s: float = 2.0
+
+
+class Endpoint(Protocol):
+    """One peer's presence on a transport."""
+
+    peer_id: str
+
+    def listen_addrs(self) -> list[str]:
+        """Addresses others can dial, each including this peer's id; valid once running."""
+        ...
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen and serve until cancelled; ``task_status.started()`` once dialable."""
+        ...
+
+    async def dial(self, addr: str) -> str:
+        """Connect to *addr* and run admission; returns the peer id.
+
+        Raises :class:`AdmissionRefused` or :class:`PeerUnreachable`.
+        """
+        ...
+
+    async def send(self, peer_id: str, payload: bytes) -> None:
+        """Deliver one control message to a connected, admitted peer (raises PeerUnreachable)."""
+        ...
+
+    @property
+    def messages(self) -> trio.MemoryReceiveChannel[Message]:
+        """Control messages from admitted peers, in arrival order."""
+        ...
+
+    def is_connected(self, peer_id: str) -> bool: ...
+
+
+@runtime_checkable
+class Transport(Protocol):
+    """A named transport factory, registered through ``meshllm_register_transports``."""
+
+    name: str
+
+    def create_endpoint(self, options: EndpointOptions) -> Endpoint: ...
