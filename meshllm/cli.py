@@ -9,6 +9,17 @@ import click
 from meshllm import __version__
 from meshllm.commands.generate import generate_cmd
 from meshllm.commands.model import model_group
+from meshllm.commands.peer import (
+    config_group,
+    daemon_cmd,
+    init_cmd,
+    invite_cmd,
+    join_cmd,
+    peers_group,
+    status_cmd,
+    stop_cmd,
+)
+from meshllm.commands.testbed import testbed_group
 from meshllm.errors import MeshError
 from meshllm.log import configure
 
@@ -35,8 +46,11 @@ def cli(ctx: click.Context, home: str | None, log_level: str) -> None:
     ctx.obj["home"] = home
 
 
-cli.add_command(model_group)
-cli.add_command(generate_cmd)
+for command in (
+    model_group, generate_cmd, init_cmd, join_cmd, invite_cmd, daemon_cmd, status_cmd,
+    stop_cmd, peers_group, config_group, testbed_group,
+):  # fmt: skip
+    cli.add_command(command)
 
 
 def main() -> None:

@@ -1,0 +1,214 @@
+"""Peer commands: init, join, invite, daemon, status, stop, peers, config."""
+
+from __future__ import annotations
+
+import secrets
+import socket
+from pathlib import Path
+from typing import Any
+
+import click
+
+from meshllm.commands.common import print_json
+from meshllm.config import CONFIG_FILE, default_config_text, load_config
+from meshllm.control.client import DaemonNotRunning, call
+from meshllm.errors import MeshError
+from meshllm.home import peer_home
+from meshllm.mesh.identity import (
+    IDENTITY_FILE,
+    JoinToken,
+    MeshSecret,
+    create_identity,
+)
+from meshllm.mesh.peerstore import add_bootstrap
+
+
+def home_option(f):  # type: ignore[no-untyped-def]
+    """Accept --home after the command too (`meshllm init --home DIR`)."""
+
+    def set_home(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+        if value is not None:
+            ctx.ensure_object(dict)["home"] = value
+
+    return click.option(
+        "--home", type=click.Path(file_okay=False), expose_value=False, callback=set_home,
+        help="Peer home directory  [env: MESHLLM_HOME; default: ~/.meshllm]",
+    )(f)  # fmt: skip
+
+
+def home_of(ctx: click.Context) -> Path:
+    return peer_home(ctx.obj.get("home"))
+
+
+def init_home(
+    home: Path, *, name: str | None = None, listen: str | None = None, token: JoinToken | None
+) -> bool:
+    """Create identity, config and secret; returns False if the home was already set up."""
+    if (home / IDENTITY_FILE).exists():
+        return False
+    home.mkdir(parents=True, exist_ok=True)
+    home.chmod(0o700)
+    create_identity(home)
+    name = name or f"{socket.gethostname().split('.')[0]}-{secrets.token_hex(2)}"
+    (home / CONFIG_FILE).write_text(default_config_text(name, listen or "/ip4/127.0.0.1/tcp/0"))
+    (token.secret if token else MeshSecret.generate()).save(home)
+    if token:
+        add_bootstrap(home, list(token.addrs))
+    return True
+
+
+@click.command("init")
+@home_option
+@click.option("--name", help="Display name of this peer (default: host name + random suffix).")
+@click.option("--listen", help="Listen multiaddr  [default: /ip4/127.0.0.1/tcp/0]")
+@click.option("--join", "token_text", metavar="TOKEN", help="Join the mesh of this invite token.")
+@click.pass_context
+def init_cmd(ctx: click.Context, name: str | None, listen: str | None, token_text: str | None):
+    """Create this peer's home: key pair, config.toml and a new mesh secret (or a joined one)."""
+    home = home_of(ctx)
+    token = JoinToken.decode(token_text) if token_text else None
+    if not init_home(home, name=name, listen=listen, token=token):
+        click.echo(f"{home} is already initialised", err=True)
+        return
+    mesh = (token.secret if token else MeshSecret.load(home)).mesh_id
+    click.echo(f"initialised {home} (mesh {mesh}{', joining' if token else ', new'})")
+
+
+@click.command("join")
+@home_option
+@click.argument("token")
+@click.pass_context
+def join_cmd(ctx: click.Context, token: str) -> None:
+    """Join the mesh of TOKEN (printed by `meshllm invite` on a member)."""
+    home = home_of(ctx)
+    tok = JoinToken.decode(token)
+    if init_home(home, token=tok):
+        click.echo(f"initialised {home} and joined mesh {tok.secret.mesh_id}")
+        return
+    current = MeshSecret.load(home)
+    if current != tok.secret:
+        try:
+            call(home, "status", timeout=5)
+            raise MeshError("this peer's daemon runs in another mesh: stop it, then join again")
+        except DaemonNotRunning:
+            pass
+        tok.secret.save(home)
+        click.echo(f"switched {home} to mesh {tok.secret.mesh_id}", err=True)
+    add_bootstrap(home, list(tok.addrs))
+    try:
+        for addr in tok.addrs:
+            result = call(home, "peers.add", addr=addr)
+            click.echo(f"connected to {result['peer_id']}")
+            break
+    except DaemonNotRunning:
+        click.echo("stored; the daemon connects when it starts (`meshllm daemon`)")
+
+
+@click.command("invite")
+@home_option
+@click.pass_context
+def invite_cmd(ctx: click.Context) -> None:
+    """Print a join token: this peer's live addresses and the mesh secret. Keep it private."""
+    home = home_of(ctx)
+    status = call(home, "status")
+    click.echo(JoinToken(MeshSecret.load(home), tuple(status["self"]["addrs"])).encode())
+
+
+@click.command("daemon")
+@home_option
+@click.pass_context
+def daemon_cmd(ctx: click.Context) -> None:
+    """Run this peer's daemon in the foreground (stop with Ctrl-C or `meshllm stop`)."""
+    from meshllm.daemon import run_daemon
+
+    home = home_of(ctx)
+    if not (home / IDENTITY_FILE).exists():
+        raise MeshError(f"{home} is not initialised: run `meshllm init` or `meshllm join TOKEN`")
+    run_daemon(home)
+
+
+def _short(peer_id: str | None) -> str:
+    if not peer_id:
+        return "-"
+    return peer_id if len(peer_id) <= 16 else f"{peer_id[:6]}…{peer_id[-6:]}"
+
+
+def print_status(st: dict[str, Any]) -> None:
+    me = st["self"]
+    click.echo(
+        f"peer {_short(me['id'])} ({me['name']})  role {me['role']}  term {st['term']}  "
+        f"leader {_short(st['leader'])}  mesh {st.get('mesh_id', '-')}  "
+        f"members {len(st['members'])}"
+    )
+    print_peers(st["peers"])
+
+
+def print_peers(peers: list[dict[str, Any]]) -> None:
+    if not peers:
+        click.echo("no other peers known")
+        return
+    click.echo(f"{'PEER':15} {'NAME':16} {'ROLE':9} {'ALIVE':5} {'SEEN':>7}  ADDRESS")
+    for p in peers:
+        seen = "-" if p["last_seen_s"] is None else f"{p['last_seen_s']:.1f}s"
+        addr = p["addrs"][0] if p["addrs"] else "-"
+        click.echo(
+            f"{_short(p['id']):15} {p['name'][:16]:16} {p['role']:9} "
+            f"{'yes' if p['alive'] else 'no':5} {seen:>7}  {addr}"
+        )
+        if p.get("refused"):
+            click.echo(f"{'':15} refused: {p['refused']}")
+
+
+@click.command("status")
+@home_option
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.pass_context
+def status_cmd(ctx: click.Context, as_json: bool) -> None:
+    """Show this peer, the leader, the term and every known peer."""
+    st = call(home_of(ctx), "status")
+    print_json(st) if as_json else print_status(st)
+
+
+@click.command("stop")
+@home_option
+@click.pass_context
+def stop_cmd(ctx: click.Context) -> None:
+    """Stop this peer's daemon gracefully."""
+    call(home_of(ctx), "stop")
+    click.echo("stopping")
+
+
+@click.group("peers", invoke_without_command=True)
+@home_option
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.pass_context
+def peers_group(ctx: click.Context, as_json: bool) -> None:
+    """List known peers (or add one: `meshllm peers add MULTIADDR`)."""
+    if ctx.invoked_subcommand is None:
+        peers = call(home_of(ctx), "peers")
+        print_json(peers) if as_json else print_peers(peers)
+
+
+@peers_group.command("add")
+@click.argument("multiaddr")
+@click.pass_context
+def peers_add_cmd(ctx: click.Context, multiaddr: str) -> None:
+    """Connect to the peer at MULTIADDR (it must hold this home's mesh secret)."""
+    home = home_of(ctx)
+    result = call(home, "peers.add", addr=multiaddr)
+    add_bootstrap(home, [multiaddr])
+    click.echo(f"connected to {result['peer_id']}")
+
+
+@click.group("config")
+def config_group() -> None:
+    """Check configuration files."""
+
+
+@config_group.command("check")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+def config_check_cmd(files: tuple[str, ...]) -> None:
+    """Validate FILES (peer config.toml); unknown keys and bad values are errors."""
+    for f in files:
+        load_config(Path(f))
+        click.echo(f"{f}: ok")

@@ -1,0 +1,154 @@
+"""``meshllm daemon``: the long-running peer.
+
+Task tree::
+
+    root nursery
+    ├── signal watcher (SIGINT/SIGTERM -> graceful stop)
+    ├── transport endpoint (listener, per-connection tasks)
+    ├── mesh node (receive loop, heartbeats, election timer)
+    ├── bootstrap dials
+    └── control server (one task per local client)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import structlog
+import trio
+
+from meshllm import __version__
+from meshllm.config import CONFIG_FILE, Config, load_config
+from meshllm.control.protocol import SOCKET_NAME, ControlError
+from meshllm.control.server import ControlServer
+from meshllm.log import configure
+from meshllm.mesh.identity import MeshSecret, load_identity
+from meshllm.mesh.node import MeshNode
+from meshllm.mesh.peerstore import bootstrap_addrs, load_peers, save_peers
+from meshllm.mesh.transport import AdmissionRefused, EndpointOptions, PeerUnreachable
+from meshllm.plugins import TransportRegistry, get_plugin_manager
+
+DAEMON_FILE = "daemon.json"
+log = structlog.get_logger("meshllm.daemon")
+
+
+class Daemon:
+    def __init__(self, home: Path, config: Config):
+        self.home = home
+        self.config = config
+        self.secret = MeshSecret.load(home)
+        transport = TransportRegistry(get_plugin_manager()).get(config.mesh.transport)
+        self.endpoint = transport.create_endpoint(
+            EndpointOptions(
+                key_seed=load_identity(home),
+                secret=self.secret,
+                listen=config.peer.listen,
+                handshake_timeout_s=config.mesh.handshake_timeout_s,
+            )
+        )
+        self.node = MeshNode(
+            self.endpoint, config.mesh, name=config.peer.name, on_members_changed=self._save_members
+        )
+        self._stop = trio.Event()
+
+    def _save_members(self, members: dict[str, list[str]]) -> None:
+        peers = load_peers(self.home)
+        peers.update(members)
+        save_peers(self.home, peers)
+
+    # -- control operations (the only things callable over the socket) ------------------------
+    async def op_status(self, args: dict[str, Any]) -> Any:
+        return {
+            **self.node.status(),
+            "mesh_id": self.secret.mesh_id,
+            "version": __version__,
+            "pid": os.getpid(),
+            "transport": self.config.mesh.transport,
+        }
+
+    async def op_peers(self, args: dict[str, Any]) -> Any:
+        return self.node.status()["peers"]
+
+    async def op_peers_add(self, args: dict[str, Any]) -> Any:
+        addr = args.get("addr")
+        if not isinstance(addr, str) or not addr:
+            raise ControlError("bad_request", "peers.add needs args.addr (a multiaddr string)")
+        try:
+            with trio.fail_after(self.config.mesh.handshake_timeout_s + 1):
+                peer_id = await self.node.add_peer(addr)
+        except trio.TooSlowError:
+            raise ControlError("unreachable", f"no answer from {addr} in time") from None
+        except AdmissionRefused as exc:
+            raise ControlError("refused", str(exc)) from None
+        except PeerUnreachable as exc:
+            raise ControlError("unreachable", str(exc)) from None
+        return {"peer_id": peer_id}
+
+    async def op_stop(self, args: dict[str, Any]) -> Any:
+        self._stop.set()
+        return {"stopping": True}
+
+    # -- running ----------------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        control = ControlServer(
+            self.home / SOCKET_NAME,
+            {
+                "status": self.op_status,
+                "peers": self.op_peers,
+                "peers.add": self.op_peers_add,
+                "stop": self.op_stop,
+            },
+        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_signals, nursery.cancel_scope)
+            await nursery.start(self.endpoint.run)
+            await nursery.start(self.node.run)
+            for addr in bootstrap_addrs(self.home):
+                nursery.start_soon(self._bootstrap, addr)
+            await nursery.start(control.run)
+            self._write_daemon_file()
+            log.info(
+                "daemon_ready",
+                peer=self.endpoint.peer_id,
+                addrs=self.endpoint.listen_addrs(),
+                mesh=self.secret.mesh_id,
+            )
+            task_status.started()
+            await self._stop.wait()
+            log.info("daemon_stopping")
+            nursery.cancel_scope.deadline = trio.current_time() + 2.0  # grace for handlers
+            nursery.cancel_scope.cancel()
+        (self.home / DAEMON_FILE).unlink(missing_ok=True)
+
+    def _write_daemon_file(self) -> None:
+        info = {"pid": os.getpid(), "peer_id": self.endpoint.peer_id,
+                "addrs": self.endpoint.listen_addrs()}  # fmt: skip
+        (self.home / DAEMON_FILE).write_text(json.dumps(info))
+
+    async def _bootstrap(self, addr: str) -> None:
+        try:
+            with trio.fail_after(self.config.mesh.handshake_timeout_s + 1):
+                peer_id = await self.node.add_peer(addr)
+            log.info("bootstrap_connected", addr=addr, other=peer_id)
+        except AdmissionRefused as exc:
+            log.error("admission_refused", addr=addr, reason=str(exc))
+        except (PeerUnreachable, trio.TooSlowError) as exc:
+            log.warning("bootstrap_unreachable", addr=addr, reason=str(exc) or "timeout")
+
+    async def _watch_signals(self, scope: trio.CancelScope) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                log.info("signal_received", signal=signal.Signals(signum).name)
+                self._stop.set()
+                return
+
+
+def run_daemon(home: Path) -> None:
+    config = load_config(home / CONFIG_FILE)
+    configure(config.log.level)
+    daemon = Daemon(home, config)
+    trio.run(daemon.run)
