@@ -18,6 +18,7 @@ from meshllm.partitioners import Partitioner, PartitionRequest
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "meshllm.partitioners",
     "meshllm.mesh.memory",
+    "meshllm.mesh.libp2p_transport",
 )
 T = TypeVar("T")
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")

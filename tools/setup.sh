@@ -15,6 +15,15 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && [ -x "$VENV/bin/meshllm
 fi
 
 echo "meshllm setup: creating $VENV and installing dependencies (a few minutes the first time)" >&2
+# libp2p's fastecdsa compiles from source against GMP.
+if ! dpkg -s build-essential libgmp-dev >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq build-essential libgmp-dev >/dev/null
+  else
+    echo "meshllm setup: please install build-essential and libgmp-dev (apt), then rerun" >&2
+    exit 1
+  fi
+fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
 pip install --upgrade pip

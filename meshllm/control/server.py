@@ -93,9 +93,19 @@ class ControlServer:
                     if len(buf) > MAX_LINE:
                         err = ControlError("too_large", f"request line over {MAX_LINE} bytes")
                         await stream.send_all(error(None, err))
+                        await self._discard_rest(stream)
                         return
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return  # the client went away; nothing to answer
+
+    @staticmethod
+    async def _discard_rest(stream: trio.SocketStream) -> None:
+        """Hang up politely: closing with unread input would reset the client before it can
+        read our error reply."""
+        await stream.send_eof()
+        with trio.move_on_after(2):
+            while await stream.receive_some(1 << 16):
+                pass
 
     async def _respond(self, line: bytes) -> bytes:
         try:

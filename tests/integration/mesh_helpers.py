@@ -1,0 +1,67 @@
+"""Helpers for tests that run real daemon processes on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from meshllm.control.client import call
+from meshllm.errors import MeshError
+
+
+def cli(home: Path | None, *args: str, check: bool = True, timeout: float = 30):
+    env = dict(os.environ)
+    env.pop("MESHLLM_HOME", None)
+    cmd = [sys.executable, "-m", "meshllm"]
+    if home is not None:
+        cmd += ["--home", str(home)]
+    proc = subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"meshllm {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
+def status(home: Path) -> dict[str, Any] | None:
+    """What `meshllm status --json` prints, straight from the control socket (no process
+    start-up per poll, so timings measure the mesh, not Python's start-up), or None."""
+    try:
+        return call(home, "status", timeout=5)
+    except MeshError:
+        return None
+
+
+def cli_status(home: Path) -> dict[str, Any]:
+    return json.loads(cli(home, "status", "--json").stdout)
+
+
+def agreement(homes: list[Path]) -> tuple[list[str], str] | None:
+    """(members, leader) when every peer reports the same members and the same one leader."""
+    views = [status(h) for h in homes]
+    if any(v is None for v in views):
+        return None
+    members = {tuple(v["members"]) for v in views}
+    leaders = {v["leader"] for v in views}
+    if len(members) != 1 or len(leaders) != 1 or None in leaders:
+        return None
+    (m,) = members
+    (leader,) = leaders
+    if len(m) != len(homes) or leader not in m:
+        return None
+    return list(m), leader
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.1):
+    """Poll *predicate* (processes in other address spaces cannot signal us) until truthy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
