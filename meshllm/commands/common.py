@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from meshllm.home import models_dir, peer_home
-from meshllm.model.store import ModelStore
+
+if TYPE_CHECKING:
+    from meshllm.model.store import ModelStore
 
 
 def store_from(ctx: click.Context) -> ModelStore:
+    from meshllm.model.store import ModelStore
+
     return ModelStore(models_dir(peer_home(ctx.obj.get("home"))))
 
 

@@ -9,11 +9,6 @@ import click
 
 from meshllm.commands.common import print_json, progress, store_from
 from meshllm.errors import BadRanges
-from meshllm.model.chain import LocalChain
-from meshllm.model.generate import generate
-from meshllm.model.ranges import parse_ranges
-from meshllm.model.sampling import SamplingParams
-from meshllm.model.tokenizer import ChatTokenizer
 from meshllm.partitioners import PartitionRequest
 from meshllm.plugins import PartitionerRegistry, get_plugin_manager
 
@@ -76,6 +71,13 @@ def generate_cmd(
 
     Greedy decoding unless --temperature is given. The answer streams to stdout.
     """
+    # Imported here: the daemon and other commands should not pay for ONNX Runtime.
+    from meshllm.model.chain import LocalChain
+    from meshllm.model.generate import generate
+    from meshllm.model.ranges import parse_ranges
+    from meshllm.model.sampling import SamplingParams
+    from meshllm.model.tokenizer import ChatTokenizer
+
     if sum(x is not None and x is not False for x in (segments, ranges_text, monolithic)) > 1:
         raise BadRanges("use only one of --segments, --ranges and --monolithic")
     model = store_from(ctx).get(model_name)

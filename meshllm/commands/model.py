@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from meshllm.commands.common import print_json, progress, store_from
-from meshllm.model.importer import PRECISIONS, import_model
+from meshllm.model import PRECISIONS
 
 
 @click.group("model")
@@ -33,6 +33,8 @@ def import_cmd(
     Without SOURCE, imports the bundled SmolLM2-135M-Instruct. Re-importing the same source at
     the same precision does nothing.
     """
+    from meshllm.model.importer import import_model
+
     store = store_from(ctx)
     manifest, converted = import_model(
         store.dir, source, precision=precision, name=name, report=progress

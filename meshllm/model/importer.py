@@ -19,12 +19,12 @@ import onnx
 
 from meshllm import __version__
 from meshllm.errors import ConversionFailed, UnsupportedSource
+from meshllm.model import PRECISIONS
 from meshllm.model.convert import run_builder, source_to_hf
 from meshllm.model.graph import KVNames, load_graph
 from meshllm.model.manifest import MANIFEST, Architecture, FileEntry, Manifest
 from meshllm.model.source import ModelSource, resolve_source, sha256_file, source_fingerprint
 
-PRECISIONS = ("int4", "fp32")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 Reporter = Callable[[str], None]
