@@ -98,7 +98,8 @@ def main() -> None:
         )
     print(
         f"median failover {summary['median_failover_s']:.2f} s "
-        f"(max {summary['max_failover_s']:.2f}), median idle RSS {summary['median_idle_rss_mib']:.1f} MiB\nwritten to {out}"
+        f"(max {summary['max_failover_s']:.2f}), "
+        f"median idle RSS {summary['median_idle_rss_mib']:.1f} MiB\nwritten to {out}"
     )
 
 
