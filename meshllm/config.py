@@ -25,6 +25,11 @@ class PeerSection:
 
     name: str = ""
     listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
+    threads: int = 1  # ONNX Runtime threads for this peer's segment
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.threads <= 256:
+            raise ConfigError("[peer] threads must be between 1 and 256")
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,9 @@ class Daemon:
         self.node = MeshNode(
             self.endpoint, config.mesh, name=config.peer.name, on_members_changed=self._save_members
         )
+        from meshllm.pipeline.service import ServingService
+
+        self.serving = ServingService(home, config, self.endpoint, self.node)
         self._stop = trio.Event()
 
     def _save_members(self, members: dict[str, list[str]]) -> None:
@@ -68,6 +71,7 @@ class Daemon:
             "version": __version__,
             "pid": os.getpid(),
             "transport": self.config.mesh.transport,
+            "serving": self.serving.serving_status(),
         }
 
     async def op_peers(self, args: dict[str, Any]) -> Any:
@@ -101,14 +105,22 @@ class Daemon:
                 "peers": self.op_peers,
                 "peers.add": self.op_peers_add,
                 "stop": self.op_stop,
+                "serve": self.serving.op_serve,
             },
+            streaming={"query": self.serving.op_query},
         )
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_signals, nursery.cancel_scope)
             await nursery.start(self.endpoint.run)
             await nursery.start(self.node.run)
+            await nursery.start(self.serving.run)
+            by_peer: dict[str, list[str]] = {}
             for addr in bootstrap_addrs(self.home):
-                nursery.start_soon(self._bootstrap, addr)
+                by_peer.setdefault(addr.rsplit("/p2p/", 1)[-1], []).append(addr)
+            for addrs in by_peer.values():
+                # One peer's addresses in turn: concurrent dials to one peer id are merged by
+                # libp2p, so a stale address would fail the fresh one too.
+                nursery.start_soon(self._bootstrap, addrs)
             await nursery.start(control.run)
             self._write_daemon_file()
             log.info(
@@ -129,15 +141,18 @@ class Daemon:
                 "addrs": self.endpoint.listen_addrs()}  # fmt: skip
         (self.home / DAEMON_FILE).write_text(json.dumps(info))
 
-    async def _bootstrap(self, addr: str) -> None:
-        try:
-            with trio.fail_after(self.config.mesh.handshake_timeout_s + 1):
-                peer_id = await self.node.add_peer(addr)
-            log.info("bootstrap_connected", addr=addr, other=peer_id)
-        except AdmissionRefused as exc:
-            log.error("admission_refused", addr=addr, reason=str(exc))
-        except (PeerUnreachable, trio.TooSlowError) as exc:
-            log.warning("bootstrap_unreachable", addr=addr, reason=str(exc) or "timeout")
+    async def _bootstrap(self, addrs: list[str]) -> None:
+        for addr in addrs:
+            try:
+                with trio.fail_after(self.config.mesh.handshake_timeout_s + 1):
+                    peer_id = await self.node.add_peer(addr)
+                log.info("bootstrap_connected", addr=addr, other=peer_id)
+                return
+            except AdmissionRefused as exc:
+                log.error("admission_refused", addr=addr, reason=str(exc))
+                return
+            except (PeerUnreachable, trio.TooSlowError) as exc:
+                log.warning("bootstrap_unreachable", addr=addr, reason=str(exc) or "timeout")
 
     async def _watch_signals(self, scope: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

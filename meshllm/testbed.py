@@ -19,6 +19,7 @@ from pathlib import Path
 from meshllm.control.client import DaemonNotRunning, call
 from meshllm.errors import MeshError
 from meshllm.mesh.identity import JoinToken, MeshSecret
+from meshllm.mesh.peerstore import add_bootstrap
 
 STATE_FILE = "testbed.json"
 
@@ -100,7 +101,8 @@ def up(root: Path, n: int, *, report=lambda _m: None) -> list[TestbedPeer]:
     try:
         for i in range(n):
             home = root / f"peer-{i}"
-            init_home(home, name=f"peer-{i}", token=token)
+            if not init_home(home, name=f"peer-{i}", token=token) and token is not None:
+                add_bootstrap(home, list(token.addrs))  # a re-used home: ports are new
             if secret is None:
                 secret = MeshSecret.load(home)
             proc = start_daemon(home)
@@ -110,10 +112,27 @@ def up(root: Path, n: int, *, report=lambda _m: None) -> list[TestbedPeer]:
             # Each peer joins through the previous one: the mesh forms from a single chain.
             token = JoinToken(secret, tuple(status["self"]["addrs"]))
             report(f"peer-{i} up: {status['self']['id']} pid {proc.pid}")
+        _wait_for_mesh([Path(p.home) for p in peers], timeout=30)
     except BaseException:
         down(root)
         raise
     return peers
+
+
+def _wait_for_mesh(homes: list[Path], timeout: float) -> None:
+    """Until every peer sees all of them alive and they agree on one leader."""
+    deadline = time.monotonic() + timeout
+    while True:
+        views = [call(h, "status", timeout=5) for h in homes]
+        if (
+            all(len(v["members"]) == len(homes) for v in views)
+            and len({v["leader"] for v in views}) == 1
+            and views[0]["leader"] is not None
+        ):
+            return
+        if time.monotonic() > deadline:
+            raise TestbedError(f"the {len(homes)} peers did not form one mesh in {timeout:.0f} s")
+        time.sleep(0.1)
 
 
 def status(root: Path) -> list[dict]:

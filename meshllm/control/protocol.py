@@ -70,5 +70,9 @@ def error(req_id: Any, err: ControlError) -> bytes:
     return _line({"v": VERSION, "id": req_id, "ok": False, "error": err.to_obj()})
 
 
+def event(req_id: Any, obj: dict[str, Any]) -> bytes:
+    return _line({"v": VERSION, "id": req_id, "event": obj})
+
+
 def _line(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":"), default=str).encode() + b"\n"

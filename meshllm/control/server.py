@@ -16,6 +16,7 @@ from meshllm.control.protocol import (
     MAX_LINE,
     ControlError,
     error,
+    event,
     ok,
     parse_request,
     request_id,
@@ -23,6 +24,8 @@ from meshllm.control.protocol import (
 from meshllm.errors import MeshError
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+Emit = Callable[[dict[str, Any]], Awaitable[None]]
+StreamingHandler = Callable[[dict[str, Any], Emit], Awaitable[Any]]
 log = structlog.get_logger("meshllm.control")
 
 
@@ -45,9 +48,16 @@ def _socket_in_use(path: Path) -> bool:
 class ControlServer:
     """Serves the explicitly registered operations, one JSON line per request."""
 
-    def __init__(self, path: Path, handlers: dict[str, Handler]):
+    def __init__(
+        self,
+        path: Path,
+        handlers: dict[str, Handler],
+        streaming: dict[str, StreamingHandler] | None = None,
+    ):
         self.path = path
         self.handlers = handlers
+        # Operations that send event lines ({"v", "id", "event"}) before their final answer.
+        self.streaming = streaming or {}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         if self.path.exists():
@@ -89,7 +99,7 @@ class ControlServer:
                     while b"\n" in buf:
                         line, buf = buf.split(b"\n", 1)
                         if line.strip():
-                            await stream.send_all(await self._respond(line))
+                            await stream.send_all(await self._respond(line, stream))
                     if len(buf) > MAX_LINE:
                         err = ControlError("too_large", f"request line over {MAX_LINE} bytes")
                         await stream.send_all(error(None, err))
@@ -107,19 +117,27 @@ class ControlServer:
             while await stream.receive_some(1 << 16):
                 pass
 
-    async def _respond(self, line: bytes) -> bytes:
+    async def _respond(self, line: bytes, stream: trio.SocketStream) -> bytes:
         try:
             req = parse_request(line)
         except ControlError as err:
             log.info("control_request_rejected", code=err.code)
             return error(request_id(line), err)
         handler = self.handlers.get(req.op)
-        if handler is None:
-            known = ", ".join(sorted(self.handlers))
+        streaming = self.streaming.get(req.op)
+        if handler is None and streaming is None:
+            known = ", ".join(sorted([*self.handlers, *self.streaming]))
             return error(
                 req.id, ControlError("unknown_op", f"unknown op {req.op!r}; known: {known}")
             )
+
+        async def emit(event_obj: dict[str, Any]) -> None:
+            await stream.send_all(event(req.id, event_obj))
+
         try:
+            if streaming is not None:
+                return ok(req.id, await streaming(req.args, emit))
+            assert handler is not None
             return ok(req.id, await handler(req.args))
         except ControlError as err:
             return error(req.id, err)

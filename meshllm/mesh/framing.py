@@ -33,6 +33,12 @@ class FrameReader:
                 raise EOFError("stream ended" + (" inside a frame" if self._buf else ""))
             self._buf += chunk
 
+    def take_buffer(self) -> bytes:
+        """Bytes read past the last frame (when a stream switches to raw data)."""
+        data = bytes(self._buf)
+        self._buf.clear()
+        return data
+
     async def read_frame(self) -> bytes:
         await self._fill(_HEADER.size)
         (size,) = _HEADER.unpack_from(self._buf)

@@ -10,6 +10,7 @@ import hashlib
 from contextlib import suppress
 
 import trio
+import trio.testing
 
 from meshllm import hookimpl
 from meshllm.mesh.transport import (
@@ -53,6 +54,8 @@ class MemoryEndpoint:
         self.peer_id = "mem-" + hashlib.sha256(options.key_seed).hexdigest()[:16]
         self._send, self._recv = trio.open_memory_channel[Message](_QUEUE)
         self._peers: set[str] = set()
+        self._handlers: dict[str, object] = {}
+        self._nursery: trio.Nursery | None = None
         self.running = False
 
     def listen_addrs(self) -> list[str]:
@@ -62,9 +65,12 @@ class MemoryEndpoint:
         self.network.endpoints[self.peer_id] = self
         self.running = True
         try:
-            task_status.started()
-            await trio.sleep_forever()
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
         finally:
+            self._nursery = None
             self.running = False
             self.network.endpoints.pop(self.peer_id, None)
             for other in list(self._peers):
@@ -104,6 +110,21 @@ class MemoryEndpoint:
     def is_connected(self, peer_id: str) -> bool:
         return peer_id in self._peers and peer_id in self.network.endpoints
 
+    def set_stream_handler(self, protocol: str, handler) -> None:  # type: ignore[no-untyped-def]
+        self._handlers[protocol] = handler
+
+    async def open_stream(self, peer_id: str, protocol: str) -> MemoryStream:
+        await trio.sleep(0)
+        if peer_id not in self._peers:
+            raise PeerUnreachable(f"not connected to {peer_id}")
+        peer = self._reach(peer_id)
+        handler = peer._handlers.get(protocol)
+        if handler is None or peer._nursery is None:
+            raise PeerUnreachable(f"{peer_id} does not speak {protocol}")
+        ours, theirs = trio.testing.memory_stream_pair()
+        peer._nursery.start_soon(handler, MemoryStream(self.peer_id, theirs))
+        return MemoryStream(peer_id, ours)
+
 
 class MemoryTransport:
     name = "memory"
@@ -118,3 +139,26 @@ class MemoryTransport:
 @hookimpl
 def meshllm_register_transports(register):  # type: ignore[no-untyped-def]
     register(MemoryTransport())
+
+
+class MemoryStream:
+    """One side of an in-memory byte stream pair."""
+
+    def __init__(self, peer_id: str, stream: trio.abc.Stream):
+        self.peer_id = peer_id
+        self._stream = stream
+
+    async def read(self, max_bytes: int) -> bytes:
+        try:
+            return await self._stream.receive_some(max_bytes)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise PeerUnreachable(f"stream to {self.peer_id} broke") from None
+
+    async def write(self, data: bytes) -> None:
+        try:
+            await self._stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise PeerUnreachable(f"stream to {self.peer_id} broke") from None
+
+    async def close(self) -> None:
+        await self._stream.aclose()

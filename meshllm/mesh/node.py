@@ -69,6 +69,7 @@ class PeerRecord:
     term: int = 0
     leader: str | None = None
     last_seen: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
     next_dial: float = 0.0
     dial_backoff: float = 0.5
     refused: str | None = None
@@ -109,9 +110,16 @@ def decode_message(payload: bytes) -> dict[str, Any]:
         msg["members"] = {
             str(k): _str_list(v, _MAX_ADDRS) for k, v in members.items() if isinstance(k, str)
         }
+        extra = msg.get("x", {})
+        if not isinstance(extra, dict):
+            raise BadMessage("bad extra state")
+        msg["x"] = extra
     elif kind == "vres":
         if not isinstance(msg.get("granted"), bool):
             raise BadMessage("bad vote response")
+    elif kind == "app":
+        if not isinstance(msg.get("body"), dict):
+            raise BadMessage("bad app message")
     elif kind != "vreq":
         raise BadMessage(f"unknown message type {kind!r}")
     return msg
@@ -133,6 +141,11 @@ class MeshNode:
         rng: random.Random | None = None,
         on_members_changed: Callable[[dict[str, list[str]]], None] | None = None,
     ):
+        # Set by the layer above (serving): small state riding on every heartbeat, a hook for
+        # heartbeats received, and one for application messages.
+        self.extra_provider: Callable[[], dict[str, Any]] | None = None
+        self.on_peer_extra: Callable[[str, dict[str, Any]], None] | None = None
+        self.on_app_message: Callable[[str, dict[str, Any]], None] | None = None
         self.endpoint = endpoint
         self.config = config
         self.name = name
@@ -261,6 +274,9 @@ class MeshNode:
             self._adopt_term(term)
         if kind == "vres":
             self._on_vote(sender, term, body["granted"])
+        elif kind == "app":
+            if self.on_app_message is not None:
+                self.on_app_message(sender, body["body"])
         else:
             self._on_heartbeat(sender, body)
 
@@ -298,12 +314,20 @@ class MeshNode:
         for pid, addrs in hb["members"].items():
             if pid == self.peer_id or not addrs:
                 continue
-            if pid not in self.peers:
-                self._record(pid).addrs = addrs
+            known = self.peers.get(pid)
+            if known is None or (addrs != known.addrs and not self.endpoint.is_connected(pid)):
+                # New member, or one we cannot reach at the addresses we had (it restarted on
+                # new ports): take the addresses a live member sees it at, and dial soon.
+                rec2 = self._record(pid)
+                rec2.addrs = addrs
+                rec2.next_dial, rec2.dial_backoff = 0.0, 0.5
                 changed = True
                 self._wake.set()
         if changed:
             self._members_changed()
+        rec.extra = hb["x"]
+        if self.on_peer_extra is not None:
+            self.on_peer_extra(sender, rec.extra)
 
     # -- election ---------------------------------------------------------------------------
     def _reset_election_deadline(self) -> None:
@@ -379,10 +403,19 @@ class MeshNode:
     # -- heartbeats and dialling --------------------------------------------------------------
     def _heartbeat(self) -> bytes:
         members = {p: r.addrs for p, r in self.peers.items() if r.addrs and self.is_alive(r)}
+        extra = self.extra_provider() if self.extra_provider is not None else {}
         return encode_message(
             "hb", self.term, role=self.role, leader=self.current_leader(), name=self.name,
-            addrs=self.endpoint.listen_addrs(), members=members,
+            addrs=self.endpoint.listen_addrs(), members=members, x=extra,
         )  # fmt: skip
+
+    async def send_app(self, peer_id: str, body: dict[str, Any]) -> None:
+        """Send an application message to one peer (raises PeerUnreachable)."""
+        await self.endpoint.send(peer_id, encode_message("app", self.term, body=body))
+
+    def announce(self) -> None:
+        """Send heartbeats now (state changed) instead of at the next interval."""
+        self._wake.set()
 
     async def _send_heartbeat(self, peer_id: str) -> None:
         with suppress(PeerUnreachable):

@@ -30,6 +30,7 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.x25519 import X25519PrivateKey
 from libp2p.custom_types import TProtocol
 from libp2p.network.config import ConnectionConfig
+from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
@@ -44,6 +45,8 @@ from meshllm.mesh.transport import (
     EndpointOptions,
     Message,
     PeerUnreachable,
+    Stream,
+    StreamHandler,
 )
 
 AUTH_PROTOCOL = TProtocol("/meshllm/auth/1.0.0")
@@ -137,6 +140,35 @@ class Libp2pEndpoint:
     def is_connected(self, peer_id: str) -> bool:
         return peer_id in self._admitted
 
+    def set_stream_handler(self, protocol: str, handler: StreamHandler) -> None:
+        proto = TProtocol(f"/meshllm/{protocol}/1.0.0")
+
+        async def guarded(stream: Any) -> None:
+            pid = str(stream.muxed_conn.peer_id)
+            if pid not in self._admitted:
+                self.log.warning("stream_refused", other=pid, protocol=proto, reason="not admitted")
+                with suppress(Exception):
+                    await stream.reset()
+                return
+            wrapped = _P2PStream(pid, stream)
+            try:
+                await handler(wrapped)
+            finally:
+                await wrapped.close()
+
+        self._host.set_stream_handler(proto, guarded)
+
+    async def open_stream(self, peer_id: str, protocol: str) -> Stream:
+        if peer_id not in self._admitted:
+            raise PeerUnreachable(f"not connected to {peer_id}")
+        proto = TProtocol(f"/meshllm/{protocol}/1.0.0")
+        try:
+            with trio.fail_after(self._timeout):
+                raw = await self._host.new_stream(ID.from_base58(peer_id), [proto])
+        except (Exception, trio.TooSlowError) as exc:
+            raise PeerUnreachable(f"cannot open {protocol} stream to {peer_id}: {exc}") from None
+        return _P2PStream(peer_id, raw)
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         listen = [Multiaddr(a) for a in self.options.listen]
         async with self._host.run(listen_addrs=listen):
@@ -171,6 +203,14 @@ class Libp2pEndpoint:
             raise PeerUnreachable(f"{addr} is this peer's own address")
         if pid in self._admitted:
             return pid
+        network = self._host.get_network()
+        # libp2p dials only one stored TCP address per peer (a stale one, after the peer
+        # restarted on a new port) and blocks a peer for 60 s after a failed dial; membership
+        # has its own backoff, so dial exactly the address asked for, now.
+        with suppress(Exception):
+            network.peerstore.clear_addrs(info.peer_id)
+        with suppress(Exception):
+            network._negative_peer_cache.evict(pid)
         try:
             with trio.fail_after(self._timeout):
                 await self._host.connect(info)
@@ -367,6 +407,35 @@ def _root_cause(exc: BaseException) -> str:
         exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
         seen += 1
     return f"{type(exc).__name__}: {exc}"[:200]
+
+
+class _P2PStream:
+    """A libp2p stream behind the transport-neutral Stream interface."""
+
+    def __init__(self, peer_id: str, raw: Any):
+        self.peer_id = peer_id
+        self._raw = raw
+        self._closed = False
+
+    async def read(self, max_bytes: int) -> bytes:
+        try:
+            return await self._raw.read(max_bytes)
+        except StreamEOF:
+            return b""
+        except Exception as exc:
+            raise PeerUnreachable(f"stream from {self.peer_id} broke: {exc}") from None
+
+    async def write(self, data: bytes) -> None:
+        try:
+            await self._raw.write(data)
+        except Exception as exc:
+            raise PeerUnreachable(f"stream to {self.peer_id} broke: {exc}") from None
+
+    async def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            with suppress(Exception):
+                await self._raw.close()
 
 
 def _as_dict(obj: Any) -> dict[str, Any]:

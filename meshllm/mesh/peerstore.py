@@ -41,9 +41,9 @@ def add_bootstrap(home: Path, addrs: list[str]) -> None:
 
 
 def bootstrap_addrs(home: Path) -> list[str]:
-    """Every address worth dialling at start: bootstrap first, then learned members."""
+    """Every address worth dialling at start: newest bootstrap first, then learned members."""
     peers = load_peers(home)
-    out = list(peers.get("", []))
+    out = list(reversed(peers.get("", [])))
     for pid, addrs in peers.items():
         if pid:
             out.extend(a for a in addrs if a not in out)

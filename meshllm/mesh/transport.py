@@ -8,6 +8,7 @@ fire-and-forget delivery of small control messages to connected peers. Built-ins
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -29,6 +30,25 @@ class AdmissionRefused(MeshError):
 class Message:
     sender: str
     payload: bytes
+
+
+class Stream(Protocol):
+    """A reliable byte stream to one admitted peer, for bulk data (activations, files)."""
+
+    peer_id: str
+
+    async def read(self, max_bytes: int) -> bytes:
+        """Up to *max_bytes*; b"" at end of stream. Raises PeerUnreachable if broken."""
+        ...
+
+    async def write(self, data: bytes) -> None:
+        """Send all of *data*. Raises PeerUnreachable if broken."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+StreamHandler = Callable[[Stream], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -71,6 +91,15 @@ class Endpoint(Protocol):
         ...
 
     def is_connected(self, peer_id: str) -> bool: ...
+
+    def set_stream_handler(self, protocol: str, handler: StreamHandler) -> None:
+        """Serve streams of *protocol* (a short name such as ``"act"``) opened by admitted
+        peers; each stream gets its own task running *handler*."""
+        ...
+
+    async def open_stream(self, peer_id: str, protocol: str) -> Stream:
+        """Open a stream of *protocol* to an admitted peer (raises PeerUnreachable)."""
+        ...
 
 
 @runtime_checkable

@@ -27,6 +27,18 @@ class UnknownRequest(MeshError):
     """A step for a request this segment holds no KV cache for."""
 
 
+class BadInput(MeshError):
+    """Tensors from the network that do not fit the segment's inputs."""
+
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+}
+
+
 @dataclass
 class _KVCache:
     buffers: dict[str, ort.OrtValue]  # past/present name -> shared buffer
@@ -94,6 +106,27 @@ class SegmentRuntime:
         self.data_outputs = [n for n in self.output_names if n not in kv_names]
         self._kv_dtype = np.dtype(arch.kv_dtype)
         self._caches: dict[str, _KVCache] = {}
+
+    def check_feeds(self, feeds: Mapping[str, Tensor], new_tokens: int) -> None:
+        """Validate names, dtypes and shapes of data inputs from the network (raises BadInput)."""
+        for meta in self.session.get_inputs():
+            if meta.name not in self.data_inputs or meta.name == "attention_mask":
+                continue
+            value = feeds.get(meta.name)
+            if value is None:
+                raise BadInput(f"missing input {meta.name}")
+            if not isinstance(value, np.ndarray):
+                continue
+            want = _ORT_TYPES.get(meta.type)
+            if want is not None and value.dtype != want:
+                raise BadInput(f"{meta.name}: dtype {value.dtype}, expected {np.dtype(want)}")
+            if value.ndim != len(meta.shape) or value.shape[0] != 1:
+                raise BadInput(f"{meta.name}: shape {value.shape} does not fit {meta.shape}")
+            if value.ndim >= 2 and value.shape[1] != new_tokens:
+                raise BadInput(f"{meta.name}: {value.shape[1]} positions, expected {new_tokens}")
+            for got, dim in zip(value.shape[2:], meta.shape[2:], strict=True):
+                if isinstance(dim, int) and got != dim:
+                    raise BadInput(f"{meta.name}: shape {value.shape} does not fit {meta.shape}")
 
     # -- request lifecycle --------------------------------------------------------------------
     def open(self, request_id: str, capacity: int) -> None:

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from meshllm.errors import ModelNotFound
+from meshllm.errors import BadRanges, ModelNotFound
 from meshllm.model.graph import ModelGraph, load_graph
 from meshllm.model.manifest import MANIFEST, Manifest
 from meshllm.model.ranges import LayerRange, validate_ranges
@@ -40,8 +40,18 @@ class ImportedModel:
     def segments(
         self, ranges: Sequence[LayerRange], report: Callable[[str], None] = lambda _m: None
     ) -> list[tuple[Path, SegmentInfo]]:
-        """Segment files for *ranges*, cut now where not already cached."""
+        """Segment files for *ranges* (which must tile the model), cut where not cached."""
         ranges = validate_ranges(ranges, self.manifest.architecture.num_layers)
+        return self.segment_files(ranges, report)
+
+    def segment_files(
+        self, ranges: Sequence[LayerRange], report: Callable[[str], None] = lambda _m: None
+    ) -> list[tuple[Path, SegmentInfo]]:
+        """Segment files for any ranges inside the model, cut where not already cached."""
+        n = self.manifest.architecture.num_layers
+        for r in ranges:
+            if r.stop > n:
+                raise BadRanges(f"layer range {r} is out of bounds: the model has {n} layers")
         sha = self.manifest.model_sha256
         out: list[tuple[Path, SegmentInfo] | None] = []
         missing = []

@@ -1,0 +1,1 @@
+"""Serving a model across the mesh: plans, model distribution, activation pipeline."""

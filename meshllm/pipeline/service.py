@@ -1,0 +1,419 @@
+"""Serving on one peer: plans, loading this peer's segment, the activation pipeline, queries.
+
+What rides on heartbeats (small, re-sent, so loss costs nothing):
+  ``models``  models imported here: name -> {sha, layers}
+  ``plan``    the newest plan this peer knows (the leader makes plans; peers adopt the highest
+              epoch they hear of)
+  ``serving`` this peer's state for that plan: fetching / loading / ready / error, progress
+
+Data plane: protocol ``act`` carries activation frames, one persistent stream per next hop,
+read by a dedicated task per inbound stream into the stage's bounded queue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+import trio
+
+from meshllm.config import Config
+from meshllm.control.protocol import ControlError
+from meshllm.errors import MeshError
+from meshllm.mesh.framing import FrameError, FrameReader, frame
+from meshllm.mesh.node import LEADER, MeshNode
+from meshllm.mesh.transport import Endpoint, PeerUnreachable, Stream
+from meshllm.model.manifest import Manifest
+from meshllm.model.ranges import LayerRange
+from meshllm.model.store import ModelStore
+from meshllm.partitioners import PartitionRequest
+from meshllm.pipeline import files
+from meshllm.pipeline.coordinator import Coordinator, QueryFailed
+from meshllm.pipeline.frames import (
+    ERROR,
+    FWD,
+    TOKEN,
+    BadFrame,
+    Frame,
+    decode_frame,
+    encode_frame,
+)
+from meshllm.pipeline.plan import Plan, PlanError, Stage
+from meshllm.pipeline.stage import StageRunner, sampling_from
+from meshllm.plugins import PartitionerRegistry, get_plugin_manager
+
+ACT_PROTOCOL = "act"
+MAX_ACT_FRAME = 64 << 20
+log = structlog.get_logger("meshllm.serve")
+
+
+class _Link:
+    """The persistent activation stream to one peer; writes are serialised."""
+
+    def __init__(self) -> None:
+        self.stream: Stream | None = None
+        self.lock = trio.Lock()
+
+
+class ServingService:
+    def __init__(self, home: Path, config: Config, endpoint: Endpoint, node: MeshNode):
+        self.home = home
+        self.config = config
+        self.endpoint = endpoint
+        self.node = node
+        self.me = endpoint.peer_id
+        self.store = ModelStore(home / "models")
+        self.partitioners = PartitionerRegistry(get_plugin_manager())
+        self.plan: Plan | None = None
+        self.state: dict[str, Any] = {"epoch": 0, "state": "idle"}
+        self.stage: StageRunner | None = None
+        self.meta_dir: Path | None = None
+        self.manifest: Manifest | None = None
+        self._tokenizer = None
+        self._links: dict[str, _Link] = {}
+        self._models = self._local_models()
+        self.coordinator = Coordinator(self.me, self.send_frame)
+        self._nursery: trio.Nursery | None = None
+        self._realize_scope: trio.CancelScope | None = None
+        self._stage_scope: trio.CancelScope | None = None
+        self._plan_changed = trio.Event()
+        node.extra_provider = self._extra
+        node.on_peer_extra = self._on_peer_extra
+        node.on_app_message = self._on_app_message
+        endpoint.set_stream_handler(ACT_PROTOCOL, self._on_act_stream)
+        endpoint.set_stream_handler(files.PROTOCOL, files.FileServer(self.store).handle)
+
+    # -- state on heartbeats ------------------------------------------------------------------
+    def _local_models(self) -> dict[str, dict[str, Any]]:
+        return {
+            m.name: {"sha": m.manifest.model_sha256, "layers": m.manifest.architecture.num_layers}
+            for m in self.store.list()
+        }
+
+    def _extra(self) -> dict[str, Any]:
+        x: dict[str, Any] = {"models": self._models, "serving": self.state}
+        if self.plan is not None:
+            x["plan"] = self.plan.to_obj()
+        return x
+
+    def _on_peer_extra(self, sender: str, extra: dict[str, Any]) -> None:
+        raw = extra.get("plan")
+        if raw is None:
+            return
+        try:
+            plan = Plan.from_obj(raw)
+        except PlanError as exc:
+            log.warning("plan_ignored", sender=sender, reason=str(exc))
+            return
+        if self.plan is None or plan.epoch > self.plan.epoch:
+            self._adopt(plan)
+
+    def _set_state(self, state: str, **extra: Any) -> None:
+        epoch = self.plan.epoch if self.plan else 0
+        self.state = {"epoch": epoch, "state": state, **extra}
+        self.node.announce()
+
+    # -- plans --------------------------------------------------------------------------------
+    def _on_app_message(self, sender: str, body: dict[str, Any]) -> None:
+        if body.get("kind") == "serve" and self.node.role == LEADER and self._nursery:
+            self._nursery.start_soon(self._make_plan_logged, body)
+
+    async def _make_plan_logged(self, body: dict[str, Any]) -> None:
+        try:
+            self.make_plan(str(body.get("model")), str(body.get("partitioner", "even")))
+        except MeshError as exc:
+            log.warning("serve_request_failed", reason=str(exc))
+
+    def make_plan(self, model: str, partitioner: str) -> Plan:
+        """Leader only: assign the model's layers to the live peers and publish the plan."""
+        holders = [self.me] if model in self._models else []
+        info = self._models.get(model)
+        for pid in self.node.alive_peers():
+            theirs = self.node.peers[pid].extra.get("models", {})
+            if isinstance(theirs, dict) and model in theirs:
+                holders.append(pid)
+                info = info or theirs[model]
+        if not holders or not isinstance(info, dict):
+            raise MeshError(f"no live peer has imported a model named {model!r}")
+        workers = sorted([self.me, *self.node.alive_peers()])
+        source = holders[0]
+        request = PartitionRequest(num_layers=int(info["layers"]), num_workers=len(workers))
+        ranges = self.partitioners.partition(partitioner, request)
+        epoch = max(self.plan.epoch if self.plan else 0, self._max_epoch_seen()) + 1
+        plan = Plan(
+            epoch=epoch, model=model, model_sha=str(info["sha"]), source=source,
+            num_layers=int(info["layers"]), partitioner=partitioner,
+            stages=tuple(Stage(w, r.start, r.stop) for w, r in zip(workers, ranges, strict=False)),
+        )  # fmt: skip
+        log.info("plan_made", epoch=epoch, model=model, stages=[str(s.range) for s in plan.stages])
+        self._adopt(plan)
+        return plan
+
+    def _max_epoch_seen(self) -> int:
+        best = 0
+        for rec in self.node.peers.values():
+            raw = rec.extra.get("plan")
+            if isinstance(raw, dict) and isinstance(raw.get("epoch"), int):
+                best = max(best, raw["epoch"])
+        return best
+
+    def _adopt(self, plan: Plan) -> None:
+        self.plan = plan
+        self._plan_changed.set()
+        self._plan_changed = trio.Event()
+        log.info("plan_adopted", epoch=plan.epoch, stage=plan.stage_of(self.me))
+        if self._realize_scope is not None:
+            self._realize_scope.cancel()
+        if self._nursery is not None:
+            self._nursery.start_soon(self._realize, plan)
+
+    async def _realize(self, plan: Plan) -> None:
+        """Get this peer's files for *plan*, load its segment, start its stage."""
+        with trio.CancelScope() as scope:
+            self._realize_scope = scope
+            delay = 1.0
+            while True:
+                try:
+                    await self._realize_inner(plan)
+                    return
+                except MeshError as exc:
+                    # Often transient (the source not connected yet): retry until a new plan.
+                    log.warning("plan_load_failed", epoch=plan.epoch, reason=str(exc))
+                    self._set_state("error", detail=str(exc))
+                await trio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    async def _realize_inner(self, plan: Plan) -> None:
+        if self._stage_scope is not None:
+            self._stage_scope.cancel()
+            self._stage_scope = None
+        self.stage = None
+        self._set_state("fetching", progress=0.0)
+        local = next((m for m in self.store.list() if m.manifest.model_sha256 == plan.model_sha),
+                     None)  # fmt: skip
+        if local is not None:
+            meta_dir = local.path
+        else:
+            meta_dir = files.cache_dir(self.home, plan.model_sha) / "meta"
+            for name in files.META_FILES:
+                req = {"sha": plan.model_sha, "what": "meta", "file": name}
+                await files.fetch_file(self.endpoint, plan.source, req, meta_dir / name)
+        manifest = Manifest.read(meta_dir)
+        from meshllm.model.tokenizer import ChatTokenizer
+
+        self._tokenizer = await trio.to_thread.run_sync(ChatTokenizer, meta_dir)
+        self.meta_dir, self.manifest = meta_dir, manifest
+        idx = plan.stage_of(self.me)
+        if idx is None:
+            self._set_state("ready", role="coordinator")
+            return
+        st = plan.stages[idx]
+        r = LayerRange(st.start, st.stop)
+        if local is not None:
+            ((seg_path, _),) = await trio.to_thread.run_sync(local.segment_files, [r])
+        else:
+            seg_dir = files.cache_dir(self.home, plan.model_sha) / "segments" / str(r)
+            total: dict[str, tuple[int, int]] = {}
+
+            def progress(name: str):  # type: ignore[no-untyped-def]
+                def on_bytes(done: int, size: int) -> None:
+                    total[name] = (done, size)
+                    d = sum(x[0] for x in total.values())
+                    t = sum(x[1] for x in total.values())
+                    self.state["progress"] = round(d / t, 3) if t else 0.0
+                    self.state["bytes"] = d
+
+                return on_bytes
+
+            for name in files.SEGMENT_FILES:
+                req = {"sha": plan.model_sha, "what": "segment", "start": r.start,
+                       "stop": r.stop, "file": name}  # fmt: skip
+                await files.fetch_file(
+                    self.endpoint, plan.source, req, seg_dir / name, progress(name)
+                )
+            seg_path = seg_dir / "segment.onnx"
+        self._set_state("loading")
+        from meshllm.model.runtime import SegmentRuntime
+
+        runtime = await trio.to_thread.run_sync(
+            lambda: SegmentRuntime(
+                seg_path, manifest.architecture, manifest.kv_names, threads=self.config.peer.threads
+            )
+        )
+        nxt = plan.stages[idx + 1].peer if idx + 1 < len(plan.stages) else None
+        stage = StageRunner(
+            runtime, epoch=plan.epoch, index=idx, next_peer=nxt,
+            context_length=manifest.architecture.context_length, send=self.send_frame,
+        )  # fmt: skip
+        assert self._nursery is not None
+        self._stage_scope = trio.CancelScope()
+        self._nursery.start_soon(self._run_stage, stage, self._stage_scope)
+        self.stage = stage
+        seg_bytes = (seg_path.parent / "segment.onnx.data").stat().st_size
+        self._set_state("ready", layers=str(r), segment_bytes=seg_bytes)
+
+    @staticmethod
+    async def _run_stage(stage: StageRunner, scope: trio.CancelScope) -> None:
+        with scope:
+            await stage.run()
+
+    def plan_ready(self) -> bool:
+        plan = self.plan
+        if plan is None or self.manifest is None:
+            return False
+        for s in plan.stages:
+            state = self.state if s.peer == self.me else self._peer_state(s.peer)
+            if state.get("epoch") != plan.epoch or state.get("state") != "ready":
+                return False
+        return True
+
+    def _peer_state(self, pid: str) -> dict[str, Any]:
+        rec = self.node.peers.get(pid)
+        if rec is None or not self.node.is_alive(rec):
+            return {}
+        st = rec.extra.get("serving", {})
+        return st if isinstance(st, dict) else {}
+
+    # -- data plane ---------------------------------------------------------------------------
+    async def send_frame(self, peer: str, f: Frame) -> None:
+        if peer == self.me:
+            self._dispatch(f)
+            return
+        link = self._links.setdefault(peer, _Link())
+        data = frame(encode_frame(f))
+        async with link.lock:
+            try:
+                if link.stream is None:
+                    link.stream = await self.endpoint.open_stream(peer, ACT_PROTOCOL)
+                with trio.fail_after(self.config.mesh.handshake_timeout_s * 5):
+                    await link.stream.write(data)
+            except (PeerUnreachable, trio.TooSlowError) as exc:
+                if link.stream is not None:
+                    await link.stream.close()
+                link.stream = None
+                raise PeerUnreachable(f"activation link to {peer} failed: {exc}") from None
+
+    def _dispatch(self, f: Frame) -> None:
+        if f.kind in (TOKEN, ERROR):
+            self.coordinator.deliver(f)
+            return
+        stage = self.stage
+        if stage is None or stage.epoch != f.epoch:
+            if f.kind == FWD and self._nursery is not None:
+                reason = "this peer serves no stage of that plan (plan changed?)"
+                err = Frame(kind=ERROR, rid=f.rid, epoch=f.epoch, step=f.step, error=reason)
+                self._nursery.start_soon(self._send_quietly, f.coord, err)
+            return
+        if not stage.submit(f) and f.kind == FWD and self._nursery is not None:
+            err = Frame(kind=ERROR, rid=f.rid, epoch=f.epoch, step=f.step, error="stage overloaded")
+            self._nursery.start_soon(self._send_quietly, f.coord, err)
+
+    async def _send_quietly(self, peer: str, f: Frame) -> None:
+        with contextlib.suppress(MeshError):
+            await self.send_frame(peer, f)
+
+    async def _on_act_stream(self, stream: Stream) -> None:
+        reader = FrameReader(stream.read, MAX_ACT_FRAME)
+        while True:
+            try:
+                data = await reader.read_frame()
+            except (EOFError, PeerUnreachable):
+                return
+            except FrameError as exc:
+                log.warning("act_stream_dropped", other=stream.peer_id, reason=str(exc))
+                return
+            try:
+                f = decode_frame(data)
+            except BadFrame as exc:
+                log.warning("frame_dropped", other=stream.peer_id, reason=str(exc))
+                continue
+            self._dispatch(f)
+
+    # -- control operations -------------------------------------------------------------------
+    async def op_serve(self, args: dict[str, Any]) -> Any:
+        model = args.get("model")
+        partitioner = args.get("partitioner", "even")
+        if not isinstance(model, str) or not model:
+            raise ControlError("bad_request", "serve needs args.model (a model name)")
+        if not isinstance(partitioner, str):
+            raise ControlError("bad_request", "args.partitioner must be a string")
+        self.partitioners.get(partitioner)  # unknown names fail here, with the list
+        before = self.plan.epoch if self.plan else 0
+        if self.node.role == LEADER:
+            plan = self.make_plan(model, partitioner)
+            return {"plan": plan.to_obj()}
+        leader = self.node.current_leader()
+        if leader is None:
+            raise ControlError("no_leader", "the mesh has no leader right now; try again shortly")
+        await self.node.send_app(leader, {"kind": "serve", "model": model,
+                                          "partitioner": partitioner})  # fmt: skip
+        with trio.move_on_after(10):
+            while self.plan is None or self.plan.epoch <= before or self.plan.model != model:
+                await self._plan_changed.wait()
+            return {"plan": self.plan.to_obj()}
+        raise ControlError("timeout", f"the leader made no plan for {model!r} (is it imported?)")
+
+    def serving_status(self) -> dict[str, Any]:
+        peers = {self.me: self.state}
+        if self.plan is not None:
+            for s in self.plan.stages:
+                if s.peer != self.me:
+                    peers[s.peer] = self._peer_state(s.peer)
+        return {
+            "plan": self.plan.to_obj() if self.plan else None,
+            "ready": self.plan_ready(),
+            "states": peers,
+            "models": self._models,
+            "stage": None if self.stage is None else {
+                "index": self.stage.index, "steps": self.stage.steps,
+                "compute_s": round(self.stage.compute_s, 3),
+                "open_requests": len(self.stage.runtime.open_requests),
+            },
+            "coordinating": self.coordinator.in_flight,
+        }  # fmt: skip
+
+    async def op_query(self, args: dict[str, Any], emit) -> Any:  # type: ignore[no-untyped-def]
+        prompt = args.get("prompt")
+        if not isinstance(prompt, str) or not prompt:
+            raise ControlError("bad_request", "query needs args.prompt (a non-empty string)")
+        max_tokens = args.get("max_tokens", 128)
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise ControlError("bad_request", "args.max_tokens must be a positive integer")
+        sampling = sampling_from(args)
+        plan, manifest, tok = self.plan, self.manifest, self._tokenizer
+        if plan is None:
+            raise ControlError("not_serving", "no model is served: run `meshllm serve MODEL`")
+        if not self.plan_ready() or manifest is None or tok is None:
+            raise ControlError("not_ready", f"the mesh is still loading {plan.model}; try again")
+        t0 = time.perf_counter()
+        prompt_ids = tok.encode_prompt(prompt, raw=bool(args.get("raw", False)))
+        tokenize_s = time.perf_counter() - t0
+        from meshllm.model.tokenizer import TextStream
+
+        stream = TextStream(tok)
+
+        async def on_token(token: int) -> None:
+            delta = stream.push(token)
+            await emit({"token": token, "text": delta})
+
+        try:
+            result = await self.coordinator.run_query(
+                plan, manifest.architecture, prompt_ids, max_tokens=max_tokens,
+                sampling=sampling, on_token=on_token,
+            )  # fmt: skip
+        except QueryFailed as exc:
+            raise ControlError("query_failed", str(exc)) from None
+        out = result.to_dict()
+        out["text"] = tok.decode(result.token_ids)
+        out["model"] = plan.model
+        out["ttft_s"] = result.ttft_s + tokenize_s
+        return out
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()

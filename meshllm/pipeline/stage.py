@@ -1,0 +1,151 @@
+"""A pipeline stage: this peer's segment, run for every request that passes through it.
+
+Frames arrive in one bounded queue (from the network or from this peer itself) and are run one
+at a time, ONNX Runtime off the event loop; different requests are in different stages at the
+same time, which is what pipelines several requests across the mesh.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+
+import numpy as np
+import structlog
+import trio
+
+from meshllm.errors import MeshError
+from meshllm.model.runtime import SegmentRuntime
+from meshllm.model.sampling import Sampler, SamplingParams
+from meshllm.pipeline.frames import END, ERROR, FWD, TOKEN, Frame
+
+Send = Callable[[str, Frame], Awaitable[None]]
+log = structlog.get_logger("meshllm.stage")
+
+
+def sampling_from(obj: dict) -> SamplingParams:
+    try:
+        return SamplingParams(
+            temperature=float(obj.get("temperature", 0.0)),
+            top_k=int(obj.get("top_k", 0)),
+            top_p=float(obj.get("top_p", 1.0)),
+            seed=None if obj.get("seed") is None else int(obj["seed"]),
+        )
+    except (TypeError, ValueError) as exc:
+        raise MeshError(f"bad sampling parameters: {exc}") from None
+
+
+class StageRunner:
+    def __init__(
+        self,
+        runtime: SegmentRuntime,
+        *,
+        epoch: int,
+        index: int,
+        next_peer: str | None,
+        context_length: int,
+        send: Send,
+        queue_size: int = 256,
+    ):
+        self.runtime = runtime
+        self.epoch = epoch
+        self.index = index
+        self.next_peer = next_peer
+        self.context_length = context_length
+        self.send = send
+        self._samplers: dict[str, Sampler] = {}
+        self._in, self._out = trio.open_memory_channel[Frame](queue_size)
+        self._mask = np.ones((1, 0), dtype=np.int64)
+        self.steps = 0
+        self.compute_s = 0.0
+
+    @property
+    def is_last(self) -> bool:
+        return self.next_peer is None
+
+    def submit(self, f: Frame) -> bool:
+        """Queue a frame; False when the queue is full (the sender then fails the request)."""
+        try:
+            self._in.send_nowait(f)
+            return True
+        except trio.WouldBlock:
+            return False
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        try:
+            async for f in self._out:
+                try:
+                    await self._process(f)
+                except MeshError as exc:
+                    self._drop(f.rid)
+                    log.warning("request_failed", rid=f.rid, stage=self.index, reason=str(exc))
+                    await self._fail(f, str(exc))
+        finally:
+            for rid in list(self.runtime.open_requests):
+                self._drop(rid)
+
+    def _drop(self, rid: str) -> None:
+        self.runtime.close(rid)
+        self._samplers.pop(rid, None)
+
+    async def _fail(self, f: Frame, reason: str) -> None:
+        if f.coord:
+            err = Frame(kind=ERROR, rid=f.rid, epoch=self.epoch, step=f.step,
+                        error=f"stage {self.index}: {reason}")  # fmt: skip
+            with contextlib.suppress(MeshError):
+                await self.send(f.coord, err)
+
+    async def _process(self, f: Frame) -> None:
+        if f.kind == END:
+            self._drop(f.rid)
+            if self.next_peer is not None:
+                await self.send(self.next_peer, f)
+            return
+        if f.kind != FWD:
+            return
+        if f.epoch != self.epoch:
+            raise MeshError(f"frame for plan epoch {f.epoch}, this stage serves {self.epoch}")
+        rid = f.rid
+        if rid not in self.runtime.open_requests:
+            if not f.cap:
+                raise MeshError(f"unknown request {rid}")
+            if f.cap > self.context_length or f.pos > f.cap:
+                raise MeshError(
+                    f"request needs {f.cap} positions; context is {self.context_length}"
+                )
+            self.runtime.open(rid, f.cap)
+            if self.is_last:
+                self._samplers[rid] = Sampler(sampling_from(f.sampling))
+        if self._mask.shape[1] < f.pos:
+            self._mask = np.ones((1, max(f.pos, 2 * self._mask.shape[1])), dtype=np.int64)
+        feeds = dict(f.tensors)
+        feeds["attention_mask"] = self._mask[:, : f.pos]
+        self.runtime.check_feeds(feeds, f.new)
+
+        def run() -> dict[str, np.ndarray]:
+            outs = self.runtime.step(rid, feeds, f.new)
+            return {k: v.numpy() for k, v in outs.items()}
+
+        t0 = time.perf_counter()
+        outs = await trio.to_thread.run_sync(run)
+        spent = time.perf_counter() - t0
+        self.steps += 1
+        self.compute_s += spent
+        timings = [*f.compute_s, spent]
+        if self.is_last:
+            token = self._samplers[rid](outs["logits"][0, -1])
+            reply = Frame(kind=TOKEN, rid=rid, epoch=f.epoch, step=f.step, token=token,
+                          compute_s=timings)  # fmt: skip
+            await self.send(f.coord, reply)
+            return
+        # Pass on what this stage made plus anything it received but did not use (a tensor
+        # skipping over this stage to a later one).
+        tensors = {k: v for k, v in f.tensors.items() if k not in self.runtime.data_inputs}
+        tensors.update(outs)
+        nxt = Frame(kind=FWD, rid=rid, epoch=f.epoch, step=f.step, pos=f.pos, new=f.new,
+                    cap=f.cap, coord=f.coord, sampling=f.sampling, tensors=tensors,
+                    compute_s=timings)  # fmt: skip
+        assert self.next_peer is not None
+        await self.send(self.next_peer, nxt)
