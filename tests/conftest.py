@@ -46,3 +46,11 @@ def smollm(request, model_store) -> ImportedModel:
     """The real SmolLM2-135M-Instruct from the bundled GGUF."""
     p = request.param
     return _import(model_store, None, p, f"smollm2-135m-instruct-{p}")
+
+
+@pytest.fixture(scope="session")
+def smollm_models(model_store) -> dict[str, ImportedModel]:
+    """Both precisions of the real SmolLM2, for tests that need to pick one per case."""
+    return {
+        p: _import(model_store, None, p, f"smollm2-135m-instruct-{p}") for p in ("int4", "fp32")
+    }

@@ -458,6 +458,9 @@ class MeshNode:
                 return
             except (PeerUnreachable, trio.TooSlowError):
                 continue
+            except Exception as exc:  # a transport bug must not take the daemon down
+                self.log.warning("dial_failed", addr=addr, reason=repr(exc))
+                continue
             if peer_id != rec.peer_id:
                 self.log.warning("peer_id_mismatch", addr=addr, expected=rec.peer_id, got=peer_id)
                 continue

@@ -228,6 +228,11 @@ class Libp2pEndpoint:
         except trio.TooSlowError:
             await self._drop(pid)
             raise AdmissionRefused(f"{addr} did not complete the mesh challenge in time") from None
+        except AdmissionRefused:
+            raise
+        except Exception as exc:  # the connection died during the challenge
+            await self._drop(pid)
+            raise PeerUnreachable(f"lost {addr} during the mesh challenge: {exc}") from None
         return pid
 
     async def send(self, peer_id: str, payload: bytes) -> None:

@@ -1,0 +1,142 @@
+"""Distributed generation with real daemons, real libp2p, the real SmolLM2.
+
+The oracle: greedy `meshllm query` on the mesh gives the token ids of
+`meshllm generate --monolithic` in one process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import onnx
+import pytest
+
+from meshllm import testbed
+from tests.integration.mesh_helpers import cli, status
+
+pytestmark = pytest.mark.real_model
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Name three colours of the rainbow.",
+    "Write one sentence about the sea.",
+    "Why do cats purr?",
+]
+MAX_TOKENS = 24
+
+
+def monolithic(model, prompt: str) -> list[int]:
+    home = model.path.parent.parent
+    out = cli(home, "generate", "--model", model.name, prompt, "--max-tokens", str(MAX_TOKENS),
+              "--monolithic", "--json", "--threads", "1")  # fmt: skip
+    return json.loads(out.stdout)["token_ids"]
+
+
+@pytest.fixture(scope="module")
+def oracle(smollm_models):
+    return {
+        (prec, prompt): monolithic(model, prompt)
+        for prec, model in smollm_models.items()
+        for prompt in PROMPTS
+    }
+
+
+def link_model(model, home: Path) -> None:
+    """Give the source peer the imported model (hard links: no copy, no conversion)."""
+    dest = home / "models" / model.name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(model.path, dest, copy_function=os.link,
+                    ignore=shutil.ignore_patterns("segments", "*.lock"))  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=[(3, "int4"), (4, "int4"), (3, "fp32"), (4, "fp32")],
+                ids=lambda p: f"{p[0]}peers-{p[1]}")  # fmt: skip
+def served_mesh(request, smollm_models, tmp_path_factory):
+    n, precision = request.param
+    model = smollm_models[precision]
+    root = tmp_path_factory.mktemp(f"mesh{n}{precision}")
+    peers = testbed.up(root, n)
+    homes = [Path(p.home) for p in peers]
+    try:
+        link_model(model, homes[0])
+        # Restart the source so it advertises the model it now holds.
+        cli(homes[0], "stop")
+        proc = testbed.start_daemon(homes[0])
+        testbed.wait_ready(homes[0], proc)
+        peers[0] = testbed.TestbedPeer(0, str(homes[0]), proc.pid)
+        testbed._save_state(root, peers)
+        testbed._wait_for_mesh(homes, timeout=30)
+        cli(homes[-1], "serve", model.name, "--timeout", "300")  # asked of a non-source peer
+        yield {"n": n, "precision": precision, "model": model, "homes": homes, "root": root}
+    finally:
+        testbed.down(root)
+
+
+def query(home: Path, prompt: str) -> dict:
+    out = cli(home, "query", prompt, "--max-tokens", str(MAX_TOKENS), "--json", timeout=300)
+    return json.loads(out.stdout)
+
+
+def test_query_at_every_peer_equals_monolithic(served_mesh, oracle):
+    prompt = PROMPTS[0]
+    expected = oracle[(served_mesh["precision"], prompt)]
+    for home in served_mesh["homes"]:
+        res = query(home, prompt)
+        assert res["token_ids"] == expected, home.name
+        for key in ("text", "ttft_s", "decode_tokens_per_s", "stages"):
+            assert key in res
+        stages = [s for s in res["stages"] if "layers" in s]
+        assert len(stages) == served_mesh["n"] and all(s["compute_s"] > 0 for s in stages)
+
+
+def test_concurrent_queries_to_different_peers(served_mesh, oracle):
+    homes = served_mesh["homes"]
+    jobs = [(homes[i % len(homes)], PROMPTS[i]) for i in range(4)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda job: query(*job), jobs))
+    for (_, prompt), res in zip(jobs, results, strict=True):
+        assert res["token_ids"] == oracle[(served_mesh["precision"], prompt)], prompt
+
+
+def test_each_peer_holds_only_its_own_layers(served_mesh):
+    model = served_mesh["model"]
+    sha = model.manifest.model_sha256
+    plan = status(served_mesh["homes"][0])["serving"]["plan"]
+    source = plan["source"]
+    for home in served_mesh["homes"]:
+        st = status(home)
+        me = st["self"]["id"]
+        weights = sorted(p for p in home.rglob("*.data"))
+        if me == source:
+            continue  # the peer the model was imported on holds all of it
+        assert not (home / "models").exists() or not any((home / "models").iterdir())
+        stage = next((s for s in plan["stages"] if s[0] == me), None)
+        if stage is None:
+            assert weights == []
+            continue
+        _, start, stop = stage
+        seg_dir = home / "cache" / sha / "segments" / f"{start}-{stop}"
+        assert weights == [seg_dir / "segment.onnx.data"]
+        graph = onnx.load(str(seg_dir / "segment.onnx"), load_external_data=False).graph
+        for t in graph.initializer:
+            if ".layers." in t.name:
+                layer = int(t.name.split(".layers.")[1].split(".")[0])
+                # The builder names the final norm after a layer N; it belongs to the last stage.
+                last = stop == plan["num_layers"]
+                assert start <= layer < stop or (last and layer == stop), t.name
+            elif "embed" in t.name or "lm_head" in t.name:
+                assert start == 0 or stop == plan["num_layers"], t.name
+            else:
+                assert t.name in {"cos_cache", "sin_cache"}, t.name
+        rss_kib = int(next(line.split()[1] for line in
+                           Path(f"/proc/{st['pid']}/status").read_text().splitlines()
+                           if line.startswith("VmRSS:")))  # fmt: skip
+        size = (seg_dir / "segment.onnx.data").stat().st_size
+        print(
+            f"\n{served_mesh['precision']} stage {start}-{stop}: segment {size / 2**20:.1f} MiB, "
+            f"daemon RSS {rss_kib / 1024:.1f} MiB"
+        )
