@@ -122,13 +122,21 @@ class ServingService:
             self._nursery.start_soon(self._make_plan_logged, body)
 
     async def _make_plan_logged(self, body: dict[str, Any]) -> None:
-        try:
-            self.make_plan(str(body.get("model")), str(body.get("partitioner", "even")))
-        except MeshError as exc:
-            log.warning("serve_request_failed", reason=str(exc))
+        # A model imported a moment ago is advertised within a couple of heartbeats: retry
+        # for a few seconds before giving up.
+        for attempt in range(12):
+            try:
+                self.make_plan(str(body.get("model")), str(body.get("partitioner", "even")))
+                return
+            except MeshError as exc:
+                if attempt == 11:
+                    log.warning("serve_request_failed", reason=str(exc))
+                    return
+            await trio.sleep(0.5)
 
     def make_plan(self, model: str, partitioner: str) -> Plan:
         """Leader only: assign the model's layers to the live peers and publish the plan."""
+        self._models = self._local_models()
         holders = [self.me] if model in self._models else []
         info = self._models.get(model)
         for pid in self.node.alive_peers():
@@ -341,15 +349,17 @@ class ServingService:
         if not isinstance(partitioner, str):
             raise ControlError("bad_request", "args.partitioner must be a string")
         self.partitioners.get(partitioner)  # unknown names fail here, with the list
+        self._models = self._local_models()
         before = self.plan.epoch if self.plan else 0
+        body = {"kind": "serve", "model": model, "partitioner": partitioner}
         if self.node.role == LEADER:
-            plan = self.make_plan(model, partitioner)
-            return {"plan": plan.to_obj()}
-        leader = self.node.current_leader()
-        if leader is None:
-            raise ControlError("no_leader", "the mesh has no leader right now; try again shortly")
-        await self.node.send_app(leader, {"kind": "serve", "model": model,
-                                          "partitioner": partitioner})  # fmt: skip
+            assert self._nursery is not None
+            self._nursery.start_soon(self._make_plan_logged, body)
+        else:
+            leader = self.node.current_leader()
+            if leader is None:
+                raise ControlError("no_leader", "the mesh has no leader now; try again shortly")
+            await self.node.send_app(leader, body)
         with trio.move_on_after(10):
             while self.plan is None or self.plan.epoch <= before or self.plan.model != model:
                 await self._plan_changed.wait()
@@ -416,4 +426,10 @@ class ServingService:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
-            await trio.sleep_forever()
+            while True:
+                # Models imported while the daemon runs are advertised within seconds.
+                await trio.sleep(2.0)
+                models = await trio.to_thread.run_sync(self._local_models)
+                if models != self._models:
+                    self._models = models
+                    self.node.announce()
