@@ -88,15 +88,17 @@ class Coordinator:
             pos = len(prompt_ids)
             sm = {"temperature": sampling.temperature, "top_k": sampling.top_k,
                   "top_p": sampling.top_p, "seed": sampling.seed}  # fmt: skip
+            # Only the first step is sent from here: the last stage feeds each sampled token
+            # back to stage 0 itself and copies it to us.
+            first = Frame(kind=FWD, rid=rid, epoch=plan.epoch, step=0, pos=pos, new=ids.shape[1],
+                          cap=capacity, coord=self.self_id, sampling=sm,
+                          tensors={"input_ids": ids})  # fmt: skip
+            try:
+                await self.send(first_peer, first)
+            except MeshError as exc:
+                raise QueryFailed(f"cannot reach the first stage: {exc}") from None
+            sent = time.perf_counter()
             for step in range(budget):
-                f = Frame(kind=FWD, rid=rid, epoch=plan.epoch, step=step, pos=pos, new=ids.shape[1],
-                          cap=capacity if step == 0 else 0, coord=self.self_id,
-                          sampling=sm if step == 0 else {}, tensors={"input_ids": ids})  # fmt: skip
-                sent = time.perf_counter()
-                try:
-                    await self.send(first_peer, f)
-                except MeshError as exc:
-                    raise QueryFailed(f"cannot reach the first stage: {exc}") from None
                 with trio.move_on_after(self.step_timeout_s) as scope:
                     reply = await recv_ch.receive()
                 if scope.cancelled_caught:
@@ -107,6 +109,7 @@ class Coordinator:
                     raise QueryFailed(f"unexpected {reply.kind} frame for step {reply.step}")
                 last_at = time.perf_counter()
                 step_wall += last_at - sent
+                sent = last_at
                 for i, c in enumerate(reply.compute_s[: len(compute)]):
                     compute[i] += c
                 if not out:
@@ -117,8 +120,6 @@ class Coordinator:
                 if reply.token in eos:
                     finish = "stop"
                     break
-                ids = np.asarray([[reply.token]], dtype=np.int64)
-                pos += 1
         finally:
             del self._waiting[rid]
             with trio.CancelScope(shield=True), trio.move_on_after(2), suppress(MeshError):

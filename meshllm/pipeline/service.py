@@ -253,8 +253,9 @@ class ServingService:
         )
         nxt = plan.stages[idx + 1].peer if idx + 1 < len(plan.stages) else None
         stage = StageRunner(
-            runtime, epoch=plan.epoch, index=idx, next_peer=nxt,
-            context_length=manifest.architecture.context_length, send=self.send_frame,
+            runtime, epoch=plan.epoch, index=idx, next_peer=nxt, first_peer=plan.stages[0].peer,
+            context_length=manifest.architecture.context_length,
+            eos_token_ids=manifest.architecture.eos_token_ids, send=self.send_frame,
         )  # fmt: skip
         assert self._nursery is not None
         self._stage_scope = trio.CancelScope()
@@ -380,6 +381,7 @@ class ServingService:
             "stage": None if self.stage is None else {
                 "index": self.stage.index, "steps": self.stage.steps,
                 "compute_s": round(self.stage.compute_s, 3),
+                "inner_s": round(self.stage.inner_s, 3),
                 "open_requests": len(self.stage.runtime.open_requests),
             },
             "coordinating": self.coordinator.in_flight,

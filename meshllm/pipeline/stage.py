@@ -44,7 +44,9 @@ class StageRunner:
         epoch: int,
         index: int,
         next_peer: str | None,
+        first_peer: str,
         context_length: int,
+        eos_token_ids: tuple[int, ...],
         send: Send,
         queue_size: int = 256,
     ):
@@ -52,13 +54,17 @@ class StageRunner:
         self.epoch = epoch
         self.index = index
         self.next_peer = next_peer
+        self.first_peer = first_peer
         self.context_length = context_length
+        self.eos = set(eos_token_ids)
         self.send = send
         self._samplers: dict[str, Sampler] = {}
+        self._caps: dict[str, int] = {}
         self._in, self._out = trio.open_memory_channel[Frame](queue_size)
         self._mask = np.ones((1, 0), dtype=np.int64)
         self.steps = 0
         self.compute_s = 0.0
+        self.inner_s = 0.0
 
     @property
     def is_last(self) -> bool:
@@ -89,6 +95,7 @@ class StageRunner:
     def _drop(self, rid: str) -> None:
         self.runtime.close(rid)
         self._samplers.pop(rid, None)
+        self._caps.pop(rid, None)
 
     async def _fail(self, f: Frame, reason: str) -> None:
         if f.coord:
@@ -118,6 +125,7 @@ class StageRunner:
             self.runtime.open(rid, f.cap)
             if self.is_last:
                 self._samplers[rid] = Sampler(sampling_from(f.sampling))
+                self._caps[rid] = f.cap
         if self._mask.shape[1] < f.pos:
             self._mask = np.ones((1, max(f.pos, 2 * self._mask.shape[1])), dtype=np.int64)
         feeds = dict(f.tensors)
@@ -125,8 +133,11 @@ class StageRunner:
         self.runtime.check_feeds(feeds, f.new)
 
         def run() -> dict[str, np.ndarray]:
+            t = time.perf_counter()
             outs = self.runtime.step(rid, feeds, f.new)
-            return {k: v.numpy() for k, v in outs.items()}
+            res = {k: v.numpy() for k, v in outs.items()}
+            self.inner_s += time.perf_counter() - t
+            return res
 
         t0 = time.perf_counter()
         outs = await trio.to_thread.run_sync(run)
@@ -136,6 +147,14 @@ class StageRunner:
         timings = [*f.compute_s, spent]
         if self.is_last:
             token = self._samplers[rid](outs["logits"][0, -1])
+            # The token goes straight back to stage 0 as the next step (one hop fewer per
+            # token than a round trip through the coordinator), and to the coordinator, which
+            # streams it. Both apply the same stop rule: end of sequence or a full KV cache.
+            if token not in self.eos and f.pos + 1 < self._caps.get(rid, 0):
+                ids = np.asarray([[token]], dtype=np.int64)
+                again = Frame(kind=FWD, rid=rid, epoch=f.epoch, step=f.step + 1, pos=f.pos + 1,
+                              new=1, coord=f.coord, tensors={"input_ids": ids})  # fmt: skip
+                await self.send(self.first_peer, again)
             reply = Frame(kind=TOKEN, rid=rid, epoch=f.epoch, step=f.step, token=token,
                           compute_s=timings)  # fmt: skip
             await self.send(f.coord, reply)

@@ -1,0 +1,159 @@
+#!/usr/bin/env python3
+"""Benchmark: distributed generation on a local mesh against the monolithic model, one run.
+
+Starts an N-peer testbed (separate daemon processes, libp2p over loopback), serves SmolLM2 at
+the given precision, and measures in the same run:
+  * monolithic decode tokens/s (this process, one ONNX Runtime thread, before and after),
+  * mesh decode tokens/s for a single request, and time to first token,
+  * aggregate tokens/s with 1, 2 and 4 concurrent requests sent to different peers.
+Prints a table and writes JSON.
+
+    .venv/bin/python tools/bench_mesh_generation.py [--peers 4] [--precisions fp32,int4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from meshllm import testbed  # noqa: E402
+from meshllm.control.client import call, call_stream  # noqa: E402
+from meshllm.model.chain import LocalChain  # noqa: E402
+from meshllm.model.importer import import_model  # noqa: E402
+from meshllm.model.store import ModelStore  # noqa: E402
+from meshllm.model.tokenizer import ChatTokenizer  # noqa: E402
+
+PROMPTS = [
+    "Write a long story about a lighthouse keeper who finds a message in a bottle.",
+    "Write a long story about a robot who learns to paint.",
+    "Write a long story about a girl who sails around the world.",
+    "Write a long story about a village that wakes up without electricity.",
+]
+
+
+def mono_rate(model, tokens: int, rounds: int) -> float:
+    chain = LocalChain.load(model, None, threads=1)
+    ids = ChatTokenizer(model.path).encode_prompt(PROMPTS[0])
+    rates = []
+    for _ in range(rounds):
+        rid = uuid.uuid4().hex
+        chain.open(rid, len(ids) + tokens)
+        x, pos = np.asarray([ids], dtype=np.int64), len(ids)
+        first = time.perf_counter()
+        for i in range(tokens):
+            tok = int(np.argmax(chain.forward(rid, x, pos)))
+            if i == 0:
+                first = time.perf_counter()
+            x, pos = np.asarray([[tok]], dtype=np.int64), pos + 1
+        rates.append((tokens - 1) / (time.perf_counter() - first))
+        chain.close(rid)
+    return statistics.median(rates)
+
+
+def query(home: Path, prompt: str, tokens: int) -> dict:
+    return call_stream(home, "query", None, timeout=300, prompt=prompt, max_tokens=tokens)
+
+
+def bench_precision(store: ModelStore, precision: str, n: int, tokens: int, rounds: int) -> dict:
+    name = f"smollm2-135m-instruct-{precision}"
+    import_model(store.dir, None, precision=precision, name=name,
+                 report=lambda m: print(m, file=sys.stderr))  # fmt: skip
+    model = store.get(name)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        peers = testbed.up(root, n)
+        homes = [Path(p.home) for p in peers]
+        try:
+            dest = homes[0] / "models" / name
+            shutil.copytree(model.path, dest, copy_function=os.link,
+                            ignore=shutil.ignore_patterns("segments", "*.lock"))  # fmt: skip
+            call(homes[1], "serve", model=name)
+            deadline = time.monotonic() + 300
+            while not call(homes[1], "status")["serving"]["ready"]:
+                if time.monotonic() > deadline:
+                    raise SystemExit("mesh not ready in 300 s")
+                time.sleep(0.2)
+            query(homes[0], "Hello", 8)  # warm-up: first-run allocations on every stage
+            mono_before = mono_rate(model, tokens, rounds)
+            singles = [query(homes[i % n], PROMPTS[0], tokens) for i in range(rounds)]
+            aggregate = {}
+            for conc in (1, 2, 4):
+                jobs = [(homes[i % n], PROMPTS[i % len(PROMPTS)]) for i in range(conc)]
+                t0 = time.perf_counter()
+                with ThreadPoolExecutor(max_workers=conc) as pool:
+                    res = list(pool.map(lambda j: query(j[0], j[1], tokens), jobs))
+                wall = time.perf_counter() - t0
+                aggregate[conc] = sum(len(r["token_ids"]) for r in res) / wall
+            mono_after = mono_rate(model, tokens, rounds)
+            rss = []
+            for p in peers:
+                status = Path(f"/proc/{p.pid}/status").read_text().splitlines()
+                rss.append(int(next(x.split()[1] for x in status if x.startswith("VmRSS:"))) / 1024)
+        finally:
+            testbed.down(root)
+    mono = (mono_before + mono_after) / 2
+    single = statistics.median(r["decode_tokens_per_s"] for r in singles)
+    return {
+        "precision": precision,
+        "peers": n,
+        "tokens": tokens,
+        "monolithic_decode_tok_s": round(mono, 2),
+        "monolithic_before_after": [round(mono_before, 2), round(mono_after, 2)],
+        "mesh_single_decode_tok_s": round(single, 2),
+        "mesh_single_ratio": round(single / mono, 3),
+        "mesh_ttft_s": round(statistics.median(r["ttft_s"] for r in singles), 4),
+        "aggregate_tok_s": {str(k): round(v, 2) for k, v in aggregate.items()},
+        "aggregate_ratio_vs_1": {str(k): round(v / aggregate[1], 3) for k, v in aggregate.items()},
+        "stage_breakdown_s": singles[0]["stages"],
+        "daemon_rss_mib": [round(x, 1) for x in rss],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--peers", type=int, default=4)
+    ap.add_argument("--precisions", default="fp32,int4")
+    ap.add_argument("--tokens", type=int, default=96)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument(
+        "--home", default=os.environ.get("MESHLLM_HOME", REPO / ".cache" / "bench-home")
+    )
+    ap.add_argument("--out", default=REPO / "bench-results" / "mesh_generation.json")
+    args = ap.parse_args()
+    store = ModelStore(Path(args.home) / "models")
+    results = [bench_precision(store, p, args.peers, args.tokens, args.rounds)
+               for p in args.precisions.split(",")]  # fmt: skip
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"benchmark": "mesh_generation", "results": results}, indent=2))
+    print(
+        f"\n{'prec':5} {'peers':>5} {'mono tok/s':>10} {'mesh tok/s':>10} {'ratio':>6} "
+        f"{'ttft ms':>8} {'agg@1':>7} {'agg@2':>7} {'agg@4':>7} {'x@4':>5}"
+    )
+    for r in results:
+        a = r["aggregate_tok_s"]
+        print(
+            f"{r['precision']:5} {r['peers']:>5} {r['monolithic_decode_tok_s']:>10.1f} "
+            f"{r['mesh_single_decode_tok_s']:>10.1f} {r['mesh_single_ratio']:>6.2f} "
+            f"{r['mesh_ttft_s'] * 1000:>8.0f} {a['1']:>7.1f} {a['2']:>7.1f} {a['4']:>7.1f} "
+            f"{r['aggregate_ratio_vs_1']['4']:>5.2f}"
+        )
+    print(f"\nwritten to {out}")
+
+
+if __name__ == "__main__":
+    main()
