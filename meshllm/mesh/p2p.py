@@ -39,6 +39,8 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from multiaddr import Multiaddr
 
+from meshllm.mesh import dataplane
+from meshllm.mesh.dataplane import DataPlaneListener
 from meshllm.mesh.framing import FrameError, FrameReader, frame
 from meshllm.mesh.transport import (
     AdmissionRefused,
@@ -50,6 +52,9 @@ from meshllm.mesh.transport import (
 )
 
 AUTH_PROTOCOL = TProtocol("/meshllm/auth/1.0.0")
+DATAPLANE_PROTOCOL = TProtocol("/meshllm/dataplane/1.0.0")
+# Bulk protocols that use the encrypted TCP data plane when it can be set up.
+FAST_PROTOCOLS = frozenset({"act"})
 CTL_PROTOCOL = TProtocol("/meshllm/ctl/1.0.0")
 MAX_CONTROL_FRAME = 1 << 20
 _QUEUE = 1024
@@ -127,6 +132,8 @@ class Libp2pEndpoint:
         self._locks: dict[str, trio.Lock] = {}
         self._send_ch, self._recv_ch = trio.open_memory_channel[Message](_QUEUE)
         self._nursery: trio.Nursery | None = None
+        self._handlers: dict[str, StreamHandler] = {}
+        self._dataplane: DataPlaneListener | None = None
         self.log = log.bind(peer=self.peer_id)
 
     # -- Endpoint API -------------------------------------------------------------------------
@@ -141,6 +148,7 @@ class Libp2pEndpoint:
         return peer_id in self._admitted
 
     def set_stream_handler(self, protocol: str, handler: StreamHandler) -> None:
+        self._handlers[protocol] = handler
         proto = TProtocol(f"/meshllm/{protocol}/1.0.0")
 
         async def guarded(stream: Any) -> None:
@@ -161,6 +169,12 @@ class Libp2pEndpoint:
     async def open_stream(self, peer_id: str, protocol: str) -> Stream:
         if peer_id not in self._admitted:
             raise PeerUnreachable(f"not connected to {peer_id}")
+        if protocol in FAST_PROTOCOLS:
+            try:
+                with trio.fail_after(self._timeout):
+                    return await self._open_fast(peer_id, protocol)
+            except (Exception, trio.TooSlowError) as exc:
+                self.log.info("data_plane_fallback", other=peer_id, reason=str(exc) or "timeout")
         proto = TProtocol(f"/meshllm/{protocol}/1.0.0")
         try:
             with trio.fail_after(self._timeout):
@@ -179,9 +193,15 @@ class Libp2pEndpoint:
             network.register_notifee(_Watcher(self))
             self._host.set_stream_handler(AUTH_PROTOCOL, self._on_auth_stream)
             self._host.set_stream_handler(CTL_PROTOCOL, self._on_ctl_stream)
+            self._host.set_stream_handler(DATAPLANE_PROTOCOL, self._on_dataplane_request)
             try:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
+                    host = "127.0.0.1"
+                    with suppress(Exception):
+                        host = listen[0].value_for_protocol("ip4") or host
+                    self._dataplane = DataPlaneListener(host, self._dispatch_fast)
+                    await nursery.start(self._dataplane.run)
                     task_status.started()
                     await trio.sleep_forever()
             finally:
@@ -255,6 +275,48 @@ class Libp2pEndpoint:
                     with suppress(Exception):
                         await stream.reset()
                 raise PeerUnreachable(f"sending to {peer_id} failed: {exc or 'timeout'}") from None
+
+    # -- data plane ---------------------------------------------------------------------------
+    async def _open_fast(self, peer_id: str, protocol: str) -> Stream:
+        raw = await self._host.new_stream(ID.from_base58(peer_id), [DATAPLANE_PROTOCOL])
+        try:
+            await raw.write(frame(cbor2.dumps({"protocol": protocol})))
+            reply = _as_dict(cbor2.loads(await FrameReader(raw.read, 4096).read_frame()))
+            remote = raw.get_remote_address()
+        finally:
+            with suppress(Exception):
+                await raw.close()
+        port, ticket, key = reply.get("port"), reply.get("ticket"), reply.get("key")
+        if not (isinstance(port, int) and isinstance(ticket, bytes) and isinstance(key, bytes)):
+            raise PeerUnreachable(f"{peer_id} offers no data plane: {reply.get('error')}")
+        if not remote:
+            raise PeerUnreachable("remote address unknown")
+        return await dataplane.connect(remote[0], port, peer_id, ticket, key)
+
+    async def _on_dataplane_request(self, stream: Any) -> None:
+        pid = str(stream.muxed_conn.peer_id)
+        try:
+            if pid not in self._admitted or self._dataplane is None:
+                raise ValueError("not admitted" if pid not in self._admitted else "no data plane")
+            with trio.fail_after(self._timeout):
+                req = _as_dict(cbor2.loads(await FrameReader(stream.read, 4096).read_frame()))
+                protocol = req.get("protocol")
+                if protocol not in FAST_PROTOCOLS or protocol not in self._handlers:
+                    raise ValueError(f"no fast path for {protocol!r}")
+                ticket, key = self._dataplane.issue(pid, str(protocol))
+                await stream.write(frame(cbor2.dumps(
+                    {"port": self._dataplane.port, "ticket": ticket, "key": key})))  # fmt: skip
+        except Exception as exc:
+            with suppress(Exception):
+                await stream.write(frame(cbor2.dumps({"error": str(exc)})))
+        finally:
+            with suppress(Exception):
+                await stream.close()
+
+    async def _dispatch_fast(self, protocol: str, stream: Stream) -> None:
+        handler = self._handlers.get(protocol)
+        if handler is not None and stream.peer_id in self._admitted:
+            await handler(stream)
 
     # -- admission ----------------------------------------------------------------------------
     def _mac(self, role: bytes, dialer: str, listener: str, nd: bytes, nl: bytes) -> bytes:

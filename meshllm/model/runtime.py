@@ -92,7 +92,8 @@ class SegmentRuntime:
         self.session = ort.InferenceSession(
             str(path), session_options(threads), providers=["CPUExecutionProvider"]
         )
-        self.input_names = [i.name for i in self.session.get_inputs()]
+        self._input_meta = self.session.get_inputs()
+        self.input_names = [i.name for i in self._input_meta]
         self.output_names = [o.name for o in self.session.get_outputs()]
         pattern = re.compile("^" + re.escape(kv.past_key).replace("%d", r"(\d+)") + "$")
         self.layers = sorted(int(m.group(1)) for n in self.input_names if (m := pattern.match(n)))
@@ -109,7 +110,7 @@ class SegmentRuntime:
 
     def check_feeds(self, feeds: Mapping[str, Tensor], new_tokens: int) -> None:
         """Validate names, dtypes and shapes of data inputs from the network (raises BadInput)."""
-        for meta in self.session.get_inputs():
+        for meta in self._input_meta:
             if meta.name not in self.data_inputs or meta.name == "attention_mask":
                 continue
             value = feeds.get(meta.name)
