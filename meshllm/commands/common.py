@@ -27,3 +27,21 @@ def progress(msg: str) -> None:
 def print_json(obj: Any) -> None:
     json.dump(obj, sys.stdout, indent=2)
     sys.stdout.write("\n")
+
+
+def generation_options(f):  # type: ignore[no-untyped-def]
+    """--max-tokens, --temperature, --top-k, --top-p, --seed and --raw, shared by the commands
+    that generate text (locally or on the mesh)."""
+    options = [
+        click.option("--max-tokens", type=click.IntRange(min=1), default=128, show_default=True),
+        click.option("--temperature", type=click.FloatRange(min=0), default=0.0,
+                     show_default=True, help="0 is greedy decoding."),
+        click.option("--top-k", type=click.IntRange(min=0), default=0, help="0 disables top-k."),
+        click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0),
+        click.option("--seed", type=int, help="Seed for sampling (temperature > 0)."),
+        click.option("--raw", is_flag=True,
+                     help="Send the prompt as is, without the chat template."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        f = option(f)
+    return f

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from meshllm.commands.common import print_json, progress, store_from
+from meshllm.commands.common import generation_options, print_json, progress, store_from
 from meshllm.errors import BadRanges
 from meshllm.partitioners import PartitionRequest
 from meshllm.plugins import PartitionerRegistry, get_plugin_manager
@@ -29,18 +29,7 @@ from meshllm.plugins import PartitionerRegistry, get_plugin_manager
     show_default=True,
     help="Partitioner plugin used with --segments.",
 )
-@click.option("--max-tokens", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option(
-    "--temperature",
-    type=click.FloatRange(min=0),
-    default=0.0,
-    show_default=True,
-    help="0 is greedy decoding.",
-)
-@click.option("--top-k", type=click.IntRange(min=0), default=0, help="0 disables top-k.")
-@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0)
-@click.option("--seed", type=int, help="Seed for sampling (temperature > 0).")
-@click.option("--raw", is_flag=True, help="Send the prompt as is, without the chat template.")
+@generation_options
 @click.option(
     "--threads",
     type=click.IntRange(min=1),

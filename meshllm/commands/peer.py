@@ -141,6 +141,14 @@ def print_status(st: dict[str, Any]) -> None:
         f"members {len(st['members'])}"
     )
     print_peers(st["peers"])
+    serving = st.get("serving") or {}
+    plan = serving.get("plan")
+    if plan:
+        ready = "ready" if serving.get("ready") else "loading"
+        click.echo(f"serving {plan['model']} (plan epoch {plan['epoch']}, {ready}):")
+        for peer, start, stop in plan["stages"]:
+            state = serving.get("states", {}).get(peer, {})
+            click.echo(f"  {_short(peer):15} layers {start}-{stop}  {state.get('state', '?')}")
 
 
 def print_peers(peers: list[dict[str, Any]]) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from meshllm.commands.common import print_json, progress
+from meshllm.commands.common import generation_options, print_json, progress
 from meshllm.commands.peer import home_of, home_option
 from meshllm.control.client import call, call_stream
 from meshllm.errors import MeshError
@@ -79,18 +79,7 @@ def serve_cmd(
 @click.command("query")
 @home_option
 @click.argument("prompt")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option(
-    "--temperature",
-    type=click.FloatRange(min=0),
-    default=0.0,
-    show_default=True,
-    help="0 is greedy decoding.",
-)
-@click.option("--top-k", type=click.IntRange(min=0), default=0, help="0 disables top-k.")
-@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0)
-@click.option("--seed", type=int, help="Seed for sampling (temperature > 0).")
-@click.option("--raw", is_flag=True, help="Send the prompt as is, without the chat template.")
+@generation_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @click.pass_context
 def query_cmd(
