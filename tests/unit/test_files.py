@@ -1,0 +1,86 @@
+"""Model distribution over the in-memory transport: verified, resumable, cached."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import trio
+
+from meshllm.mesh.identity import MeshSecret
+from meshllm.mesh.memory import MemoryNetwork, MemoryTransport
+from meshllm.mesh.transport import EndpointOptions
+from meshllm.model.ranges import LayerRange
+from meshllm.pipeline import files
+
+
+@pytest.fixture
+def served_tiny(tiny_fp32):
+    return tiny_fp32
+
+
+async def _pair(nursery, store):
+    transport = MemoryTransport(MemoryNetwork())
+    secret = MeshSecret(b"f" * 32)
+    rng = random.Random(1)
+    a = transport.create_endpoint(EndpointOptions(rng.randbytes(32), secret, ()))
+    b = transport.create_endpoint(EndpointOptions(rng.randbytes(32), secret, ()))
+    a.set_stream_handler(files.PROTOCOL, files.FileServer(store).handle)
+    await nursery.start(a.run)
+    await nursery.start(b.run)
+    await b.dial(a.listen_addrs()[0])
+    return a, b
+
+
+async def test_fetch_resume_and_verify(served_tiny, model_store, tmp_path):
+    sha = served_tiny.manifest.model_sha256
+    async with trio.open_nursery() as nursery:
+        a, b = await _pair(nursery, model_store)
+        req = {"sha": sha, "what": "segment", "start": 2, "stop": 4, "file": "segment.onnx.data"}
+        dest = tmp_path / "seg" / "segment.onnx.data"
+        progress: list[tuple[int, int]] = []
+        await files.fetch_file(b, a.peer_id, req, dest, lambda d, t: progress.append((d, t)))
+        whole = dest.read_bytes()
+        ((seg, _),) = served_tiny.segment_files([LayerRange(2, 4)])
+        assert whole == (seg.parent / "segment.onnx.data").read_bytes()
+        assert progress[-1] == (len(whole), len(whole))
+
+        # An interrupted download resumes from the partial file instead of starting over.
+        dest2 = tmp_path / "again" / "segment.onnx.data"
+        dest2.parent.mkdir()
+        half = len(whole) // 2
+        dest2.with_name(dest2.name + ".part").write_bytes(whole[:half])
+        resumed: list[tuple[int, int]] = []
+        await files.fetch_file(b, a.peer_id, req, dest2, lambda d, t: resumed.append((d, t)))
+        assert dest2.read_bytes() == whole and resumed[0][0] > half
+
+        # A corrupted partial file fails verification, is removed, and a retry succeeds.
+        dest3 = tmp_path / "bad" / "segment.onnx.data"
+        dest3.parent.mkdir()
+        dest3.with_name(dest3.name + ".part").write_bytes(b"\xff" * half)
+        with pytest.raises(files.TransferError, match="sha256 mismatch"):
+            await files.fetch_file(b, a.peer_id, req, dest3)
+        assert not dest3.with_name(dest3.name + ".part").exists()
+        await files.fetch_file(b, a.peer_id, req, dest3)
+        assert dest3.read_bytes() == whole
+
+        # Cached: a second fetch transfers nothing.
+        again: list[tuple[int, int]] = []
+        await files.fetch_file(b, a.peer_id, req, dest, lambda d, t: again.append((d, t)))
+        assert again == [(len(whole), len(whole))]
+        nursery.cancel_scope.cancel()
+
+
+async def test_refuses_unknown_models_and_files(served_tiny, model_store, tmp_path):
+    async with trio.open_nursery() as nursery:
+        a, b = await _pair(nursery, model_store)
+        sha = served_tiny.manifest.model_sha256
+        for req, message in (
+            ({"sha": "0" * 64, "what": "meta", "file": "tokenizer.json"}, "no model"),
+            ({"sha": sha, "what": "meta", "file": "../../secret"}, "not a servable file"),
+            ({"sha": sha, "what": "segment", "start": 0, "stop": 99, "file": "segment.onnx"},
+             "out of bounds"),
+        ):  # fmt: skip
+            with pytest.raises(files.TransferError, match=message):
+                await files.fetch_file(b, a.peer_id, req, tmp_path / "x" / "f")
+        nursery.cancel_scope.cancel()
