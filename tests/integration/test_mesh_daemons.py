@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -197,3 +198,21 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
     except OSError:
         return True
+
+
+def test_peers_add_with_the_secret_already_in_home(mesh4, tmp_path):
+    home = tmp_path / "sibling"
+    cli(home, "init", "--name", "sibling")
+    shutil.copy(mesh4["homes"][0] / "secret", home / "secret")  # same mesh, no token
+    proc = testbed.start_daemon(home)
+    try:
+        testbed.wait_ready(home, proc)
+        target = status(mesh4["homes"][2])["self"]["addrs"][0]
+        out = cli(home, "peers", "add", target)
+        assert "connected to" in out.stdout
+        wait_for(lambda: agreement([*mesh4["homes"], home]), timeout=10)
+        listed = json.loads(cli(home, "peers", "--json").stdout)
+        assert len(listed) == 4 and all(p["alive"] for p in listed)
+    finally:
+        proc.terminate()
+        proc.wait(10)
