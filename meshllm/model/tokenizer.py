@@ -50,20 +50,26 @@ class ChatTokenizer:
 
 
 class TextStream:
-    """Turns a growing list of token ids into text increments, never splitting a character."""
+    """Turns a growing list of token ids into text increments, never splitting a character.
+
+    Decodes only a short window per token (the tokens since the last emitted text, with the
+    ones before them as context), so streaming costs the same at token 10 and token 5000.
+    """
 
     def __init__(self, tokenizer: ChatTokenizer):
         self._tok = tokenizer
         self._ids: list[int] = []
-        self._emitted = 0
+        self._prefix = 0  # start of the context window
+        self._read = 0  # tokens whose text has been emitted
         self.text = ""
 
     def push(self, token_id: int) -> str:
         self._ids.append(token_id)
-        text = self._tok.decode(self._ids)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-            return ""
-        delta = text[self._emitted :] if text.startswith(self.text) else text[len(self.text) :]
-        self.text = text
-        self._emitted = len(text)
+        before = self._tok.decode(self._ids[self._prefix : self._read])
+        after = self._tok.decode(self._ids[self._prefix :])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""  # nothing printable yet, or an incomplete UTF-8 sequence
+        delta = after[len(before) :]
+        self._prefix, self._read = self._read, len(self._ids)
+        self.text += delta
         return delta
