@@ -26,10 +26,15 @@ class PeerSection:
     name: str = ""
     listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
     threads: int = 1  # ONNX Runtime threads for this peer's segment
+    # Memory the planner may count on for this peer, in MiB; 0 means what the device reports
+    # (available memory, or its cgroup limit when lower).
+    memory_limit_mb: int = 0
 
     def __post_init__(self) -> None:
         if not 1 <= self.threads <= 256:
             raise ConfigError("[peer] threads must be between 1 and 256")
+        if self.memory_limit_mb < 0:
+            raise ConfigError("[peer] memory_limit_mb must be >= 0 (0: no limit)")
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,32 @@ class MeshSection:
             raise ConfigError("[mesh] handshake_timeout_s must be > 0")
 
 
+OBJECTIVES = ("throughput", "latency")
+
+
+@dataclass(frozen=True)
+class PlanSection:
+    """How the leader assigns layers to peers (used where this peer is the leader)."""
+
+    partitioner: str = "lp"  # a registered partitioner: lp, even, memory, or a plugin's
+    # throughput: minimise the slowest stage (compute + its outgoing transfer);
+    # latency: minimise the sum of all stage and link times.
+    objective: str = "throughput"
+    context_tokens: int = 2048  # KV cache positions reserved per request when sizing memory
+    concurrency: int = 4  # requests in flight per stage when sizing memory
+    memory_fraction: float = 0.7  # share of a peer's memory the plan may fill
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(
+                f"[plan] objective must be one of {', '.join(OBJECTIVES)}, not {self.objective!r}"
+            )
+        if self.context_tokens < 1 or self.concurrency < 1:
+            raise ConfigError("[plan] context_tokens and concurrency must be >= 1")
+        if not 0 < self.memory_fraction <= 1:
+            raise ConfigError("[plan] memory_fraction must be in (0, 1]")
+
+
 @dataclass(frozen=True)
 class LogSection:
     level: str = "info"
@@ -69,6 +100,7 @@ class LogSection:
 class Config:
     peer: PeerSection = field(default_factory=PeerSection)
     mesh: MeshSection = field(default_factory=MeshSection)
+    plan: PlanSection = field(default_factory=PlanSection)
     log: LogSection = field(default_factory=LogSection)
 
 
@@ -137,7 +169,7 @@ def load_config(path: Path) -> Config:
 
 
 def default_config_text(name: str, listen: str = "/ip4/127.0.0.1/tcp/0") -> str:
-    d = MeshSection()
+    d, p = MeshSection(), PlanSection()
     return f"""# meshllm peer configuration. Unknown keys are rejected: `meshllm config check FILE`.
 
 [peer]
@@ -151,6 +183,10 @@ dead_after_s = {d.dead_after_s}
 election_timeout_min_s = {d.election_timeout_min_s}
 election_timeout_max_s = {d.election_timeout_max_s}
 handshake_timeout_s = {d.handshake_timeout_s}
+
+[plan]
+partitioner = "{p.partitioner}"
+objective = "{p.objective}"
 
 [log]
 level = "info"
