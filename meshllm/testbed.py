@@ -1,7 +1,12 @@
-"""A local testbed: N daemons as separate processes on 127.0.0.1, joined by one secret.
+"""A local testbed: N daemons as separate processes, joined by one secret.
 
-``testbed.json`` in the testbed directory records every process started, so ``down`` stops
-exactly those (checking each pid still runs a meshllm daemon before signalling it).
+Without a profile the daemons listen on 127.0.0.1. With one (``up(root, profile=FILE)``, root
+only) every peer gets a device class: its own network namespace with a bandwidth-shaped link,
+a cgroup CPU quota and a memory figure for the planner (see :mod:`meshllm.netbed`).
+
+``testbed.json`` in the testbed directory records every process started, and with a profile
+every namespace, link and cgroup, so ``down`` stops exactly those processes (checking each pid
+still runs a meshllm daemon before signalling it) and removes exactly those.
 """
 
 from __future__ import annotations
@@ -13,15 +18,22 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from meshllm.config import CONFIG_FILE, load_config
 from meshllm.control.client import DaemonNotRunning, call
 from meshllm.errors import MeshError
 from meshllm.mesh.identity import JoinToken, MeshSecret
 from meshllm.mesh.peerstore import add_bootstrap
 
+if TYPE_CHECKING:
+    from meshllm.netbed import Netbed, Profile
+
 STATE_FILE = "testbed.json"
+DEFAULT_PEERS = 3
 
 
 class TestbedError(MeshError):
@@ -33,22 +45,45 @@ class TestbedPeer:
     index: int
     home: str
     pid: int
+    # With a profile: the peer's device class, network namespace and address there.
+    device_class: str | None = None
+    netns: str | None = None
+    address: str | None = None
 
 
 def _state_path(root: Path) -> Path:
     return root / STATE_FILE
 
 
-def load_state(root: Path) -> list[TestbedPeer]:
+def _load_raw(root: Path) -> dict[str, Any]:
     try:
-        raw = json.loads(_state_path(root).read_text())
+        return json.loads(_state_path(root).read_text())
     except FileNotFoundError:
         raise TestbedError(f"no testbed in {root} (start one with `meshllm testbed up`)") from None
-    return [TestbedPeer(**p) for p in raw["peers"]]
 
 
-def _save_state(root: Path, peers: list[TestbedPeer]) -> None:
-    _state_path(root).write_text(json.dumps({"peers": [asdict(p) for p in peers]}, indent=2))
+def load_state(root: Path) -> list[TestbedPeer]:
+    return [TestbedPeer(**p) for p in _load_raw(root)["peers"]]
+
+
+def load_network(root: Path) -> Netbed | None:
+    """The namespaces, links and cgroups this testbed made (None: a loopback testbed)."""
+    from meshllm.netbed import Netbed
+
+    raw = _load_raw(root).get("network")
+    return None if raw is None else Netbed.from_json(raw)
+
+
+def _save_state(root: Path, peers: list[TestbedPeer], **sections: Any) -> None:
+    """Write the peers; other sections (profile, network) are kept unless given anew."""
+    try:
+        state = _load_raw(root)
+    except (TestbedError, ValueError):
+        state = {}
+    state.update(sections, peers=[asdict(p) for p in peers])
+    tmp = _state_path(root).with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    tmp.replace(_state_path(root))  # never a half-written record of what to clean up
 
 
 def _is_our_daemon(pid: int) -> bool:
@@ -59,12 +94,17 @@ def _is_our_daemon(pid: int) -> bool:
     return b"meshllm" in b" ".join(cmdline) and b"daemon" in cmdline
 
 
-def start_daemon(home: Path, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+def start_daemon(
+    home: Path, extra_env: dict[str, str] | None = None, *, wrap: Sequence[str] = ()
+) -> subprocess.Popen:
+    """Start the daemon of *home*; *wrap* is a command prefix, e.g. one entering a namespace
+    that execs the rest (so the pid stays the daemon's)."""
     log = (home / "daemon.log").open("ab")
     env = dict(os.environ, **(extra_env or {}))
     env.pop("MESHLLM_HOME", None)
+    argv = [sys.executable, "-m", "meshllm", "--home", str(home), "daemon"]
     return subprocess.Popen(
-        [sys.executable, "-m", "meshllm", "--home", str(home), "daemon"],
+        [*wrap, *argv],
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         start_new_session=True, env=env,
     )  # fmt: skip
@@ -87,36 +127,115 @@ def wait_ready(home: Path, proc: subprocess.Popen | None = None, timeout: float 
             time.sleep(0.05)
 
 
-def up(root: Path, n: int, *, report=lambda _m: None) -> list[TestbedPeer]:
+def up(
+    root: Path,
+    n: int | None = None,
+    *,
+    profile: Path | None = None,
+    report: Callable[[str], None] = lambda _m: None,
+) -> list[TestbedPeer]:
+    """Start *n* peers (default 3) on loopback, or with *profile* one per ``[[peer]]`` of it,
+    each in its own namespace and cgroup (needs root); returns once they form one mesh."""
+    from meshllm import netbed
     from meshllm.commands.peer import init_home
 
+    prof = None
+    if profile is not None:
+        prof = netbed.load_profile(profile)
+        if n is not None and n != len(prof.peers):
+            raise TestbedError(
+                f"--peers {n} conflicts with the profile {profile}, which has "
+                f"{len(prof.peers)} peers: leave out --peers"
+            )
+        n = len(prof.peers)
+    n = DEFAULT_PEERS if n is None else n
     if n < 1:
         raise TestbedError("a testbed needs at least one peer")
+    cpu_mount = netbed.check_host() if prof is not None else None
     if _state_path(root).exists() and any(_is_our_daemon(p.pid) for p in load_state(root)):
         raise TestbedError(f"a testbed is already running in {root}: `meshllm testbed down` first")
     root.mkdir(parents=True, exist_ok=True)
+    # A testbed that died without `down` may have left its network behind: it is recorded.
+    down(root)
+    net = netbed.plan(root, prof, cpu_mount=cpu_mount) if prof is not None else None
     peers: list[TestbedPeer] = []
     token: JoinToken | None = None
     secret: MeshSecret | None = None
     try:
+        if net is not None and prof is not None:
+            # Recorded before it exists: whatever part of it gets made, `down` removes.
+            _save_state(root, [], network=net.to_json(), profile=_profile_record(profile, prof))
+            netbed.create(net)
+            report(f"network {net.subnet} in namespaces {net.prefix}-*, cgroups {net.cgroup_dir}")
         for i in range(n):
             home = root / f"peer-{i}"
-            if not init_home(home, name=f"peer-{i}", token=token) and token is not None:
+            np = net.peers[i] if net is not None else None
+            name = prof.peers[i].name if prof is not None else f"peer-{i}"
+            fresh = init_home(home, name=name, listen=np.listen if np else None, token=token)
+            if not fresh and token is not None:
                 add_bootstrap(home, list(token.addrs))  # a re-used home: ports are new
+            if np is not None:
+                set_peer_config(home, listen=np.listen, memory_limit_mb=np.memory_mb)
             if secret is None:
                 secret = MeshSecret.load(home)
-            proc = start_daemon(home)
-            peers.append(TestbedPeer(i, str(home), proc.pid))
+            wrap = netbed.peer_command(np, []) if np is not None else ()
+            proc = start_daemon(home, wrap=wrap)
+            peers.append(
+                TestbedPeer(i, str(home), proc.pid)
+                if np is None
+                else TestbedPeer(i, str(home), proc.pid, np.device_class, np.netns, np.address)
+            )
             _save_state(root, peers)
             status = wait_ready(home, proc)
             # Each peer joins through the previous one: the mesh forms from a single chain.
             token = JoinToken(secret, tuple(status["self"]["addrs"]))
-            report(f"peer-{i} up: {status['self']['id']} pid {proc.pid}")
+            where = (
+                f" [{np.device_class}: {np.cpu:g} cpu, {np.bandwidth_mbit:g} Mbit/s, "
+                f"{np.memory_mb} MiB, {np.address}]"
+                if np
+                else ""
+            )
+            report(f"peer-{i} up: {status['self']['id']} pid {proc.pid}{where}")
         _wait_for_mesh([Path(p.home) for p in peers], timeout=30)
     except BaseException:
         down(root)
         raise
     return peers
+
+
+def _profile_record(path: Path, prof: Profile) -> dict[str, Any]:
+    return {
+        "source": str(path.resolve()),
+        "classes": {c.name: asdict(c) for c in prof.classes},
+        "peers": [{"name": p.name, "class": p.device_class.name} for p in prof.peers],
+    }
+
+
+def set_peer_config(home: Path, *, listen: str, memory_limit_mb: int) -> None:
+    """Point *home*'s config.toml at *listen* and *memory_limit_mb*, keeping everything else
+    (comments included) as it is; the result is checked as `meshllm config check` would."""
+    path = home / CONFIG_FILE
+    values = {"listen": json.dumps([listen]), "memory_limit_mb": str(memory_limit_mb)}
+    lines = path.read_text().splitlines()
+    try:
+        start = next(i for i, line in enumerate(lines) if line.strip() == "[peer]")
+    except StopIteration:
+        lines[:0] = ["[peer]", ""]
+        start = 0
+    end = next(
+        (i for i in range(start + 1, len(lines)) if lines[i].lstrip().startswith("[")),
+        len(lines),
+    )
+    last = start
+    for i in range(start + 1, end):
+        key = lines[i].split("=", 1)[0].strip()
+        if key in values:
+            lines[i] = f"{key} = {values.pop(key)}"
+        if lines[i].strip():
+            last = i
+    lines[last + 1 : last + 1] = [f"{k} = {v}" for k, v in values.items()]
+    path.write_text("\n".join(lines) + "\n")
+    load_config(path)
 
 
 def _wait_for_mesh(homes: list[Path], timeout: float) -> None:
@@ -139,6 +258,8 @@ def status(root: Path) -> list[dict]:
     out = []
     for p in load_state(root):
         entry: dict = {"index": p.index, "home": p.home, "pid": p.pid}
+        if p.device_class is not None:
+            entry.update({"class": p.device_class, "netns": p.netns, "address": p.address})
         try:
             entry["status"] = call(Path(p.home), "status", timeout=5)
         except MeshError as exc:
@@ -148,11 +269,18 @@ def status(root: Path) -> list[dict]:
 
 
 def down(root: Path, grace: float = 5.0) -> int:
-    """Stop every daemon this testbed started; returns how many were running."""
+    """Stop every daemon this testbed started, then remove the namespaces, links and cgroups
+    it made; returns how many daemons were running. If some of the network cannot be removed,
+    raises and keeps the record, so running it again retries."""
+    from meshllm import netbed  # here, not at the top: netbed imports this module
+
     try:
         peers = load_state(root)
+        net = load_network(root)
     except TestbedError:
         return 0
+    if net is not None:
+        netbed.check_host()  # its daemons run as root, and only root can remove the rest
     running = [p for p in peers if _is_our_daemon(p.pid)]
     for p in running:
         os.kill(p.pid, signal.SIGTERM)
@@ -164,6 +292,8 @@ def down(root: Path, grace: float = 5.0) -> int:
         if _is_our_daemon(p.pid):
             os.kill(p.pid, signal.SIGKILL)
         _reap(p.pid)
+    if net is not None:
+        netbed.teardown(net)
     _state_path(root).unlink(missing_ok=True)
     return len(running)
 

@@ -24,6 +24,16 @@ if ! dpkg -s build-essential libgmp-dev >/dev/null 2>&1; then
     exit 1
   fi
 fi
+# `meshllm testbed up --profile` (root only) builds namespaces and shapes links with ip and tc.
+# Optional: without them everything else works, so only a note when they cannot be installed.
+sbin_has() { PATH="$PATH:/usr/sbin:/sbin" command -v "$1" >/dev/null; }  # not on every PATH
+if ! sbin_has ip || ! sbin_has tc; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 >/dev/null
+  else
+    echo "meshllm setup: note: install iproute2 (ip, tc) for \`meshllm testbed up --profile\`" >&2
+  fi
+fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
 pip install --upgrade pip

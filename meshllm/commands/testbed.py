@@ -18,15 +18,29 @@ dir_option = click.option(
 
 @click.group("testbed")
 def testbed_group() -> None:
-    """Start, inspect and stop a local testbed of peers on 127.0.0.1."""
+    """Start, inspect and stop a local testbed of peers: on 127.0.0.1, or as phone-like
+    devices in network namespaces and cgroups (--profile, root only)."""
 
 
 @testbed_group.command("up")
-@click.option("--peers", "n", type=click.IntRange(min=1, max=64), default=3, show_default=True)
+@click.option(
+    "--peers",
+    "n",
+    type=click.IntRange(min=1, max=64),
+    default=None,
+    help="How many peers  [default: 3, or the profile's]",
+)
+@click.option(
+    "--profile",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Device classes and peers (e.g. configs/testbed/phones.toml): each peer gets its own "
+    "network namespace, shaped link and CPU quota. Needs root.",
+)
 @dir_option
-def up_cmd(n: int, root: Path) -> None:
-    """Start N daemons as separate processes, each joining through the previous one."""
-    peers = testbed.up(root, n, report=progress)
+def up_cmd(n: int | None, profile: Path | None, root: Path) -> None:
+    """Start the peers as separate processes, each joining through the previous one."""
+    peers = testbed.up(root, n, profile=profile, report=progress)
     click.echo(f"{len(peers)} peers up in {root}")
 
 
@@ -34,19 +48,23 @@ def up_cmd(n: int, root: Path) -> None:
 @dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def status_cmd(root: Path, as_json: bool) -> None:
-    """Show every testbed peer's view: role, term, leader, members."""
+    """Show every testbed peer's view: role, term, leader, members (and device class)."""
     entries = testbed.status(root)
     if as_json:
         print_json(entries)
         return
-    click.echo(f"{'PEER':7} {'PID':>7} {'ROLE':9} {'TERM':>4} {'MEMBERS':>7}  LEADER")
+    # The class and address columns only for a testbed started with --profile.
+    profiled = any("class" in e for e in entries)
+    device = f" {'CLASS':10} {'ADDRESS':15}" if profiled else ""
+    click.echo(f"{'PEER':7} {'PID':>7}{device} {'ROLE':9} {'TERM':>4} {'MEMBERS':>7}  LEADER")
     for e in entries:
+        device = f" {e.get('class') or '-':10} {e.get('address') or '-':15}" if profiled else ""
         st = e.get("status")
         if st is None:
-            click.echo(f"peer-{e['index']:<2} {e['pid']:>7} down      {e['error']}")
+            click.echo(f"peer-{e['index']:<2} {e['pid']:>7}{device} down      {e['error']}")
             continue
         click.echo(
-            f"peer-{e['index']:<2} {e['pid']:>7} {st['self']['role']:9} {st['term']:>4} "
+            f"peer-{e['index']:<2} {e['pid']:>7}{device} {st['self']['role']:9} {st['term']:>4} "
             f"{len(st['members']):>7}  {st['leader'] or '-'}"
         )
 
@@ -54,6 +72,7 @@ def status_cmd(root: Path, as_json: bool) -> None:
 @testbed_group.command("down")
 @dir_option
 def down_cmd(root: Path) -> None:
-    """Stop every daemon the testbed started (SIGTERM, then SIGKILL after 5 s)."""
+    """Stop every daemon the testbed started (SIGTERM, then SIGKILL after 5 s), then remove
+    the namespaces, links and cgroups it made."""
     n = testbed.down(root)
     click.echo(f"stopped {n} daemon(s)")

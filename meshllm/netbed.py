@@ -1,0 +1,549 @@
+"""Phone-like peers on one Linux host: a network namespace, a shaped link and a CPU quota each.
+
+This is the privileged plumbing behind ``meshllm testbed up --profile FILE``; starting and
+stopping the daemons stays in :mod:`meshllm.testbed`.
+
+Topology (one testbed, prefix ``mltXXXXX`` derived from its directory)::
+
+    mltXXXXX-hub  (netns)   bridge mltXXXXX-br, ports mltXXXXX-h0 .. mltXXXXX-hN
+                                     |                       |
+    mltXXXXX-p0   (netns)   mltXXXXX-p0 10.213.B.1/24   ...  mltXXXXX-pN 10.213.B.N+1/24
+
+Every veth pair is created straight inside the namespaces (never in the host's), so the host's
+interfaces, routes and addresses are never touched and two testbeds cannot collide. A ``tc tbf``
+qdisc with the peer's class rate sits on *both* ends of its veth: the peer-side end shapes what
+the phone sends, the hub-side end what it receives (a qdisc only shapes egress). A transfer
+between two peers therefore runs at the slower of their two rates, like two phones on one
+access point.
+
+CPU: each peer's processes live in the cgroup v1 directory
+``<cpu mount>/meshllm-testbed/<prefix>/p<i>`` with a CFS quota of ``cpu`` cores. A daemon starts
+already inside both its namespace and its cgroup (:func:`peer_command`).
+
+Everything a testbed creates follows from its plan (:func:`plan`), which the testbed records
+before creating anything: :func:`teardown` removes exactly that, is idempotent and carries on
+past failures, so a half-built or half-removed testbed is always cleaned up by running it again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import math
+import os
+import shutil
+import signal
+import subprocess
+import time
+import tomllib
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from meshllm.testbed import TestbedError
+
+# 10 ms rather than the kernel's default 100 ms: a quota is enforced per period, so with 100 ms a
+# 0.25-core peer would run flat out for 25 ms and then stall for 75 ms, a stall longer than a
+# whole decode step of a small model. With 10 ms it stalls at most 7.5 ms at a time, so per-token
+# timings see a slower device rather than a device that freezes now and then.
+CFS_PERIOD_US = 10_000
+MIN_QUOTA_US = 1_000  # the kernel refuses CFS quotas below 1 ms
+MIN_CPU = MIN_QUOTA_US / CFS_PERIOD_US  # hence at least 0.1 core at a 10 ms period
+CGROUP_PARENT = "meshllm-testbed"
+DEFAULT_CPU_MOUNT = Path("/sys/fs/cgroup/cpu")
+NETNS_DIR = Path("/var/run/netns")  # where `ip netns add` mounts named namespaces
+MAX_PEERS = 64  # as `testbed up --peers`; a /24 would allow 253
+# 10.213.0.0/16 is rarely used by home, office or container networks; the third octet comes
+# from the testbed's directory so two testbeds' logs are easy to tell apart. The addresses
+# never leave the testbed's namespaces, so even a clash could not reach another network.
+SUBNET_PREFIX = "10.213"
+
+# tbf: the bucket holds 5 ms of traffic at the class rate, and at least 16 KiB. Much less and
+# the qdisc's timer (and the kernel's scheduling granularity) caps the rate below the target;
+# much more and a "20 Mbit/s" link would pass large bursts at veth speed. (tbf splits GSO
+# packets larger than the bucket itself, so a small bucket is fine with veth offloads.)
+TBF_BURST_S = 0.005
+TBF_MIN_BURST_BYTES = 16 * 1024
+# Packets may wait up to 50 ms in the queue before tbf drops them: about a phone radio's
+# buffering, enough for TCP to keep the link full, small enough to bound added latency.
+TBF_LATENCY_MS = 50
+
+
+class ProfileError(TestbedError):
+    """A testbed profile file that cannot be used, with the file and key at fault."""
+
+
+# --- profiles -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeviceClass:
+    """A kind of device: its CPU share, link rate and the memory the planner may count on."""
+
+    name: str
+    cpu: float  # cores: the cgroup's CFS quota is cpu * period
+    bandwidth_mbit: float  # Mbit/s, each way
+    memory_mb: int  # the peer's [peer] memory_limit_mb (0: what the host reports)
+
+
+@dataclass(frozen=True)
+class ProfilePeer:
+    name: str
+    device_class: DeviceClass
+
+
+@dataclass(frozen=True)
+class Profile:
+    source: str
+    classes: tuple[DeviceClass, ...]
+    peers: tuple[ProfilePeer, ...]  # in start (and pipeline) order
+
+
+_CLASS_KEYS = ("bandwidth_mbit", "cpu", "memory_mb")
+_PEER_KEYS = ("class", "name")
+_TOP_KEYS = ("class", "peer")
+
+
+def _check_keys(table: dict[str, Any], known: Sequence[str], where: str) -> None:
+    unknown = sorted(set(table) - set(known))
+    if unknown:
+        raise ProfileError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(known)})")
+
+
+def _number(value: Any, where: str, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        raise ProfileError(f"{where}: expected a number, got {value!r}")
+    if not low <= value <= high:
+        raise ProfileError(f"{where}: must be between {low:g} and {high:g}, not {value!r}")
+    return float(value)
+
+
+def _integer(value: Any, where: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProfileError(f"{where}: expected an integer, got {value!r}")
+    if not low <= value <= high:
+        raise ProfileError(f"{where}: must be between {low} and {high}, not {value!r}")
+    return value
+
+
+def _parse_class(name: str, table: Any) -> DeviceClass:
+    where = f"class.{name}"
+    if not isinstance(table, dict):
+        raise ProfileError(f"{where}: expected a table ([class.{name}])")
+    _check_keys(table, _CLASS_KEYS, where)
+    missing = [k for k in _CLASS_KEYS if k not in table]
+    if missing:
+        raise ProfileError(f"{where}: missing key {missing[0]!r}")
+    return DeviceClass(
+        name=name,
+        cpu=_number(table["cpu"], f"{where}.cpu", MIN_CPU, 1024),
+        bandwidth_mbit=_number(table["bandwidth_mbit"], f"{where}.bandwidth_mbit", 0.1, 100_000),
+        memory_mb=_integer(table["memory_mb"], f"{where}.memory_mb", 0, 1 << 24),
+    )
+
+
+def parse_profile(text: str, source: str = "profile") -> Profile:
+    """Decode a profile's TOML; every error names the file and the key at fault."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ProfileError(f"{source}: not valid TOML: {exc}") from None
+    try:
+        _check_keys(raw, _TOP_KEYS, "top level")
+        classes_raw = raw.get("class")
+        if not isinstance(classes_raw, dict) or not classes_raw:
+            raise ProfileError("no device classes: define at least one [class.NAME] table")
+        classes = {name: _parse_class(name, table) for name, table in classes_raw.items()}
+        peers_raw = raw.get("peer")
+        if not isinstance(peers_raw, list) or not peers_raw:
+            raise ProfileError("no peers: add one [[peer]] table per device, in start order")
+        if len(peers_raw) > MAX_PEERS:
+            raise ProfileError(f"{len(peers_raw)} peers: at most {MAX_PEERS}")
+        peers = []
+        for i, table in enumerate(peers_raw):
+            where = f"peer[{i}]"
+            if not isinstance(table, dict):
+                raise ProfileError(f"{where}: expected a [[peer]] table")
+            _check_keys(table, _PEER_KEYS, where)
+            cls = table.get("class")
+            if not isinstance(cls, str):
+                raise ProfileError(f'{where}: needs class = "NAME" (one of {", ".join(classes)})')
+            if cls not in classes:
+                raise ProfileError(
+                    f"{where}.class: unknown class {cls!r} (defined: {', '.join(classes)})"
+                )
+            name = table.get("name", f"peer-{i}")
+            if not isinstance(name, str) or not name.strip():
+                raise ProfileError(f"{where}.name: expected a non-empty string, got {name!r}")
+            peers.append(ProfilePeer(name, classes[cls]))
+    except ProfileError as exc:
+        raise ProfileError(f"{source}: {exc}") from None
+    return Profile(source, tuple(classes.values()), tuple(peers))
+
+
+def load_profile(path: Path) -> Profile:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ProfileError(f"cannot read profile {path}: {exc.strerror}") from None
+    return parse_profile(text, str(path))
+
+
+# --- the plan: every name and address, derived from the testbed directory ----------------------
+
+
+@dataclass(frozen=True)
+class NetPeer:
+    """One peer's namespace, link, address and cgroup."""
+
+    index: int
+    device_class: str
+    cpu: float
+    bandwidth_mbit: float
+    memory_mb: int
+    netns: str
+    veth_peer: str  # inside netns, holds the address
+    veth_hub: str  # inside the hub namespace, a port of the bridge
+    address: str  # IPv4, no prefix length
+    cgroup: str  # absolute cgroup v1 cpu directory
+
+    @property
+    def listen(self) -> str:
+        return f"/ip4/{self.address}/tcp/0"
+
+
+@dataclass(frozen=True)
+class Netbed:
+    """Everything one testbed creates; recorded in testbed.json before any of it exists."""
+
+    prefix: str
+    subnet: str
+    hub_netns: str
+    bridge: str
+    cgroup_dir: str  # <cpu mount>/meshllm-testbed/<prefix>, parent of the peers' cgroups
+    peers: tuple[NetPeer, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Netbed:
+        return cls(**{**data, "peers": tuple(NetPeer(**p) for p in data["peers"])})
+
+
+def prefix_for(root: Path) -> str:
+    """``mlt`` + 5 hex digits of the testbed directory's absolute path: stable for one directory
+    (so `down`, or a rerun of `up`, finds the same names), distinct between directories, and
+    short enough that ``<prefix>-h63`` fits Linux's 15-character interface names."""
+    return "mlt" + hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:5]
+
+
+def plan(root: Path, profile: Profile, *, cpu_mount: Path | None = None) -> Netbed:
+    """Names, addresses and cgroups for *profile*'s peers; creates nothing."""
+    prefix = prefix_for(root)
+    octet = int(hashlib.sha256(prefix.encode()).hexdigest()[:2], 16)
+    cgroup_dir = (cpu_mount or find_cpu_mount() or DEFAULT_CPU_MOUNT) / CGROUP_PARENT / prefix
+    peers = tuple(
+        NetPeer(
+            index=i,
+            device_class=p.device_class.name,
+            cpu=p.device_class.cpu,
+            bandwidth_mbit=p.device_class.bandwidth_mbit,
+            memory_mb=p.device_class.memory_mb,
+            netns=f"{prefix}-p{i}",
+            veth_peer=f"{prefix}-p{i}",
+            veth_hub=f"{prefix}-h{i}",
+            address=f"{SUBNET_PREFIX}.{octet}.{i + 1}",
+            cgroup=str(cgroup_dir / f"p{i}"),
+        )
+        for i, p in enumerate(profile.peers)
+    )
+    return Netbed(
+        prefix=prefix,
+        subnet=f"{SUBNET_PREFIX}.{octet}.0/24",
+        hub_netns=f"{prefix}-hub",
+        bridge=f"{prefix}-br",
+        cgroup_dir=str(cgroup_dir),
+        peers=peers,
+    )
+
+
+# --- the host ---------------------------------------------------------------------------------
+
+
+def find_cpu_mount() -> Path | None:
+    """Where the cgroup v1 ``cpu`` controller is mounted (maybe co-mounted with cpuacct)."""
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    for line in mounts:
+        fields = line.split()
+        if len(fields) >= 4 and fields[2] == "cgroup" and "cpu" in fields[3].split(","):
+            return Path(fields[1].replace("\\040", " "))
+    return None
+
+
+def _tool(name: str) -> str | None:
+    # Non-login root shells do not always have the sbin directories on PATH.
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/bin:/bin")
+
+
+def host_cpus() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def check_host() -> Path:
+    """Refuse clearly, naming everything missing, unless this host can build a netbed;
+    returns the cgroup v1 cpu mount."""
+    problems = []
+    if os.geteuid() != 0:
+        problems.append(
+            "it must run as root (network namespaces, tc qdiscs and cgroups need it): "
+            "run it with sudo, or leave out --profile for the unprivileged loopback testbed"
+        )
+    missing = [t for t in ("ip", "tc") if _tool(t) is None]
+    if missing:
+        problems.append(
+            f"{' and '.join(f'`{t}`' for t in missing)} not found: install iproute2 "
+            "(tools/setup.sh does, as root)"
+        )
+    mount = find_cpu_mount()
+    if mount is None or not (mount / "cpu.cfs_quota_us").exists():
+        problems.append(
+            "no cgroup v1 `cpu` controller is mounted (looked for a `cgroup` mount with the "
+            "`cpu` option in /proc/mounts; cgroup v2-only hosts are not supported)"
+        )
+    if problems:
+        raise TestbedError("cannot build the phone testbed (--profile): " + "; ".join(problems))
+    assert mount is not None
+    return mount
+
+
+def _run(*argv: str) -> subprocess.CompletedProcess[str]:
+    tool = _tool(argv[0]) or argv[0]
+    try:
+        proc = subprocess.run([tool, *argv[1:]], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise TestbedError(f"`{' '.join(argv)}` failed: {exc}") from None
+    if proc.returncode != 0:
+        raise TestbedError(f"`{' '.join(argv)}` failed: {proc.stderr.strip() or proc.returncode}")
+    return proc
+
+
+def _ok(*argv: str) -> bool:
+    tool = _tool(argv[0]) or argv[0]
+    return subprocess.run([tool, *argv[1:]], capture_output=True, timeout=30).returncode == 0
+
+
+def list_netns() -> set[str]:
+    out = _run("ip", "netns", "list").stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+def _tbf(ns: str, dev: str, mbit: float) -> None:
+    rate_bps = round(mbit * 1_000_000)
+    burst = max(TBF_MIN_BURST_BYTES, round(rate_bps / 8 * TBF_BURST_S))
+    _run(
+        "tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf",
+        "rate", f"{rate_bps}bit", "burst", str(burst), "latency", f"{TBF_LATENCY_MS}ms",
+    )  # fmt: skip
+
+
+# --- create, enter, throttle, remove ---------------------------------------------------------
+
+
+def create(net: Netbed) -> None:
+    """Build the namespaces, bridge, shaped veths and cgroups of *net*.
+
+    Refuses when one of its namespaces exists already (leftovers this testbed has no record of);
+    on any other failure the caller runs :func:`teardown`, which removes what was made."""
+    clashes = sorted({net.hub_netns, *(p.netns for p in net.peers)} & list_netns())
+    if clashes:
+        raise TestbedError(
+            f"network namespace {clashes[0]} exists already: leftovers of an earlier testbed "
+            f"in this directory? remove them with `ip netns del NAME` for {', '.join(clashes)}"
+        )
+    hub = net.hub_netns
+    _run("ip", "netns", "add", hub)
+    _run("ip", "-n", hub, "link", "add", net.bridge, "type", "bridge")
+    _run("ip", "-n", hub, "link", "set", net.bridge, "up")
+    Path(net.cgroup_dir).mkdir(parents=True, exist_ok=True)
+    for p in net.peers:
+        _run("ip", "netns", "add", p.netns)
+        _run("ip", "-n", p.netns, "link", "set", "lo", "up")
+        # Created inside the hub namespace with its other end straight in the peer's: no
+        # interface ever appears in the host's namespace.
+        _run(
+            "ip", "-n", hub, "link", "add", p.veth_hub,
+            "type", "veth", "peer", "name", p.veth_peer, "netns", p.netns,
+        )  # fmt: skip
+        _run("ip", "-n", hub, "link", "set", p.veth_hub, "master", net.bridge, "up")
+        _run("ip", "-n", p.netns, "addr", "add", f"{p.address}/24", "dev", p.veth_peer)
+        _run("ip", "-n", p.netns, "link", "set", p.veth_peer, "up")
+        _tbf(p.netns, p.veth_peer, p.bandwidth_mbit)  # what the phone sends
+        _tbf(hub, p.veth_hub, p.bandwidth_mbit)  # what it receives
+        Path(p.cgroup).mkdir(exist_ok=True)
+        set_cpu_quota(p, p.cpu)
+
+
+def set_cpu_quota(peer: NetPeer, cpu: float) -> int:
+    """Give *peer*'s cgroup *cpu* cores from now on (also while it runs); returns the quota in
+    µs per period, -1 for none (``cpu`` at least the host's core count)."""
+    if not cpu >= MIN_CPU:
+        raise TestbedError(f"cpu must be at least {MIN_CPU:g} core, not {cpu!r}")
+    quota = -1 if cpu >= host_cpus() else max(MIN_QUOTA_US, round(cpu * CFS_PERIOD_US))
+    cg = Path(peer.cgroup)
+    try:
+        # Period first: a quota is only valid relative to the period it is set against.
+        (cg / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
+        (cg / "cpu.cfs_quota_us").write_text(str(quota))
+    except OSError as exc:
+        raise TestbedError(f"cannot set the CPU quota of {cg}: {exc.strerror}") from None
+    return quota
+
+
+def netns_command(netns: str, argv: Sequence[str]) -> list[str]:
+    """*argv* run inside network namespace *netns* (no cgroup), as the same process.
+
+    ``nsenter --net`` (util-linux) switches only the network namespace. ``ip netns exec``, the
+    fallback, also gives the command a private mount namespace with a fresh /sys, which hides
+    /sys/fs/cgroup from it: a daemon could then not read its own cgroup limits."""
+    nsenter = _tool("nsenter")
+    if nsenter is not None:
+        return [nsenter, f"--net={NETNS_DIR / netns}", "--", *argv]
+    return [_tool("ip") or "ip", "netns", "exec", netns, *argv]
+
+
+def peer_command(peer: NetPeer, argv: Sequence[str]) -> list[str]:
+    """*argv* wrapped so that it starts inside *peer*'s cgroup and network namespace.
+
+    The wrapping shell writes its own pid to the cgroup, then execs :func:`netns_command`,
+    which execs *argv*: one process throughout (the pid Popen reports is the command's), and
+    it is in the cgroup before *argv*'s first instruction, so every thread and child it ever
+    makes inherits the quota. (Moving the pid after spawning would let start-up run
+    unthrottled; a preexec_fn would do the same but is unsafe in a parent that has threads.)"""
+    return [
+        "/bin/sh", "-c", 'echo $$ > "$1/cgroup.procs" && shift && exec "$@"', "meshllm-netbed",
+        peer.cgroup, *netns_command(peer.netns, argv),
+    ]  # fmt: skip
+
+
+def _cgroup_pids(cg: Path) -> set[int]:
+    try:
+        return {int(x) for x in (cg / "cgroup.procs").read_text().split()}
+    except OSError:
+        return set()
+
+
+def _alive(pid: int) -> bool:
+    """Running, or a zombie not yet reaped (reaping it here if it is our child)."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+    return Path(f"/proc/{pid}").exists()
+
+
+def _processes_inside(net: Netbed, present: set[str]) -> set[int]:
+    pids: set[int] = set()
+    for p in net.peers:
+        pids |= _cgroup_pids(Path(p.cgroup))
+    for ns in (*(p.netns for p in net.peers), net.hub_netns):
+        if ns in present:
+            with contextlib.suppress(TestbedError):
+                pids |= {int(x) for x in _run("ip", "netns", "pids", ns).stdout.split()}
+    pids.discard(os.getpid())
+    return {pid for pid in pids if _alive(pid)}
+
+
+def teardown(net: Netbed, timeout: float = 5.0) -> None:
+    """Remove everything *net* describes that exists: idempotent, and it keeps going past
+    failures; raises :class:`TestbedError` listing what could not be removed."""
+    errors: list[str] = []
+    present = list_netns()
+    # Whatever still runs inside the testbed (the caller stops the daemons first) would keep a
+    # deleted namespace alive and make the cgroup's rmdir fail with EBUSY: it belongs to the
+    # testbed, so it goes too. A killed process leaves the cgroup's task list at once but keeps
+    # the cgroup busy until it is reaped, so wait for those too (reaping our own children).
+    deadline = time.monotonic() + timeout
+    killed: set[int] = set()
+    while pids := _processes_inside(net, present) | {p for p in killed if _alive(p)}:
+        for pid in pids - killed:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        killed |= pids
+        if time.monotonic() > deadline:
+            errors.append(f"processes {sorted(pids)} would not exit")
+            break
+        time.sleep(0.02)
+    # Deleting either end of a veth deletes the pair and the qdiscs on both ends; deleting a
+    # namespace would too, but explicitly is also right when the namespace outlives us.
+    for p in net.peers:
+        if net.hub_netns in present and _ok("ip", "-n", net.hub_netns, "link", "show", p.veth_hub):
+            try:
+                _run("ip", "-n", net.hub_netns, "link", "del", p.veth_hub)
+            except TestbedError as exc:
+                errors.append(str(exc))
+    if net.hub_netns in present and _ok("ip", "-n", net.hub_netns, "link", "show", net.bridge):
+        try:
+            _run("ip", "-n", net.hub_netns, "link", "del", net.bridge)
+        except TestbedError as exc:
+            errors.append(str(exc))
+    for ns in (*(p.netns for p in net.peers), net.hub_netns):
+        if ns in present:
+            try:
+                _run("ip", "netns", "del", ns)
+            except TestbedError as exc:
+                errors.append(str(exc))
+    # Leaves first: a cgroup directory can only go once it has no children and no tasks.
+    rm_deadline = max(deadline, time.monotonic() + 1.0)
+    for cg in (*(p.cgroup for p in net.peers), net.cgroup_dir):
+        if err := _remove_cgroup(Path(cg), rm_deadline):
+            errors.append(err)
+    # The shared parent goes once no other testbed uses it.
+    try:
+        Path(net.cgroup_dir).parent.rmdir()
+    except OSError as exc:
+        if exc.errno not in (errno.ENOENT, errno.ENOTEMPTY, errno.EBUSY):
+            errors.append(f"cannot remove cgroup {Path(net.cgroup_dir).parent}: {exc.strerror}")
+    errors += [f"{what} is still there" for what in leftovers(net)]
+    if errors:
+        raise TestbedError(f"could not remove all of testbed {net.prefix}: " + "; ".join(errors))
+
+
+def _remove_cgroup(cg: Path, deadline: float) -> str | None:
+    """rmdir *cg*; while it is busy (a process that joined it late, one not yet reaped), kill
+    what is in it and retry until *deadline*. Returns what went wrong, if anything."""
+    while True:
+        try:
+            cg.rmdir()
+            return None
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                return f"cannot remove cgroup {cg}: {exc.strerror}"
+        for pid in _cgroup_pids(cg):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            _alive(pid)  # reaps it if it is our child
+        time.sleep(0.02)
+
+
+def leftovers(net: Netbed) -> list[str]:
+    """What of *net* exists: namespaces, host-side links with its prefix, cgroup directories."""
+    ours = f"{net.prefix}-"
+    found = [f"network namespace {ns}" for ns in sorted(list_netns()) if ns.startswith(ours)]
+    links = _run("ip", "-o", "link", "show").stdout.splitlines()
+    found += [
+        f"link {name}"
+        for line in links
+        if (name := line.split(":")[1].strip().split("@")[0]).startswith(ours)
+    ]
+    found += [
+        f"cgroup {cg}"
+        for cg in (*(p.cgroup for p in net.peers), net.cgroup_dir)
+        if Path(cg).exists()
+    ]
+    return found
