@@ -106,6 +106,7 @@ class Daemon:
                 "peers.add": self.op_peers_add,
                 "stop": self.op_stop,
                 "serve": self.serving.op_serve,
+                "profile": self.serving.op_profile,
             },
             streaming={"query": self.serving.op_query},
         )

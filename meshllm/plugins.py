@@ -12,7 +12,7 @@ from meshllm import hookspecs
 from meshllm.errors import PluginError
 from meshllm.mesh.transport import Transport
 from meshllm.model.ranges import LayerRange, validate_ranges
-from meshllm.partitioners import Partitioner, PartitionRequest
+from meshllm.partitioners import Assignment, Partitioner, PartitionRequest
 
 # Built-ins are registered exactly like third-party plugins.
 DEFAULT_PLUGINS: tuple[str, ...] = (
@@ -88,13 +88,27 @@ class PartitionerRegistry(Registry[Partitioner]):
     def __init__(self, pm: pluggy.PluginManager):
         super().__init__(pm, "meshllm_register_partitioners", "partitioner", ("partition",))
 
-    def partition(self, name: str, request: PartitionRequest) -> list[LayerRange]:
-        """Run partitioner *name* and check its answer tiles the model's layers."""
-        ranges = self.get(name).partition(request)
+    def assign(self, name: str, request: PartitionRequest) -> Assignment:
+        """Run partitioner *name*: one range (or None: left out) per worker, checked.
+
+        A partitioner may return fewer entries than workers (the rest are left out). The
+        ranges it does return must tile the model's layers in worker order.
+        """
+        raw = list(self.get(name).partition(request))
+        if len(raw) > request.num_workers:
+            raise PluginError(
+                f"partitioner {name!r} returned {len(raw)} ranges for {request.num_workers} workers"
+            )
+        raw += [None] * (request.num_workers - len(raw))
         try:
-            return validate_ranges(ranges, request.num_layers)
+            validate_ranges([r for r in raw if r is not None], request.num_layers)
         except Exception as exc:
             raise PluginError(f"partitioner {name!r} returned invalid ranges: {exc}") from None
+        return raw
+
+    def partition(self, name: str, request: PartitionRequest) -> list[LayerRange]:
+        """The ranges of the workers used, in pipeline order."""
+        return [r for r in self.assign(name, request) if r is not None]
 
 
 class TransportRegistry(Registry[Transport]):

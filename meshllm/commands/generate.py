@@ -76,10 +76,13 @@ def generate_cmd(
     elif ranges_text:
         ranges = parse_ranges(ranges_text)
     else:
+        parts = segments or 3
+        if parts > arch.num_layers:
+            raise BadRanges(f"cannot cut {arch.num_layers} layers into {parts} segments")
         registry = PartitionerRegistry(get_plugin_manager())
         request = PartitionRequest(
             num_layers=arch.num_layers,
-            num_workers=segments or 3,
+            num_workers=parts,
             layer_weight_bytes=model.manifest.per_layer_weight_bytes,
         )
         ranges = registry.partition(partitioner, request)

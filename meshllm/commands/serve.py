@@ -24,7 +24,17 @@ def _describe(plan: dict[str, Any]) -> str:
 @click.command("serve")
 @home_option
 @click.argument("model")
-@click.option("--partitioner", default="even", show_default=True, help="Partitioner plugin.")
+@click.option(
+    "--partitioner",
+    default=None,
+    help="Partitioner plugin: lp, even, memory or a plugin's (default: the leader's config).",
+)
+@click.option(
+    "--objective",
+    type=click.Choice(["throughput", "latency"]),
+    default=None,
+    help="What lp optimises: the slowest stage, or one step end to end (default: config).",
+)
 @click.option(
     "--wait/--no-wait",
     default=True,
@@ -35,11 +45,30 @@ def _describe(plan: dict[str, Any]) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the final status as JSON.")
 @click.pass_context
 def serve_cmd(
-    ctx: click.Context, model: str, partitioner: str, wait: bool, timeout: float, as_json: bool
+    ctx: click.Context,
+    model: str,
+    partitioner: str | None,
+    objective: str | None,
+    wait: bool,
+    timeout: float,
+    as_json: bool,
 ) -> None:
-    """Serve MODEL (imported on any peer) across the live peers of the mesh."""
+    """Serve MODEL (imported on any peer) across the live peers of the mesh.
+
+    The leader plans with the partitioner; ``lp`` first has every peer profile itself for
+    the model (a few seconds each, once per model), then solves for the best assignment.
+    """
     home = home_of(ctx)
-    result = call(home, "serve", model=model, partitioner=partitioner)
+    progress(f"asking the leader to plan {model}")
+    result = call(
+        home,
+        "serve",
+        timeout=timeout + 10,
+        model=model,
+        partitioner=partitioner,
+        objective=objective,
+        wait_s=timeout,
+    )
     plan = result["plan"]
     progress(_describe(plan))
     st: dict[str, Any] = {}
@@ -106,3 +135,41 @@ def query_cmd(
         f"[{len(result['token_ids'])} tokens, ttft {result['ttft_s'] * 1000:.0f} ms, "
         f"{result['decode_tokens_per_s']:.1f} tok/s, {len(result['stages']) - 1} stages]"
     )
+
+
+@click.command("profile")
+@home_option
+@click.option("--model", default=None, help="Model to profile for (default: the one served).")
+@click.option("--refresh", is_flag=True, help="Measure again even where a profile exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the profiles as JSON.")
+@click.pass_context
+def profile_cmd(ctx: click.Context, model: str | None, refresh: bool, as_json: bool) -> None:
+    """Have every live peer measure itself for a model: layer cost, memory, links.
+
+    Each peer times probes of the model's layers with its own ONNX Runtime (weights are
+    generated, not fetched) and the round trip and bandwidth to every other peer. The leader
+    plans from these figures; `meshllm status --json` shows them too.
+    """
+    progress("profiling every live peer, one after another")
+    result = call(home_of(ctx), "profile", timeout=900, model=model, refresh=refresh)
+    if as_json:
+        print_json(result)
+        return
+    click.echo(f"profiles for {result['model']} ({result['sha'][:12]})")
+    click.echo(
+        f"{'PEER':14} {'LAYER ms':>8} {'FIRST ms':>8} {'LAST ms':>8} {'HOP ms':>7} "
+        f"{'MEMORY MiB':>10}  LINKS (rtt ms / MiB/s)"
+    )
+    for peer, p in result["profiles"].items():
+        if p is None:
+            click.echo(f"{peer[-12:]:14} (no profile: the peer did not answer)")
+            continue
+        links = ", ".join(
+            f"{other[-6:]}:{rtt * 1e3:.2f}/{bw / (1 << 20):.0f}"
+            for other, (rtt, bw) in sorted(p["links"].items())
+        )
+        click.echo(
+            f"…{peer[-12:]:13} {p['layer_s'] * 1e3:>8.3f} {p['first_s'] * 1e3:>8.3f} "
+            f"{p['last_s'] * 1e3:>8.3f} {p['hop_s'] * 1e3:>7.3f} "
+            f"{p['memory_bytes'] / (1 << 20):>10.0f}  {links}"
+        )

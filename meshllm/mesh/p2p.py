@@ -54,7 +54,7 @@ from meshllm.mesh.transport import (
 AUTH_PROTOCOL = TProtocol("/meshllm/auth/1.0.0")
 DATAPLANE_PROTOCOL = TProtocol("/meshllm/dataplane/1.0.0")
 # Bulk protocols that use the encrypted TCP data plane when it can be set up.
-FAST_PROTOCOLS = frozenset({"act"})
+FAST_PROTOCOLS = frozenset({"act", "probe"})
 CTL_PROTOCOL = TProtocol("/meshllm/ctl/1.0.0")
 MAX_CONTROL_FRAME = 1 << 20
 _QUEUE = 1024

@@ -27,6 +27,9 @@ from meshllm.model.store import ModelStore
 
 PROTOCOL = "files"
 SEGMENT_FILES = ("segment.onnx", "segment.onnx.data")
+# A probe is a segment's graph and description without its weights: peers time it with
+# weights they generate (see meshllm.plan.profile), so they never hold layers they do not run.
+PROBE_FILES = ("segment.onnx", "segment.json")
 META_FILES = ("manifest.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
               "genai_config.json")  # fmt: skip
 CHUNK = 1 << 20
@@ -72,7 +75,9 @@ class FileServer:
             if not path.exists():
                 raise TransferError(f"{name} missing from {model.name}")
             return path
-        if what == "segment" and name in SEGMENT_FILES:
+        if (what == "segment" and name in SEGMENT_FILES) or (
+            what == "probe" and name in PROBE_FILES
+        ):
             r = LayerRange(int(req["start"]), int(req["stop"]))
             ((seg_path, _info),) = model.segment_files([r])
             return seg_path.parent / str(name)

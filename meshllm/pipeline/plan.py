@@ -33,6 +33,9 @@ class Plan:
     num_layers: int
     partitioner: str
     stages: tuple[Stage, ...]
+    # The planner's prediction from the peers' profiles, for status and benchmarks:
+    # {"objective", "step_s" (one decode step of one request), "stage_s" (per stage)}.
+    predicted: dict[str, Any] | None = None
 
     def stage_of(self, peer: str) -> int | None:
         for i, s in enumerate(self.stages):
@@ -46,6 +49,7 @@ class Plan:
             "source": self.source, "num_layers": self.num_layers,
             "partitioner": self.partitioner,
             "stages": [[s.peer, s.start, s.stop] for s in self.stages],
+            "predicted": self.predicted,
         }  # fmt: skip
 
     @classmethod
@@ -56,6 +60,7 @@ class Plan:
                 epoch=int(obj["epoch"]), model=str(obj["model"]), model_sha=str(obj["model_sha"]),
                 source=str(obj["source"]), num_layers=int(obj["num_layers"]),
                 partitioner=str(obj["partitioner"]), stages=stages,
+                predicted=_predicted(obj.get("predicted")),
             )  # fmt: skip
             validate_ranges([s.range for s in stages], plan.num_layers)
         except (KeyError, TypeError, ValueError, MeshError) as exc:
@@ -63,3 +68,15 @@ class Plan:
         if len({s.peer for s in stages}) != len(stages):
             raise PlanError("malformed plan: a peer holds two stages")
         return plan
+
+
+def _predicted(raw: Any) -> dict[str, Any] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise TypeError("predicted must be a map")
+    return {
+        "objective": str(raw["objective"]),
+        "step_s": float(raw["step_s"]),
+        "stage_s": [float(x) for x in raw["stage_s"]],
+    }

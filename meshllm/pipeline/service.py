@@ -13,14 +13,16 @@ read by a dedicated task per inbound stream into the stage's bounded queue.
 from __future__ import annotations
 
 import contextlib
+import secrets
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import structlog
 import trio
 
-from meshllm.config import Config
+from meshllm.config import OBJECTIVES, Config
 from meshllm.control.protocol import ControlError
 from meshllm.errors import MeshError
 from meshllm.mesh.framing import FrameError, FrameReader, frame
@@ -29,7 +31,6 @@ from meshllm.mesh.transport import Endpoint, PeerUnreachable, Stream
 from meshllm.model.manifest import Manifest
 from meshllm.model.ranges import LayerRange
 from meshllm.model.store import ModelStore
-from meshllm.partitioners import PartitionRequest
 from meshllm.pipeline import files
 from meshllm.pipeline.coordinator import Coordinator, QueryFailed
 from meshllm.pipeline.frames import (
@@ -42,6 +43,7 @@ from meshllm.pipeline.frames import (
     encode_frame,
 )
 from meshllm.pipeline.plan import Plan, PlanError, Stage
+from meshllm.pipeline.profiling import Profiler, partition_request, predict
 from meshllm.pipeline.stage import StageRunner, sampling_from
 from meshllm.plugins import PartitionerRegistry, get_plugin_manager
 
@@ -80,6 +82,10 @@ class ServingService:
         self._realize_scope: trio.CancelScope | None = None
         self._stage_scope: trio.CancelScope | None = None
         self._plan_changed = trio.Event()
+        self.profiler = Profiler(home, config, endpoint, node, self.store)
+        # Why the leader could not plan, by serve request id (re-sent on heartbeats so the
+        # peer that took the request can tell its client).
+        self._serve_errors: dict[str, str] = {}
         node.extra_provider = self._extra
         node.on_peer_extra = self._on_peer_extra
         node.on_app_message = self._on_app_message
@@ -95,6 +101,9 @@ class ServingService:
 
     def _extra(self) -> dict[str, Any]:
         x: dict[str, Any] = {"models": self._models, "serving": self.state}
+        x.update(self.profiler.extra())
+        if self._serve_errors:
+            x["serve_errors"] = self._serve_errors
         if self.plan is not None:
             x["plan"] = self.plan.to_obj()
         return x
@@ -118,24 +127,53 @@ class ServingService:
 
     # -- plans --------------------------------------------------------------------------------
     def _on_app_message(self, sender: str, body: dict[str, Any]) -> None:
-        if body.get("kind") == "serve" and self.node.role == LEADER and self._nursery:
+        if self._nursery is None:
+            return
+        kind = body.get("kind")
+        if kind == "serve" and self.node.role == LEADER:
             self._nursery.start_soon(self._make_plan_logged, body)
+        elif kind == "profile" and isinstance(body.get("sha"), str):
+            self._nursery.start_soon(
+                self._profile_quietly,
+                body["sha"],
+                str(body.get("source")),
+                bool(body.get("refresh")),
+            )
+
+    async def _profile_quietly(self, sha: str, source: str, refresh: bool) -> None:
+        with contextlib.suppress(MeshError, OSError, ValueError):
+            await self.profiler.profile(sha, source, refresh=refresh)
 
     async def _make_plan_logged(self, body: dict[str, Any]) -> None:
+        rid = str(body.get("rid", ""))
         # A model imported a moment ago is advertised within a couple of heartbeats: retry
-        # for a few seconds before giving up.
+        # for a few seconds before giving up. A plan that cannot exist (the model does not
+        # fit) is not retried.
         for attempt in range(12):
             try:
-                self.make_plan(str(body.get("model")), str(body.get("partitioner", "even")))
+                await self.make_plan(
+                    str(body.get("model")),
+                    str(body.get("partitioner") or self.config.plan.partitioner),
+                    str(body.get("objective") or self.config.plan.objective),
+                )
                 return
+            except PlanError as exc:
+                reason = str(exc)
+                break
             except MeshError as exc:
+                reason = str(exc)
                 if attempt == 11:
-                    log.warning("serve_request_failed", reason=str(exc))
-                    return
+                    break
             await trio.sleep(0.5)
+        log.warning("serve_request_failed", reason=reason)
+        if rid:
+            self._serve_errors[rid] = reason
+            while len(self._serve_errors) > 8:
+                self._serve_errors.pop(next(iter(self._serve_errors)))
+            self.node.announce()
 
-    def make_plan(self, model: str, partitioner: str) -> Plan:
-        """Leader only: assign the model's layers to the live peers and publish the plan."""
+    def _find_model(self, model: str) -> tuple[dict[str, Any], str]:
+        """(facts, source peer) of a model imported on some live peer."""
         self._models = self._local_models()
         holders = [self.me] if model in self._models else []
         info = self._models.get(model)
@@ -146,17 +184,80 @@ class ServingService:
                 info = info or theirs[model]
         if not holders or not isinstance(info, dict):
             raise MeshError(f"no live peer has imported a model named {model!r}")
+        return info, holders[0]
+
+    async def gather_profiles(
+        self, sha: str, source: str, peers: list[str], *, refresh: bool, timeout: float = 90.0
+    ) -> dict[str, Any]:
+        """Have *peers* (this one included) profile themselves for *sha*, one after another.
+
+        One at a time, because peers sharing hardware (a testbed, or phones on one charger
+        hub's Wi-Fi) would otherwise slow each other's timings down.
+        """
+        found: dict[str, Any] = {}
+        body = {"kind": "profile", "sha": sha, "source": source, "refresh": refresh}
+        for pid in peers:
+            asked = time.time()
+            if pid == self.me:
+                with contextlib.suppress(MeshError, OSError, ValueError):
+                    found[pid] = await self.profiler.profile(sha, source, refresh=refresh)
+                continue
+            with contextlib.suppress(MeshError):
+                await self.node.send_app(pid, body)
+            with trio.move_on_after(timeout):
+                while True:
+                    prof = self.profiler.profile_of(pid, sha)
+                    if prof is not None and (not refresh or prof.measured_at >= asked - 1):
+                        found[pid] = prof
+                        break
+                    if prof is None and self.profiler.error_of(pid, sha) is not None:
+                        break  # it tried and failed: it said why on its heartbeats
+                    await trio.sleep(0.1)
+        missing = [p for p in peers if p not in found]
+        if missing:
+            log.warning("profiles_missing", peers=missing)
+        return found
+
+    async def make_plan(self, model: str, partitioner: str, objective: str | None = None) -> Plan:
+        """Leader only: assign the model's layers to the live peers and publish the plan."""
+        if objective not in OBJECTIVES:
+            objective = self.config.plan.objective
+        config = replace(self.config, plan=replace(self.config.plan, objective=objective))
+        info, source = self._find_model(model)
+        sha = str(info["sha"])
         workers = sorted([self.me, *self.node.alive_peers()])
-        source = holders[0]
-        request = PartitionRequest(num_layers=int(info["layers"]), num_workers=len(workers))
-        ranges = self.partitioners.partition(partitioner, request)
+        impl = self.partitioners.get(partitioner)
+        manifest = Manifest.read(await self.profiler.meta_dir(sha, source))
+        ends = await self.profiler.end_bytes(sha, source)
+        # Profiles cost a few seconds once per model; partitioners that ignore them skip it.
+        if getattr(impl, "uses_profiles", False):
+            profiles = await self.gather_profiles(sha, source, workers, refresh=False)
+        else:  # what is known already still predicts the plan's speed
+            known = {w: self.profiler.profile_of(w, sha) for w in workers}
+            profiles = {w: p for w, p in known.items() if p is not None}
+            if len(profiles) != len(workers):
+                profiles = {}
+        request = partition_request(workers, profiles, manifest, ends, config)
+        from meshllm.plan import Infeasible
+
+        try:
+            assignment = await trio.to_thread.run_sync(
+                self.partitioners.assign, partitioner, request
+            )
+        except Infeasible as exc:
+            raise PlanError(f"cannot serve {model} on these {len(workers)} peers: {exc}") from None
+        stages = tuple(Stage(w, r.start, r.stop) for w, r in zip(workers, assignment, strict=True)
+                       if r is not None)  # fmt: skip
+        predicted = predict(request, workers, stages) if profiles else None
         epoch = max(self.plan.epoch if self.plan else 0, self._max_epoch_seen()) + 1
         plan = Plan(
-            epoch=epoch, model=model, model_sha=str(info["sha"]), source=source,
-            num_layers=int(info["layers"]), partitioner=partitioner,
-            stages=tuple(Stage(w, r.start, r.stop) for w, r in zip(workers, ranges, strict=False)),
+            epoch=epoch, model=model, model_sha=sha, source=source,
+            num_layers=int(info["layers"]), partitioner=partitioner, stages=stages,
+            predicted=predicted,
         )  # fmt: skip
-        log.info("plan_made", epoch=epoch, model=model, stages=[str(s.range) for s in plan.stages])
+        log.info("plan_made", epoch=epoch, model=model, stages=[str(s.range) for s in plan.stages],
+                 predicted_step_ms=None if predicted is None else
+                 round(predicted["step_s"] * 1e3, 2))  # fmt: skip
         self._adopt(plan)
         return plan
 
@@ -344,15 +445,23 @@ class ServingService:
     # -- control operations -------------------------------------------------------------------
     async def op_serve(self, args: dict[str, Any]) -> Any:
         model = args.get("model")
-        partitioner = args.get("partitioner", "even")
+        partitioner = args.get("partitioner") or self.config.plan.partitioner
+        timeout = args.get("wait_s", 300)
         if not isinstance(model, str) or not model:
             raise ControlError("bad_request", "serve needs args.model (a model name)")
         if not isinstance(partitioner, str):
             raise ControlError("bad_request", "args.partitioner must be a string")
+        if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0:
+            raise ControlError("bad_request", "args.wait_s must be a positive number of seconds")
         self.partitioners.get(partitioner)  # unknown names fail here, with the list
         self._models = self._local_models()
         before = self.plan.epoch if self.plan else 0
-        body = {"kind": "serve", "model": model, "partitioner": partitioner}
+        rid = secrets.token_hex(8)
+        objective = args.get("objective") or self.config.plan.objective
+        if objective not in OBJECTIVES:
+            raise ControlError("bad_request", f"args.objective must be one of {OBJECTIVES}")
+        body = {"kind": "serve", "model": model, "partitioner": partitioner, "rid": rid,
+                "objective": objective}  # fmt: skip
         if self.node.role == LEADER:
             assert self._nursery is not None
             self._nursery.start_soon(self._make_plan_logged, body)
@@ -361,11 +470,44 @@ class ServingService:
             if leader is None:
                 raise ControlError("no_leader", "the mesh has no leader now; try again shortly")
             await self.node.send_app(leader, body)
-        with trio.move_on_after(10):
-            while self.plan is None or self.plan.epoch <= before or self.plan.model != model:
-                await self._plan_changed.wait()
-            return {"plan": self.plan.to_obj()}
+        # The leader may first have every peer profile itself (seconds per peer, once).
+        with trio.move_on_after(float(timeout)):
+            while True:
+                plan = self.plan
+                if plan is not None and plan.epoch > before and plan.model == model:
+                    return {"plan": plan.to_obj()}
+                error = self._serve_error(rid)
+                if error is not None:
+                    raise ControlError("plan_failed", error)
+                with trio.move_on_after(0.2):
+                    await self._plan_changed.wait()
         raise ControlError("timeout", f"the leader made no plan for {model!r} (is it imported?)")
+
+    def _serve_error(self, rid: str) -> str | None:
+        if rid in self._serve_errors:
+            return self._serve_errors[rid]
+        leader = self.node.current_leader()
+        rec = self.node.peers.get(leader) if leader else None
+        errors = rec.extra.get("serve_errors") if rec is not None else None
+        return str(errors[rid]) if isinstance(errors, dict) and rid in errors else None
+
+    async def op_profile(self, args: dict[str, Any]) -> Any:
+        """Profile every live peer for a model (the one served, by default); their figures."""
+        model = args.get("model") or (self.plan.model if self.plan else None)
+        if not isinstance(model, str) or not model:
+            raise ControlError("bad_request", "profile needs args.model (nothing is served)")
+        refresh = bool(args.get("refresh", False))
+        try:
+            info, source = self._find_model(model)
+        except MeshError as exc:
+            raise ControlError("unknown_model", str(exc)) from None
+        sha = str(info["sha"])
+        peers = sorted([self.me, *self.node.alive_peers()])
+        found = await self.gather_profiles(sha, source, peers, refresh=refresh)
+        return {
+            "model": model, "sha": sha,
+            "profiles": {p: (found[p].to_obj() if p in found else None) for p in peers},
+        }  # fmt: skip
 
     def serving_status(self) -> dict[str, Any]:
         peers = {self.me: self.state}
@@ -385,6 +527,8 @@ class ServingService:
                 "open_requests": len(self.stage.runtime.open_requests),
             },
             "coordinating": self.coordinator.in_flight,
+            "profile": None if self.profiler.latest is None else self.profiler.latest.to_obj(),
+            "profiling": sorted(self.profiler.busy),
         }  # fmt: skip
 
     async def op_query(self, args: dict[str, Any], emit) -> Any:  # type: ignore[no-untyped-def]

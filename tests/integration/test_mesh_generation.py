@@ -70,7 +70,8 @@ def served_mesh(request, smollm_models, tmp_path_factory):
         peers[0] = testbed.TestbedPeer(0, str(homes[0]), proc.pid)
         testbed._save_state(root, peers)
         testbed._wait_for_mesh(homes, timeout=30)
-        cli(homes[-1], "serve", model.name, "--timeout", "300")  # asked of a non-source peer
+        # Even split: these tests are about generation; the planner has its own tests.
+        cli(homes[-1], "serve", model.name, "--partitioner", "even", "--timeout", "300")
         yield {"n": n, "precision": precision, "model": model, "homes": homes, "root": root}
     finally:
         testbed.down(root)

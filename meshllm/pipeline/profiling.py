@@ -1,0 +1,328 @@
+"""Profiling over the mesh: each peer measures itself, the leader turns profiles into a plan.
+
+A peer profiles itself for a model when asked (a ``profile`` app message, sent by the leader
+before it plans, or by ``meshllm profile``): it fetches the probe graphs (weights excluded)
+from the model's source, times them (:mod:`meshllm.plan.profile`), measures the round trip and
+bandwidth of its links to every live peer over protocol ``probe``, and publishes the result on
+its heartbeats. Profiles are kept per model and re-measured only on request.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import cbor2
+import structlog
+import trio
+
+from meshllm.config import Config
+from meshllm.errors import MeshError
+from meshllm.mesh.framing import FrameError, FrameReader, frame
+from meshllm.mesh.node import MeshNode
+from meshllm.mesh.transport import Endpoint, PeerUnreachable, Stream
+from meshllm.model.manifest import Manifest
+from meshllm.model.ranges import LayerRange
+from meshllm.model.segment_files import SegmentInfo
+from meshllm.model.store import ModelStore
+from meshllm.partitioners import PartitionRequest, WorkerProfile
+from meshllm.pipeline import files
+from meshllm.plan.profile import (
+    LinkStats,
+    Profile,
+    ProfileError,
+    calibrate,
+    memory_budget,
+    probe_ranges,
+)
+
+PROBE_PROTOCOL = "probe"
+PING_BYTES = 64
+BULK_BYTES = 256 << 10
+MAX_PROBE_FRAME = 1 << 20
+log = structlog.get_logger("meshllm.profile")
+
+
+def median_layer_bytes(manifest: Manifest) -> int:
+    return int(statistics.median(manifest.per_layer_weight_bytes))
+
+
+class Profiler:
+    """This peer's profiles, and the mesh's as heard on heartbeats."""
+
+    def __init__(
+        self, home: Path, config: Config, endpoint: Endpoint, node: MeshNode, store: ModelStore
+    ):
+        self.home = home
+        self.config = config
+        self.endpoint = endpoint
+        self.node = node
+        self.store = store
+        self.me = endpoint.peer_id
+        self.mine: dict[str, Profile] = {}  # model sha -> this peer's profile
+        self.latest: Profile | None = None  # the one on heartbeats
+        self.busy: set[str] = set()
+        self.errors: dict[str, str] = {}  # model sha -> why profiling failed
+        self._lock = trio.Lock()  # one calibration at a time: they would skew each other
+        endpoint.set_stream_handler(PROBE_PROTOCOL, self._on_probe_stream)
+
+    # -- heartbeats ---------------------------------------------------------------------------
+    def extra(self) -> dict[str, Any]:
+        x: dict[str, Any] = {} if self.latest is None else {"profile": self.latest.to_obj()}
+        if self.errors:
+            x["profile_errors"] = self.errors
+        return x
+
+    def error_of(self, peer: str, sha: str) -> str | None:
+        """Why *peer* could not profile itself for *sha*, if it said so."""
+        if peer == self.me:
+            return self.errors.get(sha)
+        rec = self.node.peers.get(peer)
+        errors = rec.extra.get("profile_errors") if rec is not None else None
+        return str(errors[sha]) if isinstance(errors, dict) and sha in errors else None
+
+    def profile_of(self, peer: str, sha: str) -> Profile | None:
+        if peer == self.me:
+            return self.mine.get(sha)
+        rec = self.node.peers.get(peer)
+        raw = rec.extra.get("profile") if rec is not None else None
+        if raw is None:
+            return None
+        try:
+            prof = Profile.from_obj(raw)
+        except ProfileError:
+            return None
+        return prof if prof.model_sha == sha else None
+
+    # -- measuring ----------------------------------------------------------------------------
+    async def meta_dir(self, sha: str, source: str) -> Path:
+        local = next((m for m in self.store.list() if m.manifest.model_sha256 == sha), None)
+        if local is not None:
+            return local.path
+        meta = files.cache_dir(self.home, sha) / "meta"
+        for name in files.META_FILES:
+            req = {"sha": sha, "what": "meta", "file": name}
+            await files.fetch_file(self.endpoint, source, req, meta / name)
+        return meta
+
+    async def probe_dirs(self, sha: str, source: str, manifest: Manifest) -> dict[str, Path]:
+        """The probe graphs (no weights), fetched from *source* into the cache."""
+        ranges = probe_ranges(manifest.architecture.num_layers, median_layer_bytes(manifest))
+        local = next((m for m in self.store.list() if m.manifest.model_sha256 == sha), None)
+        out = {}
+        for kind, (a, b) in ranges.items():
+            d = files.cache_dir(self.home, sha) / "probes" / f"{a}-{b}"
+            if local is not None:
+                # The source cuts the segment and copies only its graph: the probe directory
+                # gets generated weights, which must never overwrite the real ones.
+                ((seg, _),) = await trio.to_thread.run_sync(local.segment_files, [LayerRange(a, b)])
+                d.mkdir(parents=True, exist_ok=True)
+                for name in files.PROBE_FILES:
+                    shutil.copyfile(seg.parent / name, d / name)
+            else:
+                for name in files.PROBE_FILES:
+                    if not (d / name).exists():
+                        req = {"sha": sha, "what": "probe", "start": a, "stop": b, "file": name}
+                        await files.fetch_file(self.endpoint, source, req, d / name)
+            out[kind] = d
+        return out
+
+    async def end_bytes(self, sha: str, source: str) -> tuple[int, int]:
+        """Extra memory of the first and last stages (embedding, lm_head), from the probes."""
+        manifest = Manifest.read(await self.meta_dir(sha, source))
+        probes = await self.probe_dirs(sha, source, manifest)
+        per = manifest.per_layer_weight_bytes
+        first = SegmentInfo.from_json((probes["first"] / "segment.json").read_text())
+        last = SegmentInfo.from_json((probes["last"] / "segment.json").read_text())
+        return max(0, first.weight_bytes - per[0]), max(0, last.weight_bytes - per[-1])
+
+    async def profile(self, sha: str, source: str, *, refresh: bool = False) -> Profile:
+        """This peer's profile for model *sha*, measured now unless known (or *refresh*)."""
+        async with self._lock:
+            known = self.mine.get(sha)
+            if known is not None and not refresh:
+                self.latest = known
+                return known
+            self.busy.add(sha)
+            self.node.announce()
+            try:
+                prof = await self._measure(sha, source)
+            except (MeshError, OSError, ValueError) as exc:
+                self.errors[sha] = str(exc)
+                self.node.announce()
+                log.warning("profile_failed", sha=sha[:12], reason=str(exc))
+                raise
+            finally:
+                self.busy.discard(sha)
+            self.errors.pop(sha, None)
+            self.mine[sha] = self.latest = prof
+            self.node.announce()
+            log.info(
+                "profile_measured", sha=sha[:12], layer_ms=round(prof.layer_s * 1e3, 3),
+                last_ms=round(prof.last_s * 1e3, 3), hop_ms=round(prof.hop_s * 1e3, 3),
+                memory_mib=prof.memory_bytes >> 20, links=len(prof.links),
+            )  # fmt: skip
+            return prof
+
+    async def _measure(self, sha: str, source: str) -> Profile:
+        manifest = Manifest.read(await self.meta_dir(sha, source))
+        probes = await self.probe_dirs(sha, source, manifest)
+        ranges = probe_ranges(manifest.architecture.num_layers, median_layer_bytes(manifest))
+        arch, kv, threads = manifest.architecture, manifest.kv_names, self.config.peer.threads
+        cal = await trio.to_thread.run_sync(
+            lambda: calibrate(probes, ranges, arch, kv, threads=threads)
+        )
+        handoff = await self._handoff_s()
+        mem, exact = memory_budget(self.config.peer.memory_limit_mb)
+        links = {}
+        for peer in self.node.alive_peers():
+            try:
+                links[peer] = await self.measure_link(peer)
+            except (MeshError, trio.TooSlowError, EOFError, ValueError) as exc:
+                # One unreachable link is not a reason to have no profile: the planner
+                # treats a link it has no figures for as free of transfer time.
+                log.warning("link_probe_failed", other=peer, reason=str(exc) or "timeout")
+        return Profile(
+            model_sha=sha, layer_s=cal.layer_s, first_s=cal.first_s, last_s=cal.last_s,
+            prefill_layer_s=cal.prefill_layer_s, hop_s=cal.run_s + handoff,
+            memory_bytes=mem, memory_exact=exact, threads=threads,
+            measured_at=time.time(), links=links,
+        )  # fmt: skip
+
+    @staticmethod
+    async def _handoff_s() -> float:
+        """What handing a step to ONNX Runtime's thread and back costs here (median)."""
+        times = []
+        for _ in range(21):
+            t = time.perf_counter()
+            await trio.to_thread.run_sync(lambda: None)
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    async def measure_link(self, peer: str) -> LinkStats:
+        """Round trip of small frames and bandwidth of a bulk frame, over the activation path."""
+        with trio.fail_after(30):
+            stream = await self.endpoint.open_stream(peer, PROBE_PROTOCOL)
+            try:
+                reader = FrameReader(stream.read, MAX_PROBE_FRAME)
+                rtts = []
+                for _ in range(7):
+                    t = time.perf_counter()
+                    await stream.write(frame(cbor2.dumps({"echo": b"\0" * PING_BYTES})))
+                    await reader.read_frame()
+                    rtts.append(time.perf_counter() - t)
+                rtt = statistics.median(rtts)
+                t = time.perf_counter()
+                await stream.write(frame(cbor2.dumps({"sink": b"\0" * BULK_BYTES})))
+                await reader.read_frame()
+                bulk = time.perf_counter() - t
+            finally:
+                await stream.close()
+        return LinkStats(rtt_s=rtt, bandwidth_Bps=BULK_BYTES / max(bulk - rtt, 1e-6))
+
+    async def _on_probe_stream(self, stream: Stream) -> None:
+        reader = FrameReader(stream.read, MAX_PROBE_FRAME)
+        try:
+            while True:
+                with trio.fail_after(30):
+                    msg = cbor2.loads(await reader.read_frame())
+                if isinstance(msg, dict) and isinstance(msg.get("echo"), bytes):
+                    await stream.write(frame(cbor2.dumps({"echo": msg["echo"]})))
+                elif isinstance(msg, dict) and isinstance(msg.get("sink"), bytes):
+                    await stream.write(frame(cbor2.dumps({"got": len(msg["sink"])})))
+                else:
+                    log.warning("probe_dropped", other=stream.peer_id, reason="unknown message")
+                    return
+        except (EOFError, PeerUnreachable, FrameError, trio.TooSlowError, ValueError):
+            return  # the prober finished or went away
+        except cbor2.CBORDecodeError:
+            log.warning("probe_dropped", other=stream.peer_id, reason="not CBOR")
+        finally:
+            await stream.close()
+
+
+def worker_profile(peer: str, prof: Profile, num_layers: int, memory_fraction: float):  # type: ignore[no-untyped-def]
+    """A measured profile in the partitioner's terms."""
+    mem = prof.memory_bytes if prof.memory_exact else int(prof.memory_bytes * memory_fraction)
+    return WorkerProfile(
+        name=peer, memory_bytes=max(mem, 1), layer_s=(prof.layer_s,) * num_layers,
+        first_s=prof.first_s, last_s=prof.last_s,
+    )  # fmt: skip
+
+
+def kv_bytes_per_layer(manifest: Manifest, config: Config) -> int:
+    arch = manifest.architecture
+    import numpy as np
+
+    per_token = 2 * arch.num_key_value_heads * arch.head_size * np.dtype(arch.kv_dtype).itemsize
+    return per_token * config.plan.context_tokens * config.plan.concurrency
+
+
+def activation_bytes(manifest: Manifest) -> int:
+    """Bytes crossing a cut per decode step: two hidden-state vectors (float32) and framing."""
+    return 2 * manifest.architecture.hidden_size * 4 + 256
+
+
+def partition_request(
+    workers: list[str],
+    profiles: dict[str, Profile],
+    manifest: Manifest,
+    ends: tuple[int, int],
+    config: Config,
+) -> PartitionRequest:
+    """What the partitioner decides from: model sizes, and each worker's measured figures.
+
+    Each stage's outgoing transfer includes its fixed per-step cost (``hop_s``: handing the
+    step to ONNX Runtime and back, one segment run), so every stage pays it exactly once.
+    A worker without a profile (it failed to measure) is taken to be a typical one.
+    """
+    n = manifest.architecture.num_layers
+    kv = kv_bytes_per_layer(manifest, config)
+    layer_bytes = tuple(b + kv for b in manifest.per_layer_weight_bytes)
+    if not profiles:
+        return PartitionRequest(
+            num_layers=n, num_workers=len(workers),
+            layer_weight_bytes=manifest.per_layer_weight_bytes, layer_bytes=layer_bytes,
+            first_bytes=ends[0], last_bytes=ends[1], objective=config.plan.objective,
+        )  # fmt: skip
+    typical = sorted(profiles.values(), key=lambda p: p.layer_s)[len(profiles) // 2]
+    profs = [profiles.get(w, typical) for w in workers]
+    act = activation_bytes(manifest)
+
+    def one_way(i: int, j: int, nbytes: int) -> float:
+        if i == j:
+            return 0.0
+        here, there = profs[i].links.get(workers[j]), profs[j].links.get(workers[i])
+        link = here or there
+        base = profs[i].hop_s
+        return base + (link.transfer_s(nbytes) if link is not None else 0.0)
+
+    w = len(workers)
+    link_s = tuple(tuple(one_way(i, j, act) for j in range(w)) for i in range(w))
+    return_s = tuple(tuple(one_way(i, j, 64) for j in range(w)) for i in range(w))
+    frac = config.plan.memory_fraction
+    return PartitionRequest(
+        num_layers=n, num_workers=w,
+        layer_weight_bytes=manifest.per_layer_weight_bytes, layer_bytes=layer_bytes,
+        first_bytes=ends[0], last_bytes=ends[1],
+        workers=tuple(worker_profile(p, prof, n, frac) for p, prof in zip(workers, profs,
+                                                                         strict=True)),
+        link_s=link_s, return_s=return_s, objective=config.plan.objective,
+    )  # fmt: skip
+
+
+def predict(request: PartitionRequest, workers: list[str], stages) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    """The cost model's figures for a plan (any partitioner's), ignoring memory caps."""
+    from dataclasses import replace
+
+    from meshllm.partitioners import build_problem
+    from meshllm.plan import evaluate
+
+    uncapped = replace(request, workers=tuple(replace(w, memory_bytes=0) for w in request.workers))
+    problem = build_problem(uncapped)
+    index = {w: i for i, w in enumerate(workers)}
+    sol = evaluate(problem, tuple((index[s.peer], s.start, s.stop) for s in stages))
+    return {"objective": request.objective, "step_s": sol.step_s, "stage_s": list(sol.stage_s)}

@@ -1,0 +1,283 @@
+"""Device profiles: what a peer measures about itself for the planner.
+
+A peer holds only the weights of its own layers, so it cannot time the real model's other
+layers. It times *probes* instead: one-layer segments of the real model (the first layer with
+the embedding, a middle layer, the last layer with the lm_head), fetched as graphs only, with
+weights of the right shapes and types generated locally. The probes run in this peer's own
+ONNX Runtime with its thread setting, under whatever CPU share the device really has, long
+enough that a CPU quota's throttling is averaged in.
+
+Links are measured by the serving service over the mesh itself (see ``LinkStats``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from meshllm.errors import MeshError
+
+PROBE_KINDS = ("first", "a", "b", "last")
+MiB = 1 << 20
+
+
+class ProfileError(MeshError):
+    """A profile that cannot be measured or does not decode."""
+
+
+@dataclass(frozen=True)
+class LinkStats:
+    """One direction of a link as this peer measured it over the mesh."""
+
+    rtt_s: float  # round trip of a small frame, both ends' frame handling included
+    bandwidth_Bps: float  # bytes per second for a bulk transfer
+
+    def transfer_s(self, nbytes: int) -> float:
+        """One-way time for a frame of *nbytes*."""
+        return self.rtt_s / 2 + nbytes / max(self.bandwidth_Bps, 1.0)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One peer's measured figures for one model (``model_sha``)."""
+
+    model_sha: str
+    layer_s: float  # decode seconds of one (middle) layer, one token
+    first_s: float  # extra decode seconds of the first stage (embedding)
+    last_s: float  # extra decode seconds of the last stage (final norm + lm_head)
+    prefill_layer_s: float  # prefill seconds per layer per prompt token
+    hop_s: float  # fixed cost of handing one step to ONNX Runtime and back, per stage
+    memory_bytes: int  # what this peer can give the model (see ``memory_budget``)
+    memory_exact: bool  # True when set by config: the planner uses it as is
+    threads: int
+    measured_at: float
+    links: dict[str, LinkStats] = field(default_factory=dict)
+
+    def to_obj(self) -> dict[str, Any]:
+        return {
+            "model_sha": self.model_sha, "layer_s": self.layer_s, "first_s": self.first_s,
+            "last_s": self.last_s, "prefill_layer_s": self.prefill_layer_s, "hop_s": self.hop_s,
+            "memory_bytes": self.memory_bytes, "memory_exact": self.memory_exact,
+            "threads": self.threads, "measured_at": self.measured_at,
+            "links": {p: [s.rtt_s, s.bandwidth_Bps] for p, s in self.links.items()},
+        }  # fmt: skip
+
+    @classmethod
+    def from_obj(cls, obj: Any) -> Profile:
+        try:
+            links = {str(p): LinkStats(float(a), float(b)) for p, (a, b) in obj["links"].items()}
+            prof = cls(
+                model_sha=str(obj["model_sha"]), layer_s=float(obj["layer_s"]),
+                first_s=float(obj["first_s"]), last_s=float(obj["last_s"]),
+                prefill_layer_s=float(obj["prefill_layer_s"]), hop_s=float(obj["hop_s"]),
+                memory_bytes=int(obj["memory_bytes"]), memory_exact=bool(obj["memory_exact"]),
+                threads=int(obj["threads"]), measured_at=float(obj["measured_at"]), links=links,
+            )  # fmt: skip
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ProfileError(f"malformed profile: {exc!r}") from None
+        figures = (prof.layer_s, prof.first_s, prof.last_s, prof.prefill_layer_s, prof.hop_s)
+        if min(figures) < 0 or prof.memory_bytes < 0 or not all(map(np.isfinite, figures)):
+            raise ProfileError("malformed profile: negative or non-finite figures")
+        return prof
+
+
+# -- memory ------------------------------------------------------------------------------------
+def _meminfo_available() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _cgroup_headroom() -> int | None:
+    """Memory left under this process's cgroup v1 memory limit, if it has one."""
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if "memory" in controllers.split(","):
+                base = Path("/sys/fs/cgroup/memory") / path.lstrip("/")
+                limit = int((base / "memory.limit_in_bytes").read_text())
+                usage = int((base / "memory.usage_in_bytes").read_text())
+                if limit >= 1 << 60:  # "no limit" is a huge number
+                    return None
+                return max(0, limit - usage)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def memory_budget(limit_mb: int) -> tuple[int, bool]:
+    """(bytes, exact): what this peer can give a model.
+
+    A configured limit is taken as exact (the user said so). Otherwise it is the memory the
+    system reports available, or the cgroup's headroom when that is lower; the leader then
+    takes only its configured fraction of it, because the rest of the device needs memory too.
+    """
+    if limit_mb > 0:
+        return limit_mb * MiB, True
+    figures = [x for x in (_meminfo_available(), _cgroup_headroom()) if x is not None]
+    return (min(figures) if figures else 0), False
+
+
+# -- compute -----------------------------------------------------------------------------------
+def fill_random_weights(seg_dir: Path, seed: int = 0) -> Path:
+    """Write ``segment.onnx.data`` for a weightless probe: right shapes and types, random values.
+
+    Values matter only for speed: floats are small normals (no NaN or denormals, which would
+    be slower than real weights), packed integer weights are random bytes.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    from meshllm.model.segment_files import SEGMENT_DATA, SEGMENT_MODEL
+
+    model = onnx.load(str(seg_dir / SEGMENT_MODEL), load_external_data=False)
+    rng = np.random.default_rng(seed)
+    size = 0
+    spans: list[tuple[int, int, int]] = []
+    for t in model.graph.initializer:
+        if t.data_location != TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        if info.get("location") != SEGMENT_DATA:
+            raise ProfileError(f"probe initializer {t.name} points outside the probe")
+        off, length = int(info.get("offset", 0)), int(info["length"])
+        spans.append((off, length, t.data_type))
+        size = max(size, off + length)
+    data = seg_dir / SEGMENT_DATA
+    with data.open("wb") as fh:
+        fh.truncate(size)
+        for off, length, dtype in spans:
+            np_type = helper.tensor_dtype_to_np_dtype(dtype)
+            count = length // np_type.itemsize
+            if np.issubdtype(np_type, np.floating):
+                values = (rng.standard_normal(count, dtype=np.float32) * 0.02).astype(np_type)
+                blob = values.tobytes()
+            else:
+                blob = rng.integers(0, 256, size=length, dtype=np.uint8).tobytes()
+            fh.seek(off)
+            fh.write(blob)
+    return seg_dir / SEGMENT_MODEL
+
+
+@dataclass(frozen=True)
+class ProbeTiming:
+    decode_s: float  # seconds per decode step (one token)
+    prefill_s: float  # seconds per prompt token in a prefill
+
+
+def time_probe(
+    seg_path: Path, arch: Any, kv: Any, *, threads: int, budget_s: float = 0.4, prompt: int = 32
+) -> ProbeTiming:
+    """Time a segment: a prefill of *prompt* tokens, then decode steps for ~*budget_s*.
+
+    The mean, not the median, of the steps: a device under a CPU quota is throttled in some
+    steps and not others, and the mean is what a generation sees.
+    """
+    from meshllm.model.runtime import _ORT_TYPES, SegmentRuntime
+
+    rt = SegmentRuntime(seg_path, arch, kv, threads=threads)
+    rng = np.random.default_rng(1)
+    # Positions stay within the model's context (its rotary caches end there); timing
+    # stops at the budget or when the context is full, whichever comes first.
+    capacity = min(arch.context_length, prompt + 1024)
+    prompt = min(prompt, capacity // 4)
+    rid = "probe"
+    rt.open(rid, capacity)
+    metas = {m.name: m for m in rt.session.get_inputs()}
+
+    def feeds(n: int, pos: int) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for name in rt.data_inputs:
+            if name == "attention_mask":
+                out[name] = np.ones((1, pos), dtype=np.int64)
+            elif name == "input_ids":
+                out[name] = rng.integers(0, arch.vocab_size, size=(1, n), dtype=np.int64)
+            else:
+                meta = metas[name]
+                dims = [d if isinstance(d, int) else arch.hidden_size for d in meta.shape[2:]]
+                dtype = _ORT_TYPES.get(meta.type, np.float32)
+                out[name] = rng.standard_normal((1, n, *dims)).astype(dtype)
+        return out
+
+    t0 = time.perf_counter()
+    rt.step(rid, feeds(prompt, prompt), prompt)
+    prefill = (time.perf_counter() - t0) / prompt
+    pos = prompt
+    for _ in range(2):  # warm-up: first-run allocations
+        pos += 1
+        rt.step(rid, feeds(1, pos), 1)
+    steps, spent = 0, 0.0
+    while (spent < budget_s or steps < 8) and pos < capacity - 1:
+        pos += 1
+        f = feeds(1, pos)
+        t = time.perf_counter()
+        rt.step(rid, f, 1)
+        spent += time.perf_counter() - t
+        steps += 1
+    rt.close(rid)
+    return ProbeTiming(decode_s=spent / steps, prefill_s=prefill)
+
+
+PROBE_TARGET_BYTES = 64 * MiB
+
+
+def probe_ranges(num_layers: int, layer_bytes: int) -> dict[str, tuple[int, int]]:
+    """The layer ranges a peer times: the two ends, and two runs of middle layers.
+
+    The middle runs are sized past common last-level caches (a single layer's weights would
+    sit in cache and time unrealistically fast), and two lengths give both the per-layer cost
+    (the slope) and the fixed cost of one run of a segment (the intercept).
+    """
+    if num_layers < 4:
+        raise ProfileError(f"a model of {num_layers} layers is too small to profile")
+    room = num_layers - 2  # middle layers: 1 .. num_layers-2
+    a = max(1, min(room // 2, -(-PROBE_TARGET_BYTES // max(layer_bytes, 1))))
+    return {"first": (0, 1), "a": (1, 1 + a), "b": (1, 1 + 2 * a), "last": (num_layers - 1,
+            num_layers)}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Calibration:
+    layer_s: float  # decode seconds per middle layer
+    run_s: float  # fixed decode seconds of one segment run, whatever its length
+    first_s: float  # extra decode seconds of the embedding
+    last_s: float  # extra decode seconds of the final norm and lm_head
+    prefill_layer_s: float  # prefill seconds per layer per prompt token
+
+
+def calibrate(
+    probes: dict[str, Path], ranges: dict[str, tuple[int, int]], arch: Any, kv: Any, *,
+    threads: int,
+) -> Calibration:  # fmt: skip
+    """Costs from the probes in *probes* (kind -> directory), whose layers are *ranges*."""
+    t: dict[str, ProbeTiming] = {}
+    for kind in ("first", "a", "b", "last"):
+        seg = fill_random_weights(probes[kind])
+        try:
+            t[kind] = time_probe(seg, arch, kv, threads=threads)
+        finally:
+            # The random weights are only for timing; a peer keeps no weights it does not run.
+            (seg.parent / (seg.name + ".data")).unlink(missing_ok=True)
+    na = ranges["a"][1] - ranges["a"][0]
+    nb = ranges["b"][1] - ranges["b"][0]
+    if nb > na:
+        layer = max(0.0, (t["b"].decode_s - t["a"].decode_s) / (nb - na))
+        pre = max(0.0, (t["b"].prefill_s - t["a"].prefill_s) / (nb - na))
+    else:
+        layer, pre = t["a"].decode_s / na, t["a"].prefill_s / na
+    run = max(0.0, t["a"].decode_s - na * layer)
+    one = run + layer  # what a one-layer segment costs: the ends are measured against it
+    return Calibration(
+        layer_s=layer, run_s=run,
+        first_s=max(0.0, t["first"].decode_s - one),
+        last_s=max(0.0, t["last"].decode_s - one),
+        prefill_layer_s=pre,
+    )  # fmt: skip

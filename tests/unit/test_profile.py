@@ -1,0 +1,96 @@
+"""Device profiles: calibration on a real (tiny) model, memory budget, wire format."""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+
+import pytest
+
+from meshllm.config import Config, PlanSection
+from meshllm.model.manifest import Manifest
+from meshllm.model.ranges import LayerRange
+from meshllm.pipeline.profiling import partition_request
+from meshllm.plan.profile import (
+    LinkStats,
+    Profile,
+    ProfileError,
+    calibrate,
+    memory_budget,
+    probe_ranges,
+)
+
+
+def profile(**kw) -> Profile:
+    base = dict(model_sha="abc", layer_s=0.001, first_s=0.0, last_s=0.004, prefill_layer_s=1e-4,
+                hop_s=5e-4, memory_bytes=1 << 30, memory_exact=False, threads=1,
+                measured_at=1.0, links={"peer-b": LinkStats(0.002, 50e6)})  # fmt: skip
+    base.update(kw)
+    return Profile(**base)
+
+
+def test_profile_round_trips_and_rejects_garbage():
+    p = profile()
+    assert Profile.from_obj(p.to_obj()) == p
+    for bad in ({}, {**p.to_obj(), "layer_s": -1}, {**p.to_obj(), "links": {"x": [1]}},
+                {**p.to_obj(), "layer_s": float("nan")}, "nonsense"):  # fmt: skip
+        with pytest.raises(ProfileError):
+            Profile.from_obj(bad)
+
+
+def test_memory_budget_prefers_the_configured_limit():
+    assert memory_budget(512) == (512 << 20, True)
+    got, exact = memory_budget(0)
+    assert got > 0 and not exact
+
+
+def test_probe_ranges_span_past_the_cache_and_stay_inside_the_model():
+    r = probe_ranges(30, 14 << 20)
+    assert r["first"] == (0, 1) and r["last"] == (29, 30)
+    a, b = r["a"], r["b"]
+    assert a[0] == 1 and b[0] == 1 and b[1] - 1 == 2 * (a[1] - 1) and b[1] <= 29
+    assert (a[1] - a[0]) * (14 << 20) >= 64 << 20
+    with pytest.raises(ProfileError):
+        probe_ranges(3, 1)
+
+
+def test_calibration_times_probes_with_generated_weights(tiny_fp32, tmp_path):
+    m = tiny_fp32
+    ranges = probe_ranges(m.manifest.architecture.num_layers,
+                          int(statistics.median(m.manifest.per_layer_weight_bytes)))  # fmt: skip
+    probes = {}
+    for kind, (a, b) in ranges.items():
+        ((seg, _),) = m.segment_files([LayerRange(a, b)])
+        d = tmp_path / kind
+        d.mkdir()
+        for name in ("segment.onnx", "segment.json"):  # the graph only, as peers fetch it
+            shutil.copy(seg.parent / name, d / name)
+        probes[kind] = d
+    cal = calibrate(probes, ranges, m.manifest.architecture, m.manifest.kv_names, threads=1)
+    assert cal.layer_s > 0 and cal.prefill_layer_s >= 0 and cal.run_s >= 0
+    assert cal.first_s >= 0 and cal.last_s >= 0
+    # A peer keeps no weights it does not run: the generated ones are gone.
+    assert not list(tmp_path.rglob("*.data"))
+
+
+def test_partition_request_from_profiles(tiny_fp32):
+    manifest: Manifest = tiny_fp32.manifest
+    cfg = Config(plan=PlanSection(memory_fraction=0.5, context_tokens=128, concurrency=2))
+    a = profile(links={"b": LinkStats(0.002, 1e6)})
+    b = profile(layer_s=0.004, memory_bytes=64 << 20, memory_exact=True, links={})
+    req = partition_request(["a", "b", "c"], {"a": a, "b": b}, manifest, (10, 20), cfg)
+    assert req.num_workers == 3 and req.first_bytes == 10 and req.last_bytes == 20
+    # Memory: a fraction of what a device reports, a configured limit as is.
+    assert req.workers[0].memory_bytes == (1 << 30) // 2
+    assert req.workers[1].memory_bytes == 64 << 20
+    # A worker that sent no profile is taken to be a typical one.
+    assert req.workers[2].layer_s == req.workers[1].layer_s or req.workers[2].layer_s == (
+        req.workers[0].layer_s
+    )
+    # Each hop: the sender's fixed cost plus the link's one-way time (either end's figure).
+    act = 2 * manifest.architecture.hidden_size * 4 + 256
+    assert req.link_s[0][1] == pytest.approx(a.hop_s + 0.001 + act / 1e6)
+    assert req.link_s[1][0] == pytest.approx(b.hop_s + 0.001 + act / 1e6)
+    assert req.link_s[0][0] == 0.0
+    kv = 2 * manifest.architecture.num_key_value_heads * manifest.architecture.head_size * 4
+    assert req.layer_bytes[1] == manifest.per_layer_weight_bytes[1] + kv * 128 * 2
