@@ -44,13 +44,17 @@ from typing import Any
 
 from meshllm.testbed import TestbedError
 
-# 10 ms rather than the kernel's default 100 ms: a quota is enforced per period, so with 100 ms a
-# 0.25-core peer would run flat out for 25 ms and then stall for 75 ms, a stall longer than a
-# whole decode step of a small model. With 10 ms it stalls at most 7.5 ms at a time, so per-token
-# timings see a slower device rather than a device that freezes now and then.
-CFS_PERIOD_US = 10_000
+# 4 ms rather than the kernel's default 100 ms: a quota is enforced per period, so a throttled
+# peer runs flat out until its quota is spent and then stalls for the rest of the period. With
+# 100 ms a 0.25-core peer would run 25 ms and stall 75 ms; with 10 ms a short decode step (a
+# couple of ms) after an idle spell would still run at full speed, so in a pipeline, where
+# each peer idles while the others compute, a "slow" phone would not look slow at all
+# (measured: planner predictions 40-50% off at 10 ms). At 4 ms a burst is at most 1 ms at a
+# quarter core, and every step of a millisecond or more sees a slower device. The kernel
+# refuses quotas under 1 ms, so 4 ms is the shortest period that still allows 0.25 core.
+CFS_PERIOD_US = 4_000
 MIN_QUOTA_US = 1_000  # the kernel refuses CFS quotas below 1 ms
-MIN_CPU = MIN_QUOTA_US / CFS_PERIOD_US  # hence at least 0.1 core at a 10 ms period
+MIN_CPU = MIN_QUOTA_US / CFS_PERIOD_US  # hence at least 0.25 core at a 4 ms period
 CGROUP_PARENT = "meshllm-testbed"
 DEFAULT_CPU_MOUNT = Path("/sys/fs/cgroup/cpu")
 NETNS_DIR = Path("/var/run/netns")  # where `ip netns add` mounts named namespaces

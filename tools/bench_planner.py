@@ -42,7 +42,8 @@ PROMPTS = [
     "Write a long story about a girl who sails around the world.",
     "Write a long story about a village that wakes up without electricity.",
 ]
-PLANS = [("even", None), ("memory", None), ("lp", "latency"), ("lp", "throughput")]
+# lp first: it has every peer profile itself, and those profiles then price the other plans.
+PLANS = [("lp", "latency"), ("lp", "throughput"), ("even", None), ("memory", None)]
 
 
 def query(home: Path, prompt: str, tokens: int) -> dict:

@@ -34,7 +34,8 @@ class Plan:
     partitioner: str
     stages: tuple[Stage, ...]
     # The planner's prediction from the peers' profiles, for status and benchmarks:
-    # {"objective", "step_s" (one decode step of one request), "stage_s" (per stage)}.
+    # {"objective", "step_s" (one decode step of one request), "stage_s" (per stage, under
+    # sustained load), "bottleneck_s" (the slowest of those: 1 / the best aggregate rate)}.
     predicted: dict[str, Any] | None = None
 
     def stage_of(self, peer: str) -> int | None:
@@ -79,4 +80,5 @@ def _predicted(raw: Any) -> dict[str, Any] | None:
         "objective": str(raw["objective"]),
         "step_s": float(raw["step_s"]),
         "stage_s": [float(x) for x in raw["stage_s"]],
+        "bottleneck_s": float(raw.get("bottleneck_s", 0.0)),
     }

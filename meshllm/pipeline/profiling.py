@@ -172,7 +172,7 @@ class Profiler:
         probes = await self.probe_dirs(sha, source, manifest)
         ranges = probe_ranges(manifest.architecture.num_layers, median_layer_bytes(manifest))
         arch, kv, threads = manifest.architecture, manifest.kv_names, self.config.peer.threads
-        cal = await trio.to_thread.run_sync(
+        cal, idle = await trio.to_thread.run_sync(
             lambda: calibrate(probes, ranges, arch, kv, threads=threads)
         )
         handoff = await self._handoff_s()
@@ -188,6 +188,8 @@ class Profiler:
         return Profile(
             model_sha=sha, layer_s=cal.layer_s, first_s=cal.first_s, last_s=cal.last_s,
             prefill_layer_s=cal.prefill_layer_s, hop_s=cal.run_s + handoff,
+            idle_layer_s=idle.layer_s, idle_first_s=idle.first_s, idle_last_s=idle.last_s,
+            idle_hop_s=idle.run_s + handoff,
             memory_bytes=mem, memory_exact=exact, threads=threads,
             measured_at=time.time(), links=links,
         )  # fmt: skip
@@ -244,12 +246,28 @@ class Profiler:
             await stream.close()
 
 
-def worker_profile(peer: str, prof: Profile, num_layers: int, memory_fraction: float):  # type: ignore[no-untyped-def]
+SUSTAINED, IDLE = "sustained", "idle"
+
+
+def regime_for(objective: str) -> str:
+    """Which figures price a plan: a latency plan serves one request at a time, so each stage
+    idles between steps; a throughput plan keeps every stage busy."""
+    return IDLE if objective == "latency" else SUSTAINED
+
+
+def worker_profile(
+    peer: str, prof: Profile, num_layers: int, memory_fraction: float, regime: str = SUSTAINED
+) -> WorkerProfile:
     """A measured profile in the partitioner's terms."""
     mem = prof.memory_bytes if prof.memory_exact else int(prof.memory_bytes * memory_fraction)
+    layer, first, last = (
+        (prof.idle_layer_s, prof.idle_first_s, prof.idle_last_s)
+        if regime == IDLE
+        else (prof.layer_s, prof.first_s, prof.last_s)
+    )
     return WorkerProfile(
-        name=peer, memory_bytes=max(mem, 1), layer_s=(prof.layer_s,) * num_layers,
-        first_s=prof.first_s, last_s=prof.last_s,
+        name=peer, memory_bytes=max(mem, 1), layer_s=(layer,) * num_layers,
+        first_s=first, last_s=last,
     )  # fmt: skip
 
 
@@ -272,6 +290,7 @@ def partition_request(
     manifest: Manifest,
     ends: tuple[int, int],
     config: Config,
+    regime: str | None = None,
 ) -> PartitionRequest:
     """What the partitioner decides from: model sizes, and each worker's measured figures.
 
@@ -279,6 +298,7 @@ def partition_request(
     step to ONNX Runtime and back, one segment run), so every stage pays it exactly once.
     A worker without a profile (it failed to measure) is taken to be a typical one.
     """
+    regime = regime or regime_for(config.plan.objective)
     n = manifest.architecture.num_layers
     kv = kv_bytes_per_layer(manifest, config)
     layer_bytes = tuple(b + kv for b in manifest.per_layer_weight_bytes)
@@ -297,7 +317,7 @@ def partition_request(
             return 0.0
         here, there = profs[i].links.get(workers[j]), profs[j].links.get(workers[i])
         link = here or there
-        base = profs[i].hop_s
+        base = profs[i].idle_hop_s if regime == IDLE else profs[i].hop_s
         return base + (link.transfer_s(nbytes) if link is not None else 0.0)
 
     w = len(workers)
@@ -308,21 +328,43 @@ def partition_request(
         num_layers=n, num_workers=w,
         layer_weight_bytes=manifest.per_layer_weight_bytes, layer_bytes=layer_bytes,
         first_bytes=ends[0], last_bytes=ends[1],
-        workers=tuple(worker_profile(p, prof, n, frac) for p, prof in zip(workers, profs,
-                                                                         strict=True)),
+        workers=tuple(
+            worker_profile(p, prof, n, frac, regime)
+            for p, prof in zip(workers, profs, strict=True)
+        ),
         link_s=link_s, return_s=return_s, objective=config.plan.objective,
     )  # fmt: skip
 
 
-def predict(request: PartitionRequest, workers: list[str], stages) -> dict[str, Any]:  # type: ignore[no-untyped-def]
-    """The cost model's figures for a plan (any partitioner's), ignoring memory caps."""
+def predict(
+    workers: list[str],
+    profiles: dict[str, Profile],
+    manifest: Manifest,
+    ends: tuple[int, int],
+    config: Config,
+    stages,  # type: ignore[no-untyped-def]
+) -> dict[str, Any]:
+    """The cost model's figures for a plan (any partitioner's), memory caps aside.
+
+    ``step_s``: one decode step of a single request (stages priced after idle spells);
+    ``stage_s`` and ``bottleneck_s``: each stage under sustained load, which bounds the
+    aggregate rate of many requests at 1 / bottleneck_s.
+    """
     from dataclasses import replace
 
     from meshllm.partitioners import build_problem
     from meshllm.plan import evaluate
 
-    uncapped = replace(request, workers=tuple(replace(w, memory_bytes=0) for w in request.workers))
-    problem = build_problem(uncapped)
     index = {w: i for i, w in enumerate(workers)}
-    sol = evaluate(problem, tuple((index[s.peer], s.start, s.stop) for s in stages))
-    return {"objective": request.objective, "step_s": sol.step_s, "stage_s": list(sol.stage_s)}
+    chosen = tuple((index[s.peer], s.start, s.stop) for s in stages)
+    out: dict[str, Any] = {"objective": config.plan.objective}
+    for regime in (IDLE, SUSTAINED):
+        req = partition_request(workers, profiles, manifest, ends, config, regime)
+        uncapped = replace(req, workers=tuple(replace(w, memory_bytes=0) for w in req.workers))
+        sol = evaluate(build_problem(uncapped), chosen)
+        if regime == IDLE:
+            out["step_s"] = sol.step_s
+        else:
+            out["stage_s"] = list(sol.stage_s)
+            out["bottleneck_s"] = max(sol.stage_s)
+    return out

@@ -248,7 +248,7 @@ class ServingService:
             raise PlanError(f"cannot serve {model} on these {len(workers)} peers: {exc}") from None
         stages = tuple(Stage(w, r.start, r.stop) for w, r in zip(workers, assignment, strict=True)
                        if r is not None)  # fmt: skip
-        predicted = predict(request, workers, stages) if profiles else None
+        predicted = predict(workers, profiles, manifest, ends, config, stages) if profiles else None
         epoch = max(self.plan.epoch if self.plan else 0, self._max_epoch_seen()) + 1
         plan = Plan(
             epoch=epoch, model=model, model_sha=sha, source=source,
@@ -528,8 +528,20 @@ class ServingService:
             },
             "coordinating": self.coordinator.in_flight,
             "profile": None if self.profiler.latest is None else self.profiler.latest.to_obj(),
+            "profiles": self._plan_profiles(),
             "profiling": sorted(self.profiler.busy),
         }  # fmt: skip
+
+    def _plan_profiles(self) -> dict[str, Any]:
+        """Every live peer's profile for the planned model, as heard on heartbeats."""
+        if self.plan is None:
+            return {}
+        out = {}
+        for pid in sorted([self.me, *self.node.alive_peers()]):
+            prof = self.profiler.profile_of(pid, self.plan.model_sha)
+            if prof is not None:
+                out[pid] = prof.to_obj()
+        return out
 
     async def op_query(self, args: dict[str, Any], emit) -> Any:  # type: ignore[no-untyped-def]
         prompt = args.get("prompt")

@@ -57,6 +57,8 @@ def test_lp_plan_is_made_from_every_peers_profile(lp_mesh):
         assert len(others) == 2 and st["self"]["id"] not in others
         assert all(rtt > 0 and bw > 0 for rtt, bw in prof["links"].values())
     assert {s[0] for s in plan["stages"]} <= ids
+    # Any peer's status shows every peer's profile for the served model.
+    assert set(status(lp_mesh["homes"][0])["serving"]["profiles"]) == ids
 
 
 def test_lp_mesh_answers_like_the_whole_model(lp_mesh):

@@ -164,9 +164,9 @@ def test_phone_testbed_shapes_throttles_meshes_and_cleans_up(tmp_path):
             assert _tbf_rates(np.netns) == {np.veth_peer: rate}  # upload
             assert hub_rates[np.veth_hub] == rate  # download
             cg = Path(np.cgroup)
-            expected = -1 if np.cpu >= netbed.host_cpus() else round(np.cpu * 10_000)
+            expected = -1 if np.cpu >= netbed.host_cpus() else round(np.cpu * netbed.CFS_PERIOD_US)
             assert int((cg / "cpu.cfs_quota_us").read_text()) == expected
-            assert int((cg / "cpu.cfs_period_us").read_text()) == 10_000
+            assert int((cg / "cpu.cfs_period_us").read_text()) == netbed.CFS_PERIOD_US
             # Every thread of the daemon is in its peer's cgroup and network namespace.
             assert testbed._is_our_daemon(tp.pid)
             assert _cgroup_of(tp.pid, mount) == {np.cgroup}
@@ -228,10 +228,9 @@ def test_phone_testbed_shapes_throttles_meshes_and_cleans_up(tmp_path):
         print(f"budget peer (0.25 cpu): a busy loop got {share:.2f} of a core")
         assert 0.15 <= share <= 0.35, share
         quota = netbed.set_cpu_quota(budget, 0.5)  # what `testbed throttle` will do
-        assert (
-            quota == 5000
-            and (Path(budget.cgroup) / "cpu.cfs_quota_us").read_text().strip() == "5000"
-        )
+        half = round(0.5 * netbed.CFS_PERIOD_US)
+        assert quota == half
+        assert (Path(budget.cgroup) / "cpu.cfs_quota_us").read_text().strip() == str(half)
 
         # --- down removes every namespace, link, cgroup and daemon -----------------------------
         assert testbed.down(root) == len(peers)

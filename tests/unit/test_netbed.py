@@ -67,7 +67,7 @@ def test_a_profile_decodes_into_typed_values():
         (('class = "fast"', 'class = "turbo"'), "peer[0].class: unknown class 'turbo'"),
         (('class = "fast"', "class = 3"), 'peer[0]: needs class = "NAME"'),
         (("cpu = 0.25", 'cpu = "fast"'), "class.slow.cpu: expected a number, got 'fast'"),
-        (("cpu = 0.25", "cpu = 0.05"), "class.slow.cpu: must be between 0.1 and 1024"),
+        (("cpu = 0.25", "cpu = 0.05"), "class.slow.cpu: must be between 0.25 and 1024"),
         (("cpu = 0.25", "cpu = true"), "class.slow.cpu: expected a number"),
         (("cpu = 0.25", "cpu = nan"), "class.slow.cpu: expected a number"),
         (("bandwidth_mbit = 400", "bandwidth_mbit = 0"), "class.fast.bandwidth_mbit: must be"),
@@ -183,17 +183,17 @@ def test_peer_config_gets_namespace_address_and_class_memory(tmp_path):
     assert text.count("memory_limit_mb") == 1 and text.startswith("# meshllm peer configuration")
 
 
-def test_cpu_quota_is_cores_times_a_10ms_period(tmp_path, monkeypatch):
+def test_cpu_quota_is_cores_times_a_4ms_period(tmp_path, monkeypatch):
     monkeypatch.setattr(netbed, "host_cpus", lambda: 2)
     cg = tmp_path / "cg"
     cg.mkdir()
     peer = netbed.plan(tmp_path, _big_profile(1), cpu_mount=tmp_path).peers[0]
     peer = netbed.NetPeer(**{**peer.__dict__, "cgroup": str(cg)})
-    for cpu, quota in ((0.25, 2500), (0.5, 5000), (1.0, 10000), (1.5, 15000), (2.0, -1)):
+    for cpu, quota in ((0.25, 1000), (0.5, 2000), (1.0, 4000), (1.5, 6000), (2.0, -1)):
         assert netbed.set_cpu_quota(peer, cpu) == quota
         assert (cg / "cpu.cfs_quota_us").read_text() == str(quota)
-        assert (cg / "cpu.cfs_period_us").read_text() == "10000"
-    with pytest.raises(testbed.TestbedError, match=r"at least 0\.1 core"):
+        assert (cg / "cpu.cfs_period_us").read_text() == "4000"
+    with pytest.raises(testbed.TestbedError, match=r"at least 0\.25 core"):
         netbed.set_cpu_quota(peer, 0.05)
 
 

@@ -23,7 +23,8 @@ from meshllm.plan.profile import (
 
 def profile(**kw) -> Profile:
     base = dict(model_sha="abc", layer_s=0.001, first_s=0.0, last_s=0.004, prefill_layer_s=1e-4,
-                hop_s=5e-4, memory_bytes=1 << 30, memory_exact=False, threads=1,
+                hop_s=5e-4, idle_layer_s=8e-4, idle_first_s=0.0, idle_last_s=0.003,
+                idle_hop_s=4e-4, memory_bytes=1 << 30, memory_exact=False, threads=1,
                 measured_at=1.0, links={"peer-b": LinkStats(0.002, 50e6)})  # fmt: skip
     base.update(kw)
     return Profile(**base)
@@ -66,9 +67,12 @@ def test_calibration_times_probes_with_generated_weights(tiny_fp32, tmp_path):
         for name in ("segment.onnx", "segment.json"):  # the graph only, as peers fetch it
             shutil.copy(seg.parent / name, d / name)
         probes[kind] = d
-    cal = calibrate(probes, ranges, m.manifest.architecture, m.manifest.kv_names, threads=1)
-    assert cal.layer_s > 0 and cal.prefill_layer_s >= 0 and cal.run_s >= 0
-    assert cal.first_s >= 0 and cal.last_s >= 0
+    sustained, idle = calibrate(
+        probes, ranges, m.manifest.architecture, m.manifest.kv_names, threads=1
+    )
+    for cal in (sustained, idle):
+        assert cal.layer_s + cal.run_s > 0 and cal.prefill_layer_s >= 0 and cal.run_s >= 0
+        assert cal.first_s >= 0 and cal.last_s >= 0
     # A peer keeps no weights it does not run: the generated ones are gone.
     assert not list(tmp_path.rglob("*.data"))
 
@@ -79,6 +83,10 @@ def test_partition_request_from_profiles(tiny_fp32):
     a = profile(links={"b": LinkStats(0.002, 1e6)})
     b = profile(layer_s=0.004, memory_bytes=64 << 20, memory_exact=True, links={})
     req = partition_request(["a", "b", "c"], {"a": a, "b": b}, manifest, (10, 20), cfg)
+    idle = partition_request(["a", "b", "c"], {"a": a, "b": b}, manifest, (10, 20), cfg, "idle")
+    # Throughput plans are priced under sustained load, single-request ones after idle spells.
+    assert req.workers[0].layer_s[0] == a.layer_s and idle.workers[0].layer_s[0] == a.idle_layer_s
+    assert idle.link_s[0][1] == pytest.approx(a.idle_hop_s + 0.001 + (2 * 64 * 4 + 256) / 1e6)
     assert req.num_workers == 3 and req.first_bytes == 10 and req.last_bytes == 20
     # Memory: a fraction of what a device reports, a configured limit as is.
     assert req.workers[0].memory_bytes == (1 << 30) // 2
