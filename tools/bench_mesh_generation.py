@@ -68,7 +68,9 @@ def query(home: Path, prompt: str, tokens: int) -> dict:
     return call_stream(home, "query", None, timeout=300, prompt=prompt, max_tokens=tokens)
 
 
-def bench_precision(store: ModelStore, precision: str, n: int, tokens: int, rounds: int) -> dict:
+def bench_precision(
+    store: ModelStore, precision: str, n: int, tokens: int, rounds: int, partitioner: str
+) -> dict:
     name = f"smollm2-135m-instruct-{precision}"
     import_model(store.dir, None, precision=precision, name=name,
                  report=lambda m: print(m, file=sys.stderr))  # fmt: skip
@@ -81,7 +83,8 @@ def bench_precision(store: ModelStore, precision: str, n: int, tokens: int, roun
             dest = homes[0] / "models" / name
             shutil.copytree(model.path, dest, copy_function=os.link,
                             ignore=shutil.ignore_patterns("segments", "*.lock"))  # fmt: skip
-            call(homes[1], "serve", model=name)
+            call(homes[1], "serve", timeout=600, model=name, partitioner=partitioner,
+                 wait_s=590)  # fmt: skip
             deadline = time.monotonic() + 300
             while not call(homes[1], "status")["serving"]["ready"]:
                 if time.monotonic() > deadline:
@@ -99,6 +102,8 @@ def bench_precision(store: ModelStore, precision: str, n: int, tokens: int, roun
                 wall = time.perf_counter() - t0
                 aggregate[conc] = sum(len(r["token_ids"]) for r in res) / wall
             mono_after = mono_rate(model, tokens, rounds)
+            plan = call(homes[0], "status")["serving"]["plan"]
+            plan_stages = [f"{a}-{b}" for _, a, b in plan["stages"]]
             rss = []
             for p in peers:
                 status = Path(f"/proc/{p.pid}/status").read_text().splitlines()
@@ -110,6 +115,8 @@ def bench_precision(store: ModelStore, precision: str, n: int, tokens: int, roun
     return {
         "precision": precision,
         "peers": n,
+        "partitioner": partitioner,
+        "stages": [str(s) for s in plan_stages],
         "tokens": tokens,
         "monolithic_decode_tok_s": round(mono, 2),
         "monolithic_before_after": [round(mono_before, 2), round(mono_after, 2)],
@@ -130,25 +137,31 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=96)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument(
+        "--partitioner",
+        default="even",
+        help="even: one stage per peer (the pipeline this measures); lp: the planner's choice",
+    )
+    ap.add_argument(
         "--home", default=os.environ.get("MESHLLM_HOME", REPO / ".cache" / "bench-home")
     )
     ap.add_argument("--out", default=REPO / "bench-results" / "mesh_generation.json")
     args = ap.parse_args()
     store = ModelStore(Path(args.home) / "models")
-    results = [bench_precision(store, p, args.peers, args.tokens, args.rounds)
+    results = [bench_precision(store, p, args.peers, args.tokens, args.rounds, args.partitioner)
                for p in args.precisions.split(",")]  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": "mesh_generation", "results": results}, indent=2))
     print(
-        f"\n{'prec':5} {'peers':>5} {'mono tok/s':>10} {'mesh tok/s':>10} {'ratio':>6} "
-        f"{'ttft ms':>8} {'agg@1':>7} {'agg@2':>7} {'agg@4':>7} {'x@4':>5}"
+        f"\n{'prec':5} {'plan':6} {'peers':>5} {'mono tok/s':>10} {'mesh tok/s':>10} "
+        f"{'ratio':>6} {'ttft ms':>8} {'agg@1':>7} {'agg@2':>7} {'agg@4':>7} {'x@4':>5}"
     )
     for r in results:
         a = r["aggregate_tok_s"]
         print(
-            f"{r['precision']:5} {r['peers']:>5} {r['monolithic_decode_tok_s']:>10.1f} "
-            f"{r['mesh_single_decode_tok_s']:>10.1f} {r['mesh_single_ratio']:>6.2f} "
+            f"{r['precision']:5} {r['partitioner']:6} {r['peers']:>5} "
+            f"{r['monolithic_decode_tok_s']:>10.1f} {r['mesh_single_decode_tok_s']:>10.1f} "
+            f"{r['mesh_single_ratio']:>6.2f} "
             f"{r['mesh_ttft_s'] * 1000:>8.0f} {a['1']:>7.1f} {a['2']:>7.1f} {a['4']:>7.1f} "
             f"{r['aggregate_ratio_vs_1']['4']:>5.2f}"
         )
