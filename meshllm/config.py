@@ -86,6 +86,22 @@ class PlanSection:
 
 
 @dataclass(frozen=True)
+class LimitsSection:
+    """What this peer accepts; a request over a limit gets an error naming the limit."""
+
+    max_prompt_tokens: int = 4096  # prompt tokens of one query
+    max_new_tokens: int = 2048  # tokens one query may ask to generate
+    max_concurrent_requests: int = 16  # queries coordinated here, and requests per stage
+    max_frame_mb: int = 64  # largest activation frame read from another peer
+
+    def __post_init__(self) -> None:
+        for key in ("max_prompt_tokens", "max_new_tokens", "max_concurrent_requests",
+                    "max_frame_mb"):  # fmt: skip
+            if getattr(self, key) < 1:
+                raise ConfigError(f"[limits] {key} must be >= 1")
+
+
+@dataclass(frozen=True)
 class LogSection:
     level: str = "info"
 
@@ -101,6 +117,7 @@ class Config:
     peer: PeerSection = field(default_factory=PeerSection)
     mesh: MeshSection = field(default_factory=MeshSection)
     plan: PlanSection = field(default_factory=PlanSection)
+    limits: LimitsSection = field(default_factory=LimitsSection)
     log: LogSection = field(default_factory=LogSection)
 
 

@@ -48,7 +48,6 @@ from meshllm.pipeline.stage import StageRunner, sampling_from
 from meshllm.plugins import PartitionerRegistry, get_plugin_manager
 
 ACT_PROTOCOL = "act"
-MAX_ACT_FRAME = 64 << 20
 log = structlog.get_logger("meshllm.serve")
 
 
@@ -357,6 +356,7 @@ class ServingService:
             runtime, epoch=plan.epoch, index=idx, next_peer=nxt, first_peer=plan.stages[0].peer,
             context_length=manifest.architecture.context_length,
             eos_token_ids=manifest.architecture.eos_token_ids, send=self.send_frame,
+            max_requests=self.config.limits.max_concurrent_requests,
         )  # fmt: skip
         assert self._nursery is not None
         self._stage_scope = trio.CancelScope()
@@ -426,7 +426,7 @@ class ServingService:
             await self.send_frame(peer, f)
 
     async def _on_act_stream(self, stream: Stream) -> None:
-        reader = FrameReader(stream.read, MAX_ACT_FRAME)
+        reader = FrameReader(stream.read, self.config.limits.max_frame_mb << 20)
         while True:
             try:
                 data = await reader.read_frame()
@@ -550,6 +550,19 @@ class ServingService:
         max_tokens = args.get("max_tokens", 128)
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
             raise ControlError("bad_request", "args.max_tokens must be a positive integer")
+        limits = self.config.limits
+        if max_tokens > limits.max_new_tokens:
+            raise ControlError(
+                "too_large",
+                f"max_tokens {max_tokens} is over this peer's limit of {limits.max_new_tokens} "
+                "([limits] max_new_tokens)",
+            )
+        if self.coordinator.in_flight >= limits.max_concurrent_requests:
+            raise ControlError(
+                "busy",
+                f"this peer is already coordinating {self.coordinator.in_flight} queries, its "
+                "limit ([limits] max_concurrent_requests): try again, or ask another peer",
+            )
         sampling = sampling_from(args)
         plan, manifest, tok = self.plan, self.manifest, self._tokenizer
         if plan is None:
@@ -559,6 +572,12 @@ class ServingService:
         t0 = time.perf_counter()
         prompt_ids = tok.encode_prompt(prompt, raw=bool(args.get("raw", False)))
         tokenize_s = time.perf_counter() - t0
+        if len(prompt_ids) > limits.max_prompt_tokens:
+            raise ControlError(
+                "too_large",
+                f"the prompt is {len(prompt_ids)} tokens; this peer accepts at most "
+                f"{limits.max_prompt_tokens} ([limits] max_prompt_tokens)",
+            )
         from meshllm.model.tokenizer import TextStream
 
         stream = TextStream(tok)

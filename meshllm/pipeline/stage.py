@@ -49,6 +49,7 @@ class StageRunner:
         eos_token_ids: tuple[int, ...],
         send: Send,
         queue_size: int = 256,
+        max_requests: int = 16,
     ):
         self.runtime = runtime
         self.epoch = epoch
@@ -58,6 +59,7 @@ class StageRunner:
         self.context_length = context_length
         self.eos = set(eos_token_ids)
         self.send = send
+        self.max_requests = max_requests
         self._samplers: dict[str, Sampler] = {}
         self._caps: dict[str, int] = {}
         self._in, self._out = trio.open_memory_channel[Frame](queue_size)
@@ -118,6 +120,12 @@ class StageRunner:
         if rid not in self.runtime.open_requests:
             if not f.cap:
                 raise MeshError(f"unknown request {rid}")
+            if len(self.runtime.open_requests) >= self.max_requests:
+                # Each open request holds a KV cache here: refuse rather than run out of memory.
+                raise MeshError(
+                    f"this stage already serves {self.max_requests} requests, its limit "
+                    "([limits] max_concurrent_requests)"
+                )
             if f.cap > self.context_length or f.pos > f.cap:
                 raise MeshError(
                     f"request needs {f.cap} positions; context is {self.context_length}"

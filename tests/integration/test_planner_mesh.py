@@ -76,6 +76,19 @@ def test_profile_command_shows_every_peer(lp_mesh):
     assert re.search(r"LAYER ms", table) and len(table.strip().splitlines()) == 5
 
 
+def test_requests_over_the_limits_get_clear_errors(lp_mesh):
+    home = lp_mesh["homes"][1]
+    too_many = cli(home, "query", "Hi", "--max-tokens", "100000", check=False, timeout=60)
+    assert too_many.returncode == 1 and "max_new_tokens" in too_many.stderr
+    long_prompt = " ".join(["word"] * 5000)  # over the default 4096 prompt tokens
+    too_long = cli(home, "query", long_prompt, check=False, timeout=60)
+    assert too_long.returncode == 1 and "max_prompt_tokens" in too_long.stderr
+    assert "Traceback" not in too_many.stderr + too_long.stderr
+    # Nothing was lost: the mesh still answers.
+    out = cli(home, "query", PROMPT, "--max-tokens", "4", "--json", timeout=120)
+    assert len(json.loads(out.stdout)["token_ids"]) == 4
+
+
 def test_a_model_that_cannot_fit_is_a_clear_error(lp_mesh, tmp_path):
     # Every peer may give at most 1 MiB: the leader's solver finds no plan and says why.
     root = lp_mesh["root"]
