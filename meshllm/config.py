@@ -47,6 +47,11 @@ class MeshSection:
     election_timeout_max_s: float = 1.6
     handshake_timeout_s: float = 2.0
     transport: str = "libp2p"
+    # A query's coordinator gives up on a step after this long without a token (a stage
+    # that died is usually noticed sooner: the leader re-plans once it is declared dead).
+    step_timeout_s: float = 30.0
+    # How long a query interrupted by a lost peer waits for the next plan before failing.
+    recovery_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         if self.heartbeat_interval_s <= 0:
@@ -57,6 +62,8 @@ class MeshSection:
             raise ConfigError("[mesh] need 0 < election_timeout_min_s < election_timeout_max_s")
         if self.handshake_timeout_s <= 0:
             raise ConfigError("[mesh] handshake_timeout_s must be > 0")
+        if self.step_timeout_s <= 0 or self.recovery_timeout_s <= 0:
+            raise ConfigError("[mesh] step_timeout_s and recovery_timeout_s must be > 0")
 
 
 OBJECTIVES = ("throughput", "latency")

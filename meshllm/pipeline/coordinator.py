@@ -36,16 +36,65 @@ class QueryResult:
     total_s: float
     plan_epoch: int
     stages: list[dict] = field(default_factory=list)
+    recoveries: list[dict] = field(default_factory=list)  # plan changes survived
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+NextPlan = Callable[[int, str], Awaitable[Plan]]
+
+
+class _Interrupted(Exception):
+    """The current plan cannot finish this request (a peer left, the plan was replaced)."""
+
+
+@dataclass
+class _Run:
+    """One request's progress across plans."""
+
+    rid: str
+    prompt_ids: list[int]
+    capacity: int
+    budget: int
+    sampling: dict
+    out: list[int] = field(default_factory=list)
+    finish: str = "length"
+    compute: list[float] = field(default_factory=list)
+    step_wall: float = 0.0
+    t0: float = 0.0
+    first_at: float = 0.0
+    last_at: float = 0.0
+    recoveries: list[dict] = field(default_factory=list)
+
+
 class Coordinator:
-    def __init__(self, self_id: str, send: Send, step_timeout_s: float = 30.0):
+    """Runs queries through the pipeline and carries them across plan changes.
+
+    When a plan cannot finish a request (a stage's peer died or became unreachable, or the
+    leader replaced the plan), the coordinator waits for the next plan and replays the
+    request on it: the prompt as one prefill, then every token generated so far fed back as
+    a forced decode step. The new stages thus rebuild exactly the KV caches the old ones had
+    (same computations in the same order), and generation continues where it stopped: the
+    client sees one uninterrupted answer.
+    """
+
+    def __init__(
+        self,
+        self_id: str,
+        send: Send,
+        step_timeout_s: float = 30.0,
+        *,
+        current_epoch: Callable[[], int] | None = None,
+        next_plan: NextPlan | None = None,
+        max_replays: int = 4,
+    ):
         self.self_id = self_id
         self.send = send
         self.step_timeout_s = step_timeout_s
+        self.current_epoch = current_epoch
+        self.next_plan = next_plan
+        self.max_replays = max_replays
         self._waiting: dict[str, trio.MemorySendChannel[Frame]] = {}
 
     def deliver(self, f: Frame) -> None:
@@ -71,75 +120,128 @@ class Coordinator:
         on_token: Callable[[int], Awaitable[None]] | None = None,
     ) -> QueryResult:
         capacity = check_context(arch, len(prompt_ids), max_tokens)
-        budget = capacity - len(prompt_ids)
+        run = _Run(
+            rid=uuid.uuid4().hex, prompt_ids=list(prompt_ids), capacity=capacity,
+            budget=capacity - len(prompt_ids),
+            sampling={"temperature": sampling.temperature, "top_k": sampling.top_k,
+                      "top_p": sampling.top_p, "seed": sampling.seed},
+        )  # fmt: skip
         eos = set(arch.eos_token_ids)
-        rid = uuid.uuid4().hex
-        first_peer = plan.stages[0].peer
-        send_ch, recv_ch = trio.open_memory_channel[Frame](8)
-        self._waiting[rid] = send_ch
-        out: list[int] = []
-        compute = [0.0] * len(plan.stages)
-        step_wall = 0.0
-        finish = "length"
-        t0 = time.perf_counter()
-        first_at = last_at = t0
+        send_ch, recv_ch = trio.open_memory_channel[Frame](64)
+        self._waiting[run.rid] = send_ch
+        run.t0 = run.first_at = run.last_at = time.perf_counter()
         try:
-            ids = np.asarray([prompt_ids], dtype=np.int64)
-            pos = len(prompt_ids)
-            sm = {"temperature": sampling.temperature, "top_k": sampling.top_k,
-                  "top_p": sampling.top_p, "seed": sampling.seed}  # fmt: skip
-            # Only the first step is sent from here: the last stage feeds each sampled token
-            # back to stage 0 itself and copies it to us.
-            first = Frame(kind=FWD, rid=rid, epoch=plan.epoch, step=0, pos=pos, new=ids.shape[1],
-                          cap=capacity, coord=self.self_id, sampling=sm,
-                          tensors={"input_ids": ids})  # fmt: skip
-            try:
-                await self.send(first_peer, first)
-            except MeshError as exc:
-                raise QueryFailed(f"cannot reach the first stage: {exc}") from None
-            sent = time.perf_counter()
-            for step in range(budget):
-                with trio.move_on_after(self.step_timeout_s) as scope:
-                    reply = await recv_ch.receive()
-                if scope.cancelled_caught:
-                    raise QueryFailed(f"no token from the mesh within {self.step_timeout_s:g} s")
-                if reply.kind == ERROR:
-                    raise QueryFailed(reply.error)
-                if reply.kind != TOKEN or reply.step != step:
-                    raise QueryFailed(f"unexpected {reply.kind} frame for step {reply.step}")
-                last_at = time.perf_counter()
-                step_wall += last_at - sent
-                sent = last_at
-                for i, c in enumerate(reply.compute_s[: len(compute)]):
-                    compute[i] += c
-                if not out:
-                    first_at = last_at
-                out.append(reply.token)
-                if on_token is not None:
-                    await on_token(reply.token)
-                if reply.token in eos:
-                    finish = "stop"
+            while True:
+                try:
+                    await self._attempt(plan, run, recv_ch, eos, on_token)
                     break
+                except _Interrupted as exc:
+                    if self.next_plan is None or len(run.recoveries) >= self.max_replays:
+                        raise QueryFailed(str(exc)) from None
+                    t = time.perf_counter()
+                    # No END to the old plan: its stages are dropped when the new one is
+                    # adopted, and its first peer may be the one that is gone.
+                    plan = await self.next_plan(plan.epoch, str(exc))
+                    run.recoveries.append({
+                        "reason": str(exc), "tokens_done": len(run.out),
+                        "wait_s": round(time.perf_counter() - t, 3), "epoch": plan.epoch,
+                    })  # fmt: skip
         finally:
-            del self._waiting[rid]
-            with trio.CancelScope(shield=True), trio.move_on_after(2), suppress(MeshError):
-                end = Frame(kind=END, rid=rid, epoch=plan.epoch, coord=self.self_id)
-                await self.send(first_peer, end)
-        steps = len(out)
+            del self._waiting[run.rid]
+            await self._end(plan, run.rid)
+        return self._result(plan, run)
+
+    async def _end(self, plan: Plan, rid: str) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(2), suppress(MeshError):
+            end = Frame(kind=END, rid=rid, epoch=plan.epoch, coord=self.self_id)
+            await self.send(plan.stages[0].peer, end)
+
+    async def _attempt(
+        self,
+        plan: Plan,
+        run: _Run,
+        recv_ch: trio.MemoryReceiveChannel[Frame],
+        eos: set[int],
+        on_token: Callable[[int], Awaitable[None]] | None,
+    ) -> None:
+        """Run (or replay and continue) the request on *plan* until it is done."""
+        run.compute = [0.0] * len(plan.stages)
+        ids = np.asarray([run.prompt_ids], dtype=np.int64)
+        pos = len(run.prompt_ids)
+        replayed = len(run.out)
+        # Only the first step is sent from here: the last stage feeds each token back to
+        # stage 0 itself (the forced ones first) and copies it to us.
+        first = Frame(kind=FWD, rid=run.rid, epoch=plan.epoch, step=0, pos=pos, new=pos,
+                      cap=run.capacity, coord=self.self_id, sampling=run.sampling,
+                      tensors={"input_ids": ids}, force=list(run.out))  # fmt: skip
+        try:
+            await self.send(plan.stages[0].peer, first)
+        except MeshError as exc:
+            raise _Interrupted(f"cannot reach the first stage: {exc}") from None
+        sent = time.perf_counter()
+        step = 0
+        while len(run.out) < run.budget:
+            reply = await self._next_reply(plan, recv_ch)
+            if reply.kind == ERROR:
+                if reply.retry:
+                    raise _Interrupted(reply.error)
+                raise QueryFailed(reply.error)
+            if reply.kind != TOKEN or reply.step != step:
+                raise QueryFailed(f"unexpected {reply.kind} frame for step {reply.step}")
+            step += 1
+            if step <= replayed:
+                if reply.token != run.out[step - 1]:
+                    raise QueryFailed(f"replay diverged at token {step}")
+                sent = time.perf_counter()
+                continue
+            now = time.perf_counter()
+            run.step_wall += now - sent
+            sent = run.last_at = now
+            for i, c in enumerate(reply.compute_s[: len(run.compute)]):
+                run.compute[i] += c
+            if not run.out:
+                run.first_at = now
+            run.out.append(reply.token)
+            if on_token is not None:
+                await on_token(reply.token)
+            if reply.token in eos:
+                run.finish = "stop"
+                return
+
+    async def _next_reply(self, plan: Plan, recv_ch: trio.MemoryReceiveChannel[Frame]) -> Frame:
+        """The next frame of this request on *plan*; interrupted if the plan is replaced
+        or nothing comes within the step timeout."""
+        deadline = trio.current_time() + self.step_timeout_s
+        while True:
+            if self.current_epoch is not None and self.current_epoch() > plan.epoch:
+                raise _Interrupted(f"plan {plan.epoch} was replaced")
+            with trio.move_on_after(min(0.25, max(0.0, deadline - trio.current_time()))):
+                reply = await recv_ch.receive()
+                if reply.epoch == plan.epoch:
+                    return reply
+                continue  # a late frame of an earlier plan
+            if trio.current_time() >= deadline:
+                raise _Interrupted(f"no token from the mesh within {self.step_timeout_s:g} s")
+
+    @staticmethod
+    def _result(plan: Plan, run: _Run) -> QueryResult:
         stages = [
-            {"peer": s.peer, "layers": str(s.range), "compute_s": round(compute[i], 6)}
+            {"peer": s.peer, "layers": str(s.range), "compute_s": round(run.compute[i], 6)}
             for i, s in enumerate(plan.stages)
+            if i < len(run.compute)
         ]
-        transfer = max(0.0, step_wall - sum(compute))
-        stages.append({"transfer_and_overhead_s": round(transfer, 6), "steps": steps})
-        decode = steps - 1
+        transfer = max(0.0, run.step_wall - sum(run.compute))
+        stages.append({"transfer_and_overhead_s": round(transfer, 6), "steps": len(run.out)})
+        decode = len(run.out) - 1
+        span = run.last_at - run.first_at
         return QueryResult(
-            token_ids=out,
-            prompt_tokens=len(prompt_ids),
-            finish_reason=finish,
-            ttft_s=first_at - t0,
-            decode_tokens_per_s=decode / (last_at - first_at) if decode > 0 else 0.0,
-            total_s=time.perf_counter() - t0,
+            token_ids=run.out,
+            prompt_tokens=len(run.prompt_ids),
+            finish_reason=run.finish,
+            ttft_s=run.first_at - run.t0,
+            decode_tokens_per_s=decode / span if decode > 0 and span > 0 else 0.0,
+            total_s=time.perf_counter() - run.t0,
             plan_epoch=plan.epoch,
             stages=stages,
+            recoveries=run.recoveries,
         )

@@ -7,6 +7,8 @@ a reason, never a crash.
 
 from __future__ import annotations
 
+import math
+import reprlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,10 +22,20 @@ KINDS = (FWD, TOKEN, END, ERROR)
 DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 MAX_DIMS = 4
 MAX_TENSORS = 16
+MAX_FORCED = 1 << 16
 
 
 class BadFrame(MeshError):
     """A frame that does not decode to a valid activation message."""
+
+
+def _show(v: Any) -> str:
+    """A short repr for error messages: repr() itself raises on an int of over 4300 digits,
+    which a CBOR bignum can carry."""
+    try:
+        return reprlib.repr(v)
+    except ValueError:
+        return f"<{type(v).__name__}>"
 
 
 @dataclass
@@ -42,10 +54,15 @@ class Frame:
     error: str = ""
     compute_s: list[float] = field(default_factory=list)  # per stage, in order
     sent_at: float = 0.0
+    # Replay after a plan change: tokens the last stage feeds back instead of its samples,
+    # so the new stages rebuild exactly the KV caches the old ones had (see Coordinator).
+    force: list[int] = field(default_factory=list)
+    retry: bool = False  # an ERROR the request may survive: a peer or a plan went away
 
 
 def encode_tensor(a: np.ndarray) -> list[Any]:
-    a = np.ascontiguousarray(a)
+    # tobytes() is C order whatever the layout; np.ascontiguousarray would turn a 0-d array
+    # into shape (1,), so scalars did not round-trip.
     return [a.dtype.name, list(a.shape), a.tobytes()]
 
 
@@ -55,16 +72,18 @@ def decode_tensor(name: str, raw: Any) -> np.ndarray:
     dtype_name, shape, data = raw
     dtype = DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
     if dtype is None:
-        raise BadFrame(f"tensor {name!r} has unsupported dtype {dtype_name!r}")
+        raise BadFrame(f"tensor {name!r} has unsupported dtype {_show(dtype_name)}")
     if (
         not isinstance(shape, list)
         or len(shape) > MAX_DIMS
         or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**31 for d in shape)
     ):
-        raise BadFrame(f"tensor {name!r} has a bad shape {shape!r}")
+        raise BadFrame(f"tensor {name!r} has a bad shape {_show(shape)}")
     if not isinstance(data, bytes):
         raise BadFrame(f"tensor {name!r} has no byte data")
-    expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    # Python ints: in int64 the product of four dimensions under 2**31 can wrap (2**90 -> 0),
+    # and a wrapped size that matched the data left reshape() to raise ValueError.
+    expected = math.prod(shape) * np.dtype(dtype).itemsize
     if len(data) != expected:
         raise BadFrame(f"tensor {name!r}: {len(data)} bytes for shape {shape} of {dtype_name}")
     return np.frombuffer(data, dtype=dtype).reshape(shape)
@@ -79,10 +98,14 @@ def encode_frame(f: Frame) -> bytes:
             obj["cap"] = f.cap
         if f.sampling:
             obj["sm"] = f.sampling
+        if f.force:
+            obj["f"] = f.force
     elif f.kind == TOKEN:
         obj["tok"] = f.token
     elif f.kind == ERROR:
         obj["err"] = f.error
+        if f.retry:
+            obj["rt"] = True
     elif f.kind == END:
         obj["c"] = f.coord
     if f.compute_s:
@@ -108,7 +131,7 @@ def decode_frame(data: bytes) -> Frame:
         raise BadFrame("frame is not a map")
     kind = obj.get("k")
     if kind not in KINDS:
-        raise BadFrame(f"unknown frame kind {kind!r}")
+        raise BadFrame(f"unknown frame kind {_show(kind)}")
     rid = obj.get("r")
     if not isinstance(rid, str) or not 0 < len(rid) <= 64:
         raise BadFrame("bad request id")
@@ -116,11 +139,17 @@ def decode_frame(data: bytes) -> Frame:
     cs = obj.get("cs", [])
     if not isinstance(cs, list) or len(cs) > 64 or not all(isinstance(x, float | int) for x in cs):
         raise BadFrame("bad stage timings")
-    f.compute_s = [float(x) for x in cs]
+    try:  # float() of a CBOR bignum over ~1e308 raises OverflowError
+        f.compute_s = [float(x) for x in cs]
+    except OverflowError:
+        raise BadFrame("bad stage timings") from None
     at = obj.get("at", 0.0)
     if not isinstance(at, float | int):
         raise BadFrame("bad timestamp")
-    f.sent_at = float(at)
+    try:
+        f.sent_at = float(at)
+    except OverflowError:
+        raise BadFrame("bad timestamp") from None
     if kind == FWD:
         f.pos, f.new = _int(obj, "p", lo=1), _int(obj, "n", lo=1)
         if f.new > f.pos:
@@ -135,9 +164,23 @@ def decode_frame(data: bytes) -> Frame:
             raise BadFrame("bad sampling parameters")
         f.sampling = sm
         tensors = obj.get("t")
-        if not isinstance(tensors, dict) or len(tensors) > MAX_TENSORS:
+        # Names must be strings (as encoded): str() of a bignum name would raise ValueError.
+        if (
+            not isinstance(tensors, dict)
+            or len(tensors) > MAX_TENSORS
+            or not all(isinstance(k, str) for k in tensors)
+        ):
             raise BadFrame("bad tensor map")
-        f.tensors = {str(k): decode_tensor(str(k), v) for k, v in tensors.items()}
+        f.tensors = {k: decode_tensor(k, v) for k, v in tensors.items()}
+        force = obj.get("f", [])
+        if (
+            not isinstance(force, list)
+            or len(force) > MAX_FORCED
+            or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**31
+                       for t in force)
+        ):  # fmt: skip
+            raise BadFrame("bad forced tokens")
+        f.force = force
     elif kind == TOKEN:
         f.token = _int(obj, "tok")
     elif kind == ERROR:
@@ -145,6 +188,7 @@ def decode_frame(data: bytes) -> Frame:
         if not isinstance(err, str):
             raise BadFrame("bad error text")
         f.error = err[:2000]
+        f.retry = obj.get("rt") is True
     elif kind == END:
         coord = obj.get("c", "")
         f.coord = coord if isinstance(coord, str) else ""

@@ -76,7 +76,13 @@ class ServingService:
         self._tokenizer = None
         self._links: dict[str, _Link] = {}
         self._models = self._local_models()
-        self.coordinator = Coordinator(self.me, self.send_frame)
+        self.coordinator = Coordinator(
+            self.me, self.send_frame, config.mesh.step_timeout_s,
+            current_epoch=lambda: self.plan.epoch if self.plan else 0,
+            next_plan=self._next_plan,
+        )  # fmt: skip
+        # The leader's last failure to replace a plan that lost a peer: {epoch, error}.
+        self._replan_error: dict[str, Any] | None = None
         self._nursery: trio.Nursery | None = None
         self._realize_scope: trio.CancelScope | None = None
         self._stage_scope: trio.CancelScope | None = None
@@ -103,6 +109,8 @@ class ServingService:
         x.update(self.profiler.extra())
         if self._serve_errors:
             x["serve_errors"] = self._serve_errors
+        if self._replan_error:
+            x["replan_error"] = self._replan_error
         if self.plan is not None:
             x["plan"] = self.plan.to_obj()
         return x
@@ -414,7 +422,8 @@ class ServingService:
         if stage is None or stage.epoch != f.epoch:
             if f.kind == FWD and self._nursery is not None:
                 reason = "this peer serves no stage of that plan (plan changed?)"
-                err = Frame(kind=ERROR, rid=f.rid, epoch=f.epoch, step=f.step, error=reason)
+                err = Frame(kind=ERROR, rid=f.rid, epoch=f.epoch, step=f.step, error=reason,
+                            retry=True)  # fmt: skip
                 self._nursery.start_soon(self._send_quietly, f.coord, err)
             return
         if not stage.submit(f) and f.kind == FWD and self._nursery is not None:
@@ -441,6 +450,59 @@ class ServingService:
                 log.warning("frame_dropped", other=stream.peer_id, reason=str(exc))
                 continue
             self._dispatch(f)
+
+    # -- surviving lost peers -----------------------------------------------------------------
+    async def _watch_plan(self) -> None:
+        """Leader: replace a plan one of whose stages' peers is gone, until that works."""
+        last_try = -float("inf")
+        while True:
+            await trio.sleep(0.2)
+            plan = self.plan
+            if plan is None or self.node.role != LEADER:
+                continue
+            alive = {self.me, *self.node.alive_peers()}
+            lost = [s.peer for s in plan.stages if s.peer not in alive]
+            if not lost or trio.current_time() - last_try < 2.0:
+                continue
+            last_try = trio.current_time()
+            log.warning("plan_lost_peers", epoch=plan.epoch, peers=lost)
+            objective = (plan.predicted or {}).get("objective")
+            try:
+                await self.make_plan(plan.model, plan.partitioner, objective)
+                self._replan_error = None
+            except MeshError as exc:
+                # Not enough peers (or the model's source is gone): say why on heartbeats,
+                # so queries fail with the reason; retried while peers come and go.
+                self._replan_error = {"epoch": plan.epoch, "error": str(exc)}
+                log.warning("replan_failed", epoch=plan.epoch, reason=str(exc))
+            self.node.announce()
+
+    def _replan_failure(self, epoch: int) -> str | None:
+        leader = self.node.current_leader()
+        if leader == self.me:
+            err = self._replan_error
+        else:
+            rec = self.node.peers.get(leader) if leader else None
+            err = rec.extra.get("replan_error") if rec is not None else None
+        if isinstance(err, dict) and err.get("epoch") == epoch:
+            return str(err.get("error"))
+        return None
+
+    async def _next_plan(self, after: int, reason: str) -> Plan:
+        """For an interrupted query: the next plan once every stage of it is ready."""
+        log.info("query_interrupted", epoch=after, reason=reason)
+        timeout = self.config.mesh.recovery_timeout_s
+        with trio.move_on_after(timeout):
+            while True:
+                plan = self.plan
+                if plan is not None and plan.epoch > after and self.plan_ready():
+                    return plan
+                why = self._replan_failure(after)
+                if why is not None:
+                    raise QueryFailed(f"{reason}; the mesh cannot go on: {why}")
+                with trio.move_on_after(0.2):
+                    await self._plan_changed.wait()
+        raise QueryFailed(f"{reason}; no new plan was ready within {timeout:g} s")
 
     # -- control operations -------------------------------------------------------------------
     async def op_serve(self, args: dict[str, Any]) -> Any:
@@ -568,6 +630,12 @@ class ServingService:
         if plan is None:
             raise ControlError("not_serving", "no model is served: run `meshllm serve MODEL`")
         if not self.plan_ready() or manifest is None or tok is None:
+            why = self._replan_failure(plan.epoch)
+            if why is not None:
+                raise ControlError(
+                    "not_serving",
+                    f"the mesh cannot serve {plan.model} now: {why} (it resumes when peers return)",
+                )
             raise ControlError("not_ready", f"the mesh is still loading {plan.model}; try again")
         t0 = time.perf_counter()
         prompt_ids = tok.encode_prompt(prompt, raw=bool(args.get("raw", False)))
@@ -602,6 +670,7 @@ class ServingService:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self._watch_plan)
             task_status.started()
             while True:
                 # Models imported while the daemon runs are advertised within seconds.

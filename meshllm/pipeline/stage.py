@@ -16,11 +16,18 @@ import structlog
 import trio
 
 from meshllm.errors import MeshError
+from meshllm.mesh.transport import PeerUnreachable
 from meshllm.model.runtime import SegmentRuntime
 from meshllm.model.sampling import Sampler, SamplingParams
 from meshllm.pipeline.frames import END, ERROR, FWD, TOKEN, Frame
 
 Send = Callable[[str, Frame], Awaitable[None]]
+
+
+class StaleEpoch(MeshError):
+    """A frame for another plan than the one this stage serves."""
+
+
 log = structlog.get_logger("meshllm.stage")
 
 
@@ -89,7 +96,11 @@ class StageRunner:
                 except MeshError as exc:
                     self._drop(f.rid)
                     log.warning("request_failed", rid=f.rid, stage=self.index, reason=str(exc))
-                    await self._fail(f, str(exc))
+                    # A lost peer or a replaced plan: the coordinator may replay the request
+                    # on the next plan. Anything else is the request's own fault.
+                    await self._fail(
+                        f, str(exc), retry=isinstance(exc, PeerUnreachable | StaleEpoch)
+                    )
         finally:
             for rid in list(self.runtime.open_requests):
                 self._drop(rid)
@@ -99,10 +110,10 @@ class StageRunner:
         self._samplers.pop(rid, None)
         self._caps.pop(rid, None)
 
-    async def _fail(self, f: Frame, reason: str) -> None:
+    async def _fail(self, f: Frame, reason: str, *, retry: bool = False) -> None:
         if f.coord:
-            err = Frame(kind=ERROR, rid=f.rid, epoch=self.epoch, step=f.step,
-                        error=f"stage {self.index}: {reason}")  # fmt: skip
+            err = Frame(kind=ERROR, rid=f.rid, epoch=f.epoch, step=f.step,
+                        error=f"stage {self.index}: {reason}", retry=retry)  # fmt: skip
             with contextlib.suppress(MeshError):
                 await self.send(f.coord, err)
 
@@ -115,7 +126,7 @@ class StageRunner:
         if f.kind != FWD:
             return
         if f.epoch != self.epoch:
-            raise MeshError(f"frame for plan epoch {f.epoch}, this stage serves {self.epoch}")
+            raise StaleEpoch(f"frame for plan epoch {f.epoch}, this stage serves {self.epoch}")
         rid = f.rid
         if rid not in self.runtime.open_requests:
             if not f.cap:
@@ -155,13 +166,19 @@ class StageRunner:
         timings = [*f.compute_s, spent]
         if self.is_last:
             token = self._samplers[rid](outs["logits"][0, -1])
+            force = f.force
+            if force:
+                # Replaying: the sample above is drawn anyway (a seeded sampler's state then
+                # matches the original run's), and the token the request already had wins.
+                token, force = force[0], force[1:]
             # The token goes straight back to stage 0 as the next step (one hop fewer per
             # token than a round trip through the coordinator), and to the coordinator, which
             # streams it. Both apply the same stop rule: end of sequence or a full KV cache.
             if token not in self.eos and f.pos + 1 < self._caps.get(rid, 0):
                 ids = np.asarray([[token]], dtype=np.int64)
                 again = Frame(kind=FWD, rid=rid, epoch=f.epoch, step=f.step + 1, pos=f.pos + 1,
-                              new=1, coord=f.coord, tensors={"input_ids": ids})  # fmt: skip
+                              new=1, coord=f.coord, tensors={"input_ids": ids},
+                              force=force)  # fmt: skip
                 await self.send(self.first_peer, again)
             reply = Frame(kind=TOKEN, rid=rid, epoch=f.epoch, step=f.step, token=token,
                           compute_s=timings)  # fmt: skip
@@ -173,6 +190,6 @@ class StageRunner:
         tensors.update(outs)
         nxt = Frame(kind=FWD, rid=rid, epoch=f.epoch, step=f.step, pos=f.pos, new=f.new,
                     cap=f.cap, coord=f.coord, sampling=f.sampling, tensors=tensors,
-                    compute_s=timings)  # fmt: skip
+                    compute_s=timings, force=f.force)  # fmt: skip
         assert self.next_peer is not None
         await self.send(self.next_peer, nxt)
