@@ -36,7 +36,9 @@ def parse_request(line: bytes) -> Request:
     """Decode one request line; raises ControlError with a precise code."""
     try:
         obj = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    # ValueError covers the decode errors and also an integer of over 4300 digits;
+    # RecursionError is nesting deeper than the interpreter's stack allows.
+    except (ValueError, RecursionError) as exc:
         raise ControlError("bad_json", f"request is not valid JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise ControlError("bad_request", "request must be a JSON object")
@@ -58,7 +60,7 @@ def request_id(line: bytes) -> Any:
     try:
         obj = json.loads(line)
         return obj.get("id") if isinstance(obj, dict) else None
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # as in parse_request
         return None
 
 

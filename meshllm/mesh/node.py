@@ -121,7 +121,9 @@ def decode_message(payload: bytes) -> dict[str, Any]:
         if not isinstance(msg.get("body"), dict):
             raise BadMessage("bad app message")
     elif kind != "vreq":
-        raise BadMessage(f"unknown message type {kind!r}")
+        # Not repr(kind): it raises ValueError for an int of over 4300 digits (a CBOR bignum).
+        shown = repr(kind[:40]) if isinstance(kind, str) else f"of type {type(kind).__name__}"
+        raise BadMessage(f"unknown message type {shown}")
     return msg
 
 

@@ -64,7 +64,8 @@ class Plan:
                 predicted=_predicted(obj.get("predicted")),
             )  # fmt: skip
             validate_ranges([s.range for s in stages], plan.num_layers)
-        except (KeyError, TypeError, ValueError, MeshError) as exc:
+        # OverflowError: int() of an infinite float, float() of an int over ~1e308.
+        except (KeyError, TypeError, ValueError, OverflowError, MeshError) as exc:
             raise PlanError(f"malformed plan: {exc}") from None
         if len({s.peer for s in stages}) != len(stages):
             raise PlanError("malformed plan: a peer holds two stages")

@@ -86,7 +86,8 @@ class Profile:
                 memory_bytes=int(obj["memory_bytes"]), memory_exact=bool(obj["memory_exact"]),
                 threads=int(obj["threads"]), measured_at=float(obj["measured_at"]), links=links,
             )  # fmt: skip
-        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        # OverflowError: float() of an int over ~1e308, int() of an infinite float.
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as exc:
             raise ProfileError(f"malformed profile: {exc!r}") from None
         figures = (
             prof.layer_s, prof.first_s, prof.last_s, prof.prefill_layer_s, prof.hop_s,
