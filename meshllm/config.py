@@ -93,6 +93,23 @@ class PlanSection:
 
 
 @dataclass(frozen=True)
+class BalanceSection:
+    """The runtime load balancer (used where this peer is the leader)."""
+
+    policy: str = "threshold"  # a registered balancing policy: threshold, none, or a plugin's
+    slowdown: float = 1.5  # a stage this many times slower than its baseline (vs the others)
+    min_steps: int = 12  # decode steps of evidence before a stage can be judged
+    min_gain: float = 1.15  # the new plan must be predicted at least this much faster
+    cooldown_s: float = 10.0  # after a re-plan, wait this long before the next one
+
+    def __post_init__(self) -> None:
+        if self.slowdown <= 1 or self.min_gain < 1:
+            raise ConfigError("[balance] slowdown must be > 1 and min_gain >= 1")
+        if self.min_steps < 1 or self.cooldown_s < 0:
+            raise ConfigError("[balance] min_steps must be >= 1 and cooldown_s >= 0")
+
+
+@dataclass(frozen=True)
 class LimitsSection:
     """What this peer accepts; a request over a limit gets an error naming the limit."""
 
@@ -125,6 +142,7 @@ class Config:
     mesh: MeshSection = field(default_factory=MeshSection)
     plan: PlanSection = field(default_factory=PlanSection)
     limits: LimitsSection = field(default_factory=LimitsSection)
+    balance: BalanceSection = field(default_factory=BalanceSection)
     log: LogSection = field(default_factory=LogSection)
 
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
+    from meshllm.balance import BalancingPolicy
     from meshllm.mesh.transport import Transport
     from meshllm.partitioners import Partitioner
 
@@ -47,4 +48,24 @@ def meshllm_register_transports(register: Callable[[Transport], None]) -> None:
 
     Called once, when a daemon starts and builds its transport registry; the daemon then uses
     the transport named by ``[mesh] transport`` in its config. The result is ignored.
+    """
+
+
+@hookspec
+def meshllm_register_balancing_policies(register: Callable[[BalancingPolicy], None]) -> None:
+    """Register balancing policies: when the leader moves layers away from a slowed-down peer.
+
+    :param register: call it once per policy object. The object needs a ``name`` (lower-case
+        identifier, unique across all plugins) and a ``decide(observation)`` method taking a
+        :class:`meshllm.balance.Observation` (the plan's stages with each one's baseline and
+        recent per-step compute time, and how long the plan has been live) and returning a
+        :class:`meshllm.balance.Decision` (which peers to treat as how many times slower, and
+        why) to ask for a re-plan, or None to keep the plan. The leader re-plans with ``lp``
+        under those slowdowns and switches only if the new plan's predicted gain clears
+        ``[balance] min_gain``; requests in flight are replayed on the new plan, so a
+        policy can never change an answer, only when layers move.
+
+    Called once when the daemon builds its policy registry; ``decide`` is then called by the
+    leader about twice a second while a plan serving with that policy (``[balance] policy``,
+    or ``meshllm serve --balance``) is live. It must be quick and must not block.
     """

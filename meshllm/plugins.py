@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 import re
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import pluggy
 
@@ -14,9 +14,13 @@ from meshllm.mesh.transport import Transport
 from meshllm.model.ranges import LayerRange, validate_ranges
 from meshllm.partitioners import Assignment, Partitioner, PartitionRequest
 
+if TYPE_CHECKING:
+    pass
+
 # Built-ins are registered exactly like third-party plugins.
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "meshllm.partitioners",
+    "meshllm.balance",
     "meshllm.mesh.memory",
     "meshllm.mesh.libp2p_transport",
 )
@@ -114,3 +118,8 @@ class PartitionerRegistry(Registry[Partitioner]):
 class TransportRegistry(Registry[Transport]):
     def __init__(self, pm: pluggy.PluginManager):
         super().__init__(pm, "meshllm_register_transports", "transport", ("create_endpoint",))
+
+
+class BalancingPolicyRegistry(Registry["BalancingPolicy"]):
+    def __init__(self, pm: pluggy.PluginManager):
+        super().__init__(pm, "meshllm_register_balancing_policies", "balancing policy", ("decide",))

@@ -36,6 +36,11 @@ def _describe(plan: dict[str, Any]) -> str:
     help="What lp optimises: the slowest stage, or one step end to end (default: config).",
 )
 @click.option(
+    "--balance",
+    default=None,
+    help="Balancing policy while serving: threshold, none or a plugin's (default: config).",
+)
+@click.option(
     "--wait/--no-wait",
     default=True,
     show_default=True,
@@ -49,6 +54,7 @@ def serve_cmd(
     model: str,
     partitioner: str | None,
     objective: str | None,
+    balance: str | None,
     wait: bool,
     timeout: float,
     as_json: bool,

@@ -37,6 +37,7 @@ class Plan:
     # {"objective", "step_s" (one decode step of one request), "stage_s" (per stage, under
     # sustained load), "bottleneck_s" (the slowest of those: 1 / the best aggregate rate)}.
     predicted: dict[str, Any] | None = None
+    balance: str = "none"  # the balancing policy watching this plan (see meshllm.balance)
 
     def stage_of(self, peer: str) -> int | None:
         for i, s in enumerate(self.stages):
@@ -51,6 +52,7 @@ class Plan:
             "partitioner": self.partitioner,
             "stages": [[s.peer, s.start, s.stop] for s in self.stages],
             "predicted": self.predicted,
+            "balance": self.balance,
         }  # fmt: skip
 
     @classmethod
@@ -62,6 +64,7 @@ class Plan:
                 source=str(obj["source"]), num_layers=int(obj["num_layers"]),
                 partitioner=str(obj["partitioner"]), stages=stages,
                 predicted=_predicted(obj.get("predicted")),
+                balance=str(obj.get("balance", "none"))[:32],
             )  # fmt: skip
             validate_ranges([s.range for s in stages], plan.num_layers)
         # OverflowError: int() of an infinite float, float() of an int over ~1e308.

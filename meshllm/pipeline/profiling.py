@@ -249,6 +249,20 @@ class Profiler:
 SUSTAINED, IDLE = "sustained", "idle"
 
 
+def slowed(prof: Profile, factor: float) -> Profile:
+    """*prof* for a device now *factor* times slower (as the balancer measured it)."""
+    if factor == 1.0:
+        return prof
+    from dataclasses import replace
+
+    return replace(
+        prof, layer_s=prof.layer_s * factor, first_s=prof.first_s * factor,
+        last_s=prof.last_s * factor, hop_s=prof.hop_s * factor,
+        idle_layer_s=prof.idle_layer_s * factor, idle_first_s=prof.idle_first_s * factor,
+        idle_last_s=prof.idle_last_s * factor, idle_hop_s=prof.idle_hop_s * factor,
+    )  # fmt: skip
+
+
 def regime_for(objective: str) -> str:
     """Which figures price a plan: a latency plan serves one request at a time, so each stage
     idles between steps; a throughput plan keeps every stage busy."""

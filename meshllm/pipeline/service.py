@@ -22,6 +22,7 @@ from typing import Any
 import structlog
 import trio
 
+from meshllm.balance import Decision, Observation, StageObservation
 from meshllm.config import OBJECTIVES, Config
 from meshllm.control.protocol import ControlError
 from meshllm.errors import MeshError
@@ -43,9 +44,9 @@ from meshllm.pipeline.frames import (
     encode_frame,
 )
 from meshllm.pipeline.plan import Plan, PlanError, Stage
-from meshllm.pipeline.profiling import Profiler, partition_request, predict
+from meshllm.pipeline.profiling import Profiler, partition_request, predict, slowed
 from meshllm.pipeline.stage import StageRunner, sampling_from
-from meshllm.plugins import PartitionerRegistry, get_plugin_manager
+from meshllm.plugins import BalancingPolicyRegistry, PartitionerRegistry, get_plugin_manager
 
 ACT_PROTOCOL = "act"
 log = structlog.get_logger("meshllm.serve")
@@ -83,6 +84,11 @@ class ServingService:
         )  # fmt: skip
         # The leader's last failure to replace a plan that lost a peer: {epoch, error}.
         self._replan_error: dict[str, Any] | None = None
+        # Balancing (leader): measured slowdowns that later plans keep accounting for, and
+        # what the balancer saw and decided last (for status).
+        self.policies = BalancingPolicyRegistry(get_plugin_manager())
+        self._speed_factors: dict[str, float] = {}
+        self.balancer: dict[str, Any] = {}
         self._nursery: trio.Nursery | None = None
         self._realize_scope: trio.CancelScope | None = None
         self._stage_scope: trio.CancelScope | None = None
@@ -111,6 +117,8 @@ class ServingService:
             x["serve_errors"] = self._serve_errors
         if self._replan_error:
             x["replan_error"] = self._replan_error
+        if self.stage is not None:
+            x["stage_stats"] = self.stage.stats()
         if self.plan is not None:
             x["plan"] = self.plan.to_obj()
         return x
@@ -162,6 +170,7 @@ class ServingService:
                     str(body.get("model")),
                     str(body.get("partitioner") or self.config.plan.partitioner),
                     str(body.get("objective") or self.config.plan.objective),
+                    str(body.get("balance") or self.config.balance.policy),
                 )
                 return
             except PlanError as exc:
@@ -225,10 +234,30 @@ class ServingService:
             log.warning("profiles_missing", peers=missing)
         return found
 
-    async def make_plan(self, model: str, partitioner: str, objective: str | None = None) -> Plan:
+    async def make_plan(
+        self,
+        model: str,
+        partitioner: str,
+        objective: str | None = None,
+        balance: str | None = None,
+    ) -> Plan:
         """Leader only: assign the model's layers to the live peers and publish the plan."""
+        plan, _ctx = await self._build_plan(model, partitioner, objective, balance)
+        self._adopt(plan)
+        return plan
+
+    async def _build_plan(
+        self,
+        model: str,
+        partitioner: str,
+        objective: str | None,
+        balance: str | None,
+        factors: dict[str, float] | None = None,
+    ) -> tuple[Plan, tuple]:
+        """A plan (not adopted) and what priced it, for comparing with another plan."""
         if objective not in OBJECTIVES:
             objective = self.config.plan.objective
+        balance = balance or self.config.balance.policy
         config = replace(self.config, plan=replace(self.config.plan, objective=objective))
         info, source = self._find_model(model)
         sha = str(info["sha"])
@@ -236,14 +265,17 @@ class ServingService:
         impl = self.partitioners.get(partitioner)
         manifest = Manifest.read(await self.profiler.meta_dir(sha, source))
         ends = await self.profiler.end_bytes(sha, source)
-        # Profiles cost a few seconds once per model; partitioners that ignore them skip it.
-        if getattr(impl, "uses_profiles", False):
+        # Profiles cost a few seconds once per model; they are skipped where nothing uses
+        # them (a partitioner that ignores them, and no balancer that would re-plan).
+        if getattr(impl, "uses_profiles", False) or balance != "none":
             profiles = await self.gather_profiles(sha, source, workers, refresh=False)
         else:  # what is known already still predicts the plan's speed
             known = {w: self.profiler.profile_of(w, sha) for w in workers}
             profiles = {w: p for w, p in known.items() if p is not None}
             if len(profiles) != len(workers):
                 profiles = {}
+        factors = self._speed_factors if factors is None else factors
+        profiles = {w: slowed(p, factors.get(w, 1.0)) for w, p in profiles.items()}
         request = partition_request(workers, profiles, manifest, ends, config)
         from meshllm.plan import Infeasible
 
@@ -255,18 +287,18 @@ class ServingService:
             raise PlanError(f"cannot serve {model} on these {len(workers)} peers: {exc}") from None
         stages = tuple(Stage(w, r.start, r.stop) for w, r in zip(workers, assignment, strict=True)
                        if r is not None)  # fmt: skip
-        predicted = predict(workers, profiles, manifest, ends, config, stages) if profiles else None
+        ctx = (workers, profiles, manifest, ends, config)
+        predicted = predict(*ctx, stages) if profiles else None
         epoch = max(self.plan.epoch if self.plan else 0, self._max_epoch_seen()) + 1
         plan = Plan(
             epoch=epoch, model=model, model_sha=sha, source=source,
             num_layers=int(info["layers"]), partitioner=partitioner, stages=stages,
-            predicted=predicted,
+            predicted=predicted, balance=balance,
         )  # fmt: skip
         log.info("plan_made", epoch=epoch, model=model, stages=[str(s.range) for s in plan.stages],
                  predicted_step_ms=None if predicted is None else
                  round(predicted["step_s"] * 1e3, 2))  # fmt: skip
-        self._adopt(plan)
-        return plan
+        return plan, ctx
 
     def _max_epoch_seen(self) -> int:
         best = 0
@@ -468,7 +500,7 @@ class ServingService:
             log.warning("plan_lost_peers", epoch=plan.epoch, peers=lost)
             objective = (plan.predicted or {}).get("objective")
             try:
-                await self.make_plan(plan.model, plan.partitioner, objective)
+                await self.make_plan(plan.model, plan.partitioner, objective, plan.balance)
                 self._replan_error = None
             except MeshError as exc:
                 # Not enough peers (or the model's source is gone): say why on heartbeats,
@@ -504,6 +536,99 @@ class ServingService:
                     await self._plan_changed.wait()
         raise QueryFailed(f"{reason}; no new plan was ready within {timeout:g} s")
 
+    # -- runtime balancing ---------------------------------------------------------------------
+    def _observe(self, plan: Plan, age_s: float) -> Observation | None:
+        stages = []
+        for st in plan.stages:
+            if st.peer == self.me:
+                raw: Any = self.stage.stats() if self.stage is not None else None
+            else:
+                rec = self.node.peers.get(st.peer)
+                raw = rec.extra.get("stage_stats") if rec is not None else None
+            if not isinstance(raw, dict) or raw.get("epoch") != plan.epoch:
+                return None
+            try:
+                stages.append(StageObservation(
+                    peer=st.peer, start=st.start, stop=st.stop, steps=int(raw["steps"]),
+                    baseline_s=float(raw["baseline_s"]), recent_s=float(raw["recent_s"]),
+                ))  # fmt: skip
+            except (KeyError, TypeError, ValueError):
+                return None
+        cfg = self.config.balance
+        return Observation(epoch=plan.epoch, age_s=age_s, stages=tuple(stages),
+                           slowdown_threshold=cfg.slowdown, min_steps=cfg.min_steps)  # fmt: skip
+
+    async def _balance_loop(self) -> None:
+        """Leader: ask the plan's balancing policy about the stages; re-plan when it says so."""
+        cfg = self.config.balance
+        epoch, live_since, last_change = 0, 0.0, -float("inf")
+        while True:
+            await trio.sleep(0.5)
+            plan = self.plan
+            if plan is None or self.node.role != LEADER or plan.balance == "none":
+                continue
+            now = trio.current_time()
+            if plan.epoch != epoch:
+                epoch, live_since = plan.epoch, now
+            obs = self._observe(plan, now - live_since) if self.plan_ready() else None
+            if obs is None:
+                continue
+            self.balancer.update(policy=plan.balance, epoch=plan.epoch,
+                                 slowdowns={p[-8:]: round(f, 3) for p, f in
+                                            obs.relative_slowdowns().items()},
+                                 speed_factors=dict(self._speed_factors))  # fmt: skip
+            if now - last_change < cfg.cooldown_s:
+                continue
+            try:
+                decision = self.policies.get(plan.balance).decide(obs)
+            except Exception as exc:  # a policy plugin's bug must not stop the leader
+                log.error("balancing_policy_failed", policy=plan.balance, error=repr(exc))
+                continue
+            if decision is None:
+                continue
+            if await self._rebalance(plan, decision):
+                last_change = trio.current_time()
+
+    async def _rebalance(self, plan: Plan, decision: Decision) -> bool:
+        """Re-plan with *decision*'s slowdowns; adopt when the predicted gain is worth it."""
+        factors = dict(self._speed_factors)
+        for peer, f in decision.factors.items():
+            factors[peer] = factors.get(peer, 1.0) * f
+        objective = (plan.predicted or {}).get("objective") or self.config.plan.objective
+        metric = "bottleneck_s" if objective == "throughput" else "step_s"
+        try:
+            # Moving layers is the optimiser's job whatever split the plan started from.
+            candidate, ctx = await self._build_plan(
+                plan.model, "lp", objective, plan.balance, factors
+            )
+            if not ctx[1]:
+                raise MeshError("no peer profiles to re-plan from")
+            now_cost = predict(*ctx, plan.stages)[metric]
+        except MeshError as exc:
+            self._decided(plan, decision, "failed", reason=str(exc))
+            return False
+        new_cost = (candidate.predicted or {}).get(metric, now_cost)
+        gain = now_cost / new_cost if new_cost > 0 else 1.0
+        if gain < self.config.balance.min_gain or candidate.stages == plan.stages:
+            self._decided(plan, decision, "kept", gain=gain)
+            return False
+        self._speed_factors = factors
+        self._decided(plan, decision, "replanned", gain=gain, epoch=candidate.epoch,
+                      stages=[str(st.range) for st in candidate.stages])  # fmt: skip
+        self._adopt(candidate)
+        return True
+
+    def _decided(self, plan: Plan, decision: Decision, outcome: str, **extra: Any) -> None:
+        rounded = {k: round(v, 3) if isinstance(v, float) else v for k, v in extra.items()}
+        record = {"at": time.time(), "epoch": plan.epoch, "outcome": outcome,
+                  "reason": decision.reason,
+                  "factors": {p[-8:]: f for p, f in decision.factors.items()},
+                  **rounded}  # fmt: skip
+        self.balancer["last_decision"] = record
+        self.balancer.setdefault("decisions", 0)
+        self.balancer["decisions"] += 1
+        log.info("balancing_decision", **record)
+
     # -- control operations -------------------------------------------------------------------
     async def op_serve(self, args: dict[str, Any]) -> Any:
         model = args.get("model")
@@ -519,11 +644,15 @@ class ServingService:
         self._models = self._local_models()
         before = self.plan.epoch if self.plan else 0
         rid = secrets.token_hex(8)
+        balance = args.get("balance") or self.config.balance.policy
+        if not isinstance(balance, str):
+            raise ControlError("bad_request", "args.balance must be a string")
+        self.policies.get(balance)  # unknown names fail here, with the list
         objective = args.get("objective") or self.config.plan.objective
         if objective not in OBJECTIVES:
             raise ControlError("bad_request", f"args.objective must be one of {OBJECTIVES}")
         body = {"kind": "serve", "model": model, "partitioner": partitioner, "rid": rid,
-                "objective": objective}  # fmt: skip
+                "objective": objective, "balance": balance}  # fmt: skip
         if self.node.role == LEADER:
             assert self._nursery is not None
             self._nursery.start_soon(self._make_plan_logged, body)
@@ -591,6 +720,7 @@ class ServingService:
             "coordinating": self.coordinator.in_flight,
             "profile": None if self.profiler.latest is None else self.profiler.latest.to_obj(),
             "profiles": self._plan_profiles(),
+            "balancer": self.balancer or None,
             "profiling": sorted(self.profiler.busy),
         }  # fmt: skip
 
@@ -671,6 +801,7 @@ class ServingService:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._watch_plan)
+            nursery.start_soon(self._balance_loop)
             task_status.started()
             while True:
                 # Models imported while the daemon runs are advertised within seconds.

@@ -74,6 +74,32 @@ class StageRunner:
         self.steps = 0
         self.compute_s = 0.0
         self.inner_s = 0.0
+        # Decode-step compute for the balancer: a baseline once warm, then a moving average.
+        self.decode_steps = 0
+        self.baseline_s = 0.0
+        self.recent_s = 0.0
+        self._baseline_sum = 0.0
+
+    WARMUP_STEPS, BASELINE_STEPS, EWMA = 4, 16, 0.2
+
+    def _note_decode_step(self, spent: float) -> None:
+        self.decode_steps += 1
+        n = self.decode_steps - self.WARMUP_STEPS
+        if n <= 0:
+            return
+        if n <= self.BASELINE_STEPS:
+            self._baseline_sum += spent
+            self.recent_s = self._baseline_sum / n
+            if n == self.BASELINE_STEPS:
+                self.baseline_s = self.recent_s
+            return
+        self.recent_s += self.EWMA * (spent - self.recent_s)
+
+    def stats(self) -> dict[str, float | int]:
+        """What the leader's balancer sees of this stage."""
+        measured = max(0, self.decode_steps - self.WARMUP_STEPS - self.BASELINE_STEPS)
+        return {"epoch": self.epoch, "steps": measured, "baseline_s": self.baseline_s,
+                "recent_s": self.recent_s}  # fmt: skip
 
     @property
     def is_last(self) -> bool:
@@ -163,6 +189,8 @@ class StageRunner:
         spent = time.perf_counter() - t0
         self.steps += 1
         self.compute_s += spent
+        if f.new == 1:
+            self._note_decode_step(spent)
         timings = [*f.compute_s, spent]
         if self.is_last:
             token = self._samplers[rid](outs["logits"][0, -1])

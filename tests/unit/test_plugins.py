@@ -145,3 +145,40 @@ def test_transports_registry_has_builtins_and_third_party():
             reg.get("carrier-pigeon")
     finally:
         pm.unregister(plugin)
+
+
+class AlwaysRebalance:
+    """A third-party policy: re-plan as soon as any stage is measured at all."""
+
+    name = "eager"
+
+    def decide(self, observation):
+        from meshllm.balance import Decision
+
+        measured = [s for s in observation.stages if s.steps]
+        return Decision({measured[0].peer: 2.0}, "eager") if measured else None
+
+
+class PolicyPlugin:
+    @hookimpl
+    def meshllm_register_balancing_policies(self, register):
+        register(AlwaysRebalance())
+
+
+def test_balancing_policies_registry_has_builtins_and_third_party():
+    from meshllm.balance import Observation, StageObservation
+    from meshllm.plugins import BalancingPolicyRegistry
+
+    pm = get_plugin_manager(load_entry_points=False)
+    plugin = PolicyPlugin()
+    pm.register(plugin, name="policy-plugin")
+    try:
+        reg = BalancingPolicyRegistry(pm)
+        assert {"threshold", "none", "eager"} <= set(reg.names())
+        assert reg.owner("eager") == "policy-plugin"
+        obs = Observation(epoch=1, age_s=5.0, slowdown_threshold=1.5, min_steps=1,
+                          stages=(StageObservation("a", 0, 4, 3, 0.01, 0.01),))  # fmt: skip
+        assert reg.get("eager").decide(obs).factors == {"a": 2.0}
+        assert reg.get("none").decide(obs) is None
+    finally:
+        pm.unregister(plugin)

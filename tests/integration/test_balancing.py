@@ -1,0 +1,131 @@
+"""The runtime balancer moves layers off a phone throttled mid-generation, answers unchanged.
+
+Emulated phones (network namespaces and CPU quotas, so this needs root): three equal phones
+serve SmolLM2 (int4) with an even split and the ``threshold`` policy; while three greedy
+queries stream, the middle stage's phone is throttled to a quarter core. The leader notices,
+re-plans with lp, the queries are replayed on the new plan, and every answer still equals the
+whole model's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from meshllm import netbed, testbed
+from meshllm.control.client import call, call_stream
+from meshllm.errors import MeshError
+from tests.integration.mesh_helpers import cli, wait_for
+
+pytestmark = pytest.mark.real_model
+TOKENS = 128
+THROTTLE_AFTER = 24
+PROMPTS = [
+    "Write a long story about a lighthouse keeper who finds a message in a bottle.",
+    "Write a long story about a robot who learns to paint.",
+    "Write a long story about a girl who sails around the world.",
+]
+PROFILE = """
+[class.phone]
+cpu = 1.0
+bandwidth_mbit = 1000
+memory_mb = 4096
+
+[[peer]]
+class = "phone"
+[[peer]]
+class = "phone"
+[[peer]]
+class = "phone"
+"""
+
+
+def _host_problem() -> str | None:
+    try:
+        netbed.check_host()
+    except MeshError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.fixture(scope="module")
+def oracle(smollm_models):
+    model = smollm_models["int4"]
+    home = model.path.parent.parent
+    out = {}
+    for prompt in PROMPTS:
+        proc = cli(home, "generate", "--model", model.name, prompt, "--max-tokens", str(TOKENS),
+                   "--monolithic", "--json", "--threads", "1", timeout=120)  # fmt: skip
+        out[prompt] = json.loads(proc.stdout)["token_ids"]
+    return out
+
+
+def test_throttled_phone_loses_its_layers_and_answers_stay_exact(
+    smollm_models, oracle, tmp_path_factory
+):
+    problem = _host_problem()
+    if problem:
+        pytest.skip(f"emulated phones need root, iproute2 and cgroup v1: {problem}")
+    model = smollm_models["int4"]
+    root = tmp_path_factory.mktemp("balance")
+    profile = root / "phones.toml"
+    profile.write_text(PROFILE)
+    peers = testbed.up(root / "tb", profile=profile)
+    homes = [Path(p.home) for p in peers]
+    try:
+        shutil.copytree(model.path, homes[0] / "models" / model.name, copy_function=os.link,
+                        ignore=shutil.ignore_patterns("segments", "*.lock"))  # fmt: skip
+        cli(homes[0], "serve", model.name, "--partitioner", "even", "--balance", "threshold",
+            "--timeout", "200", timeout=220)  # fmt: skip
+        plan = call(homes[0], "status")["serving"]["plan"]
+        ids = [call(h, "status")["self"]["id"] for h in homes]
+        middle = ids.index(plan["stages"][1][0])
+        net = testbed.load_network(root / "tb")
+        assert net is not None
+
+        started = threading.Event()
+        counts = [0] * len(PROMPTS)
+
+        def run(i: int) -> dict:
+            def on_event(ev: dict) -> None:
+                if "token" in ev:
+                    counts[i] += 1
+                    if counts[i] >= THROTTLE_AFTER:
+                        started.set()
+
+            return call_stream(homes[i % len(homes)], "query", on_event, timeout=600,
+                               prompt=PROMPTS[i], max_tokens=TOKENS)  # fmt: skip
+
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:
+            futures = [pool.submit(run, i) for i in range(len(PROMPTS))]
+            assert started.wait(120)
+            netbed.set_cpu_quota(net.peers[middle], 0.25)
+            answers = [f.result(timeout=600) for f in futures]
+
+        for prompt, answer in zip(PROMPTS, answers, strict=True):
+            assert answer["token_ids"] == oracle[prompt]
+        replayed = [r for a in answers for r in a["recoveries"]]
+        # Every query moved to the new plan (replayed there) rather than failing.
+        assert replayed and all(r["epoch"] > plan["epoch"] for r in replayed)
+        leader_home = next(h for h in homes
+                           if call(h, "status")["self"]["role"] == "leader")  # fmt: skip
+        balancer = call(leader_home, "status")["serving"]["balancer"]
+        decision = balancer["last_decision"]
+        assert decision["outcome"] == "replanned" and decision["gain"] >= 1.15
+        assert ids[middle][-8:] in decision["factors"]
+        new_plan = call(homes[0], "status")["serving"]["plan"]
+        assert new_plan["epoch"] > plan["epoch"] and new_plan["partitioner"] == "lp"
+        old = plan["stages"][1][2] - plan["stages"][1][1]
+        kept = [b - a for p, a, b in new_plan["stages"] if p == ids[middle]]
+        assert not kept or kept[0] < old  # the throttled phone lost layers (or all of them)
+        print(f"\nbalancer: {decision}")
+        # The mesh keeps serving on the new plan.
+        assert wait_for(lambda: call(homes[1], "status")["serving"]["ready"], 60)
+    finally:
+        testbed.down(root / "tb")
