@@ -562,6 +562,9 @@ class ServingService:
         """Leader: ask the plan's balancing policy about the stages; re-plan when it says so."""
         cfg = self.config.balance
         epoch, live_since, last_change = 0, 0.0, -float("inf")
+        # A policy's verdict must repeat over consecutive looks (1.5 s) before layers move:
+        # one noisy stretch on a busy device is not a slowdown.
+        streak: tuple[frozenset[str], int] = (frozenset(), 0)
         while True:
             await trio.sleep(0.5)
             plan = self.plan
@@ -585,7 +588,13 @@ class ServingService:
                 log.error("balancing_policy_failed", policy=plan.balance, error=repr(exc))
                 continue
             if decision is None:
+                streak = (frozenset(), 0)
                 continue
+            slow = frozenset(decision.factors)
+            streak = (slow, streak[1] + 1 if streak[0] == slow else 1)
+            if streak[1] < 3:
+                continue
+            streak = (frozenset(), 0)
             if await self._rebalance(plan, decision):
                 last_change = trio.current_time()
 
@@ -625,8 +634,9 @@ class ServingService:
                   "factors": {p[-8:]: f for p, f in decision.factors.items()},
                   **rounded}  # fmt: skip
         self.balancer["last_decision"] = record
-        self.balancer.setdefault("decisions", 0)
-        self.balancer["decisions"] += 1
+        history = self.balancer.setdefault("history", [])
+        history.append(record)
+        del history[:-8]
         log.info("balancing_decision", **record)
 
     # -- control operations -------------------------------------------------------------------

@@ -189,7 +189,8 @@ class StageRunner:
         spent = time.perf_counter() - t0
         self.steps += 1
         self.compute_s += spent
-        if f.new == 1:
+        if f.new == 1 and not f.force:
+            # Replayed steps come in a burst right after a plan change: not typical load.
             self._note_decode_step(spent)
         timings = [*f.compute_s, spent]
         if self.is_last:
