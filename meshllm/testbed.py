@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -266,6 +267,86 @@ def status(root: Path) -> list[dict]:
             entry["error"] = str(exc)
         out.append(entry)
     return out
+
+
+def throttle(root: Path, peer: int | str, cpu: float | None) -> dict[str, Any]:
+    """Give one peer of a ``--profile`` testbed *cpu* cores from now on, while it runs
+    (None or 0: no quota at all), and record it in testbed.json; returns what was done.
+
+    *peer* is its index (as ``testbed status`` shows it), ``peer-<index>`` or its profile name.
+    The new figure is what the cgroup enforces; the planner's memory figure and the link stay.
+    """
+    import dataclasses
+
+    from meshllm import netbed  # here, not at the top: netbed imports this module
+
+    net = load_network(root)
+    if net is None:
+        raise TestbedError(
+            f"throttle needs a testbed started with --profile: the one in {root} runs on "
+            "loopback, with no cgroups to change"
+        )
+    index = _peer_index(root, net, peer)
+    if cpu is not None and (not math.isfinite(cpu) or cpu < 0):
+        raise TestbedError(f"cpu must be a number of cores, not {cpu!r}")
+    if cpu is not None and 0 < cpu < netbed.MIN_CPU:
+        # Checked here too, before the root check, so the fix named is the right one.
+        raise TestbedError(
+            f"cpu must be at least {netbed.MIN_CPU:g} core (the kernel's shortest quota at "
+            f"a {netbed.CFS_PERIOD_US} µs period), or none / 0 to remove the quota; not {cpu:g}"
+        )
+    if os.geteuid() != 0:
+        raise TestbedError("throttle writes the peer's cgroup CPU quota: run it as root (sudo)")
+    old = net.peers[index]
+    # No quota is what set_cpu_quota gives for as many cores as the host has; that figure is
+    # also what gets recorded, so the record stays a number that `up` could have set.
+    cores = cpu if cpu else float(netbed.host_cpus())
+    quota = netbed.set_cpu_quota(old, cores)
+    peers = list(net.peers)
+    peers[index] = dataclasses.replace(old, cpu=cores)
+    _save_state(
+        root, load_state(root), network=dataclasses.replace(net, peers=tuple(peers)).to_json()
+    )
+    return {
+        "index": index,
+        "name": _peer_names(root, net)[index],
+        "class": old.device_class,
+        "cgroup": old.cgroup,
+        # None: no quota (as many cores as the host has, or more)
+        "previous_cpu": None if old.cpu >= netbed.host_cpus() else old.cpu,
+        "cpu": None if quota == -1 else cores,
+        "quota_us": quota,
+        "period_us": netbed.CFS_PERIOD_US,
+    }
+
+
+def _peer_names(root: Path, net: Netbed) -> list[str]:
+    """Each peer's profile name (``peer-<i>`` where the record has none)."""
+    recorded = (_load_raw(root).get("profile") or {}).get("peers") or []
+    names = [f"peer-{p.index}" for p in net.peers]
+    for i, entry in enumerate(recorded[: len(names)]):
+        if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+            names[i] = entry["name"]
+    return names
+
+
+def _peer_index(root: Path, net: Netbed, peer: int | str) -> int:
+    n = len(net.peers)
+    names = _peer_names(root, net)
+    index = peer
+    if isinstance(peer, str):
+        key = peer.strip()
+        if key in names:  # a profile name first: a peer may well be called "2"
+            return names.index(key)
+        digits = key.removeprefix("peer-")
+        if digits.isdigit():
+            index = int(digits)
+    if isinstance(index, int) and 0 <= index < n:
+        return index
+    raise TestbedError(
+        f"unknown peer {peer!r}: give an index 0-{n - 1}, peer-<index> or a name "
+        f"({', '.join(names)})"
+    )
 
 
 def down(root: Path, grace: float = 5.0) -> int:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
-from meshllm import testbed
+from meshllm import netbed, testbed
 from meshllm.commands.common import print_json, progress
 
 DEFAULT_DIR = Path(".meshllm-testbed")
@@ -50,15 +51,24 @@ def up_cmd(n: int | None, profile: Path | None, root: Path) -> None:
 def status_cmd(root: Path, as_json: bool) -> None:
     """Show every testbed peer's view: role, term, leader, members (and device class)."""
     entries = testbed.status(root)
+    # The class, CPU and address columns only for a testbed started with --profile. The CPU is
+    # the recorded quota, which `testbed throttle` may have changed since `up`.
+    net = testbed.load_network(root)
+    if net is not None:
+        for e, np in zip(entries, net.peers, strict=False):
+            e["cpu"] = None if np.cpu >= netbed.host_cpus() else np.cpu  # None: no quota
     if as_json:
         print_json(entries)
         return
-    # The class and address columns only for a testbed started with --profile.
     profiled = any("class" in e for e in entries)
-    device = f" {'CLASS':10} {'ADDRESS':15}" if profiled else ""
+    device = f" {'CLASS':10} {'CPU':>5} {'ADDRESS':15}" if profiled else ""
     click.echo(f"{'PEER':7} {'PID':>7}{device} {'ROLE':9} {'TERM':>4} {'MEMBERS':>7}  LEADER")
     for e in entries:
-        device = f" {e.get('class') or '-':10} {e.get('address') or '-':15}" if profiled else ""
+        device = (
+            f" {e.get('class') or '-':10} {_cores(e.get('cpu')):>5} {e.get('address') or '-':15}"
+            if profiled
+            else ""
+        )
         st = e.get("status")
         if st is None:
             click.echo(f"peer-{e['index']:<2} {e['pid']:>7}{device} down      {e['error']}")
@@ -67,6 +77,49 @@ def status_cmd(root: Path, as_json: bool) -> None:
             f"peer-{e['index']:<2} {e['pid']:>7}{device} {st['self']['role']:9} {st['term']:>4} "
             f"{len(st['members']):>7}  {st['leader'] or '-'}"
         )
+
+
+def _cores(cpu: float | None) -> str:
+    return "none" if cpu is None else f"{cpu:g}"
+
+
+class _Cores(click.ParamType):
+    """Cores as a number, or none / 0 for no quota (None)."""
+
+    name = "CPU"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float | None:
+        if value is None or isinstance(value, float):
+            return value
+        text = str(value).strip().lower()
+        if text in ("none", "off", "unlimited"):
+            return None
+        try:
+            cores = float(text)
+        except ValueError:
+            self.fail(f"{value!r} is not a number of cores (e.g. 0.25) or none", param, ctx)
+        # 0 reads as "no limit", as a zero cgroup quota never would (the kernel refuses it).
+        return None if cores == 0 else cores
+
+
+@testbed_group.command("throttle")
+@click.argument("peer")
+@click.argument("cpu", type=_Cores())
+@dir_option
+def throttle_cmd(peer: str, cpu: float | None, root: Path) -> None:
+    """Change one emulated phone's CPU quota while it runs: PEER is its index (as `testbed
+    status` shows it) or its name, CPU its cores (e.g. 0.25), or none / 0 for no quota.
+    Needs root and a testbed started with --profile."""
+    done = testbed.throttle(root, peer, cpu)
+    before = "no quota" if done["previous_cpu"] is None else f"{done['previous_cpu']:g} core"
+    after = (
+        "no quota"
+        if done["cpu"] is None
+        else f"{done['cpu']:g} core (quota {done['quota_us']} µs per {done['period_us']} µs)"
+    )
+    click.echo(f"peer-{done['index']} ({done['name']}, {done['class']}): cpu {before} -> {after}")
 
 
 @testbed_group.command("down")

@@ -161,6 +161,9 @@ class ServingService:
 
     async def _make_plan_logged(self, body: dict[str, Any]) -> None:
         rid = str(body.get("rid", ""))
+        # An explicit serve starts afresh: slowdowns measured under an earlier plan may
+        # have passed (the phone cooled down, the other app closed).
+        self._speed_factors = {}
         # A model imported a moment ago is advertised within a couple of heartbeats: retry
         # for a few seconds before giving up. A plan that cannot exist (the model does not
         # fit) is not retried.
