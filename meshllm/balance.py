@@ -1,7 +1,7 @@
 """Runtime load balancing: noticing a peer that slowed down, and deciding to move layers.
 
 Every stage measures its own decode steps (a baseline once the plan is live, then a moving
-average) and publishes them on heartbeats. About twice a second the leader turns them into an
+average) and publishes them on heartbeats. About four times a second the leader turns them into an
 :class:`Observation` for the plan's balancing policy (hook ``meshllm_register_balancing_policies``).
 A policy that answers with a :class:`Decision` gets a re-plan: ``lp`` over the peers' profiles
 with the slow peers' costs multiplied by their slowdowns, adopted only when its predicted

@@ -66,6 +66,6 @@ def meshllm_register_balancing_policies(register: Callable[[BalancingPolicy], No
         policy can never change an answer, only when layers move.
 
     Called once when the daemon builds its policy registry; ``decide`` is then called by the
-    leader about twice a second while a plan serving with that policy (``[balance] policy``,
+    leader four times a second while a plan serving with that policy (``[balance] policy``,
     or ``meshllm serve --balance``) is live. It must be quick and must not block.
     """

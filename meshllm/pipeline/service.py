@@ -89,6 +89,11 @@ class ServingService:
         self.policies = BalancingPolicyRegistry(get_plugin_manager())
         self._speed_factors: dict[str, float] = {}
         self.balancer: dict[str, Any] = {}
+        # Staging (see _rebalance): the plan the leader is preparing, and this peer's part.
+        self._staged: Plan | None = None
+        self._prepared: tuple[int, LayerRange, Any, Path] | None = None
+        self._preparing = 0
+        self._prepared_epoch = 0
         self._nursery: trio.Nursery | None = None
         self._realize_scope: trio.CancelScope | None = None
         self._stage_scope: trio.CancelScope | None = None
@@ -119,11 +124,24 @@ class ServingService:
             x["replan_error"] = self._replan_error
         if self.stage is not None:
             x["stage_stats"] = self.stage.stats()
+        if self._staged is not None:
+            x["staged"] = self._staged.to_obj()
+        if self._prepared_epoch:
+            x["prepared"] = self._prepared_epoch
         if self.plan is not None:
             x["plan"] = self.plan.to_obj()
         return x
 
     def _on_peer_extra(self, sender: str, extra: dict[str, Any]) -> None:
+        staged = extra.get("staged")
+        if staged is not None and sender == self.node.current_leader() and self._nursery:
+            try:
+                plan = Plan.from_obj(staged)
+            except PlanError:
+                plan = None
+            current = self.plan.epoch if self.plan else 0
+            if plan is not None and plan.epoch > current and plan.epoch != self._preparing:
+                self._nursery.start_soon(self._prepare, plan)
         raw = extra.get("plan")
         if raw is None:
             return
@@ -363,37 +381,15 @@ class ServingService:
             return
         st = plan.stages[idx]
         r = LayerRange(st.start, st.stop)
-        if local is not None:
-            ((seg_path, _),) = await trio.to_thread.run_sync(local.segment_files, [r])
+        prepared = self._prepared
+        if prepared is not None and prepared[0] == plan.epoch and prepared[1] == r:
+            # Staged by the balancer while the previous plan was still serving.
+            runtime, seg_path = prepared[2], prepared[3]
         else:
-            seg_dir = files.cache_dir(self.home, plan.model_sha) / "segments" / str(r)
-            total: dict[str, tuple[int, int]] = {}
-
-            def progress(name: str):  # type: ignore[no-untyped-def]
-                def on_bytes(done: int, size: int) -> None:
-                    total[name] = (done, size)
-                    d = sum(x[0] for x in total.values())
-                    t = sum(x[1] for x in total.values())
-                    self.state["progress"] = round(d / t, 3) if t else 0.0
-                    self.state["bytes"] = d
-
-                return on_bytes
-
-            for name in files.SEGMENT_FILES:
-                req = {"sha": plan.model_sha, "what": "segment", "start": r.start,
-                       "stop": r.stop, "file": name}  # fmt: skip
-                await files.fetch_file(
-                    self.endpoint, plan.source, req, seg_dir / name, progress(name)
-                )
-            seg_path = seg_dir / "segment.onnx"
-        self._set_state("loading")
-        from meshllm.model.runtime import SegmentRuntime
-
-        runtime = await trio.to_thread.run_sync(
-            lambda: SegmentRuntime(
-                seg_path, manifest.architecture, manifest.kv_names, threads=self.config.peer.threads
-            )
-        )
+            seg_path = await self._segment_path(plan, r, local, report=True)
+            self._set_state("loading")
+            runtime = await self._load_runtime(seg_path, manifest)
+        self._prepared = None
         nxt = plan.stages[idx + 1].peer if idx + 1 < len(plan.stages) else None
         stage = StageRunner(
             runtime, epoch=plan.epoch, index=idx, next_peer=nxt, first_peer=plan.stages[0].peer,
@@ -407,6 +403,63 @@ class ServingService:
         self.stage = stage
         seg_bytes = (seg_path.parent / "segment.onnx.data").stat().st_size
         self._set_state("ready", layers=str(r), segment_bytes=seg_bytes)
+
+    async def _segment_path(self, plan: Plan, r: LayerRange, local: Any, *, report: bool) -> Path:
+        """This peer's segment files for *r*: cut from the local model, or fetched."""
+        if local is not None:
+            ((seg_path, _),) = await trio.to_thread.run_sync(local.segment_files, [r])
+            return seg_path
+        seg_dir = files.cache_dir(self.home, plan.model_sha) / "segments" / str(r)
+        total: dict[str, tuple[int, int]] = {}
+
+        def progress(name: str):  # type: ignore[no-untyped-def]
+            def on_bytes(done: int, size: int) -> None:
+                if not report:
+                    return
+                total[name] = (done, size)
+                d = sum(x[0] for x in total.values())
+                t = sum(x[1] for x in total.values())
+                self.state["progress"] = round(d / t, 3) if t else 0.0
+                self.state["bytes"] = d
+
+            return on_bytes
+
+        for name in files.SEGMENT_FILES:
+            req = {"sha": plan.model_sha, "what": "segment", "start": r.start,
+                   "stop": r.stop, "file": name}  # fmt: skip
+            await files.fetch_file(self.endpoint, plan.source, req, seg_dir / name, progress(name))
+        return seg_dir / "segment.onnx"
+
+    async def _load_runtime(self, seg_path: Path, manifest: Manifest) -> Any:
+        from meshllm.model.runtime import SegmentRuntime
+
+        threads = self.config.peer.threads
+        return await trio.to_thread.run_sync(
+            lambda: SegmentRuntime(
+                seg_path, manifest.architecture, manifest.kv_names, threads=threads
+            )
+        )
+
+    async def _prepare(self, plan: Plan) -> None:
+        """Fetch and load this peer's part of a staged plan, the current one still serving."""
+        if self._preparing == plan.epoch:
+            return
+        self._preparing = plan.epoch
+        try:
+            idx = plan.stage_of(self.me)
+            if idx is not None and self.manifest is not None:
+                st = plan.stages[idx]
+                r = LayerRange(st.start, st.stop)
+                local = next((m for m in self.store.list()
+                              if m.manifest.model_sha256 == plan.model_sha), None)  # fmt: skip
+                seg_path = await self._segment_path(plan, r, local, report=False)
+                runtime = await self._load_runtime(seg_path, self.manifest)
+                self._prepared = (plan.epoch, r, runtime, seg_path)
+            self._prepared_epoch = plan.epoch
+            self.node.announce()
+        except (MeshError, OSError) as exc:
+            log.warning("prepare_failed", epoch=plan.epoch, reason=str(exc))
+            self._preparing = 0
 
     @staticmethod
     async def _run_stage(stage: StageRunner, scope: trio.CancelScope) -> None:
@@ -565,11 +618,11 @@ class ServingService:
         """Leader: ask the plan's balancing policy about the stages; re-plan when it says so."""
         cfg = self.config.balance
         epoch, live_since, last_change = 0, 0.0, -float("inf")
-        # A policy's verdict must repeat over consecutive looks (1.5 s) before layers move:
+        # A policy's verdict must repeat over consecutive looks (0.75 s) before layers move:
         # one noisy stretch on a busy device is not a slowdown.
         streak: tuple[frozenset[str], int] = (frozenset(), 0)
         while True:
-            await trio.sleep(0.5)
+            await trio.sleep(0.25)
             plan = self.plan
             if plan is None or self.node.role != LEADER or plan.balance == "none":
                 continue
@@ -624,11 +677,33 @@ class ServingService:
         if gain < self.config.balance.min_gain or candidate.stages == plan.stages:
             self._decided(plan, decision, "kept", gain=gain)
             return False
+        # Stage it: every peer fetches and loads its new part while the current plan keeps
+        # serving; only then does the switch (and the requests' replay) happen.
+        t0 = trio.current_time()
+        self._staged = candidate
+        self.node.announce()
+        self._nursery.start_soon(self._prepare, candidate)  # type: ignore[union-attr]
+        peers = {st.peer for st in candidate.stages}
+        with trio.move_on_after(120):
+            while not all(self._peer_prepared(p) >= candidate.epoch for p in peers):
+                await trio.sleep(0.1)
+        self._staged = None
+        if self.plan is not plan or candidate.epoch <= self._max_epoch_seen():
+            self._decided(plan, decision, "dropped", reason="the plan changed while staging")
+            return False
         self._speed_factors = factors
         self._decided(plan, decision, "replanned", gain=gain, epoch=candidate.epoch,
+                      staged_s=trio.current_time() - t0,
                       stages=[str(st.range) for st in candidate.stages])  # fmt: skip
         self._adopt(candidate)
         return True
+
+    def _peer_prepared(self, peer: str) -> int:
+        if peer == self.me:
+            return self._prepared_epoch
+        rec = self.node.peers.get(peer)
+        raw = rec.extra.get("prepared") if rec is not None else None
+        return raw if isinstance(raw, int) and not isinstance(raw, bool) else 0
 
     def _decided(self, plan: Plan, decision: Decision, outcome: str, **extra: Any) -> None:
         rounded = {k: round(v, 3) if isinstance(v, float) else v for k, v in extra.items()}
