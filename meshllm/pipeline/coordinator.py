@@ -37,6 +37,7 @@ class QueryResult:
     plan_epoch: int
     stages: list[dict] = field(default_factory=list)
     recoveries: list[dict] = field(default_factory=list)  # plan changes survived
+    queued_s: float = 0.0  # time spent waiting for room in a full mesh
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -47,6 +48,10 @@ NextPlan = Callable[[int, str], Awaitable[Plan]]
 
 class _Interrupted(Exception):
     """The current plan cannot finish this request (a peer left, the plan was replaced)."""
+
+
+class _Busy(Exception):
+    """A stage is full: the request was not started there and may be sent again."""
 
 
 @dataclass
@@ -66,6 +71,7 @@ class _Run:
     first_at: float = 0.0
     last_at: float = 0.0
     recoveries: list[dict] = field(default_factory=list)
+    waited_s: float = 0.0  # queued while the mesh was full
 
 
 class Coordinator:
@@ -130,11 +136,24 @@ class Coordinator:
         send_ch, recv_ch = trio.open_memory_channel[Frame](64)
         self._waiting[run.rid] = send_ch
         run.t0 = run.first_at = run.last_at = time.perf_counter()
+        backoff, waited = 0.05, 0.0
         try:
             while True:
                 try:
                     await self._attempt(plan, run, recv_ch, eos, on_token)
                     break
+                except _Busy as exc:
+                    # Queue rather than fail: the mesh holds as many requests as its limits
+                    # allow; one finishes soon. What was started is freed first.
+                    if waited >= self.step_timeout_s:
+                        raise QueryFailed(
+                            f"the mesh stayed busy for {waited:.0f} s: {exc}"
+                        ) from None
+                    await self._end(plan, run.rid)
+                    await trio.sleep(backoff)
+                    waited += backoff
+                    backoff = min(backoff * 2, 1.0)
+                    run.waited_s = waited
                 except _Interrupted as exc:
                     if self.next_plan is None or len(run.recoveries) >= self.max_replays:
                         raise QueryFailed(str(exc)) from None
@@ -183,6 +202,8 @@ class Coordinator:
         while len(run.out) < run.budget:
             reply = await self._next_reply(plan, recv_ch)
             if reply.kind == ERROR:
+                if reply.busy:
+                    raise _Busy(reply.error)
                 if reply.retry:
                     raise _Interrupted(reply.error)
                 raise QueryFailed(reply.error)
@@ -244,4 +265,5 @@ class Coordinator:
             plan_epoch=plan.epoch,
             stages=stages,
             recoveries=run.recoveries,
+            queued_s=round(run.waited_s, 3),
         )

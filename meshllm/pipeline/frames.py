@@ -58,6 +58,7 @@ class Frame:
     # so the new stages rebuild exactly the KV caches the old ones had (see Coordinator).
     force: list[int] = field(default_factory=list)
     retry: bool = False  # an ERROR the request may survive: a peer or a plan went away
+    busy: bool = False  # an ERROR meaning "full now, try again shortly" (nothing was started)
 
 
 def encode_tensor(a: np.ndarray) -> list[Any]:
@@ -106,6 +107,8 @@ def encode_frame(f: Frame) -> bytes:
         obj["err"] = f.error
         if f.retry:
             obj["rt"] = True
+        if f.busy:
+            obj["bz"] = True
     elif f.kind == END:
         obj["c"] = f.coord
     if f.compute_s:
@@ -189,6 +192,7 @@ def decode_frame(data: bytes) -> Frame:
             raise BadFrame("bad error text")
         f.error = err[:2000]
         f.retry = obj.get("rt") is True
+        f.busy = obj.get("bz") is True
     elif kind == END:
         coord = obj.get("c", "")
         f.coord = coord if isinstance(coord, str) else ""

@@ -28,6 +28,10 @@ class StaleEpoch(MeshError):
     """A frame for another plan than the one this stage serves."""
 
 
+class StageBusy(MeshError):
+    """This stage holds as many requests as its limit allows; a new one must wait."""
+
+
 log = structlog.get_logger("meshllm.stage")
 
 
@@ -125,7 +129,10 @@ class StageRunner:
                     # A lost peer or a replaced plan: the coordinator may replay the request
                     # on the next plan. Anything else is the request's own fault.
                     await self._fail(
-                        f, str(exc), retry=isinstance(exc, PeerUnreachable | StaleEpoch)
+                        f,
+                        str(exc),
+                        retry=isinstance(exc, PeerUnreachable | StaleEpoch),
+                        busy=isinstance(exc, StageBusy),
                     )
         finally:
             for rid in list(self.runtime.open_requests):
@@ -136,10 +143,12 @@ class StageRunner:
         self._samplers.pop(rid, None)
         self._caps.pop(rid, None)
 
-    async def _fail(self, f: Frame, reason: str, *, retry: bool = False) -> None:
+    async def _fail(
+        self, f: Frame, reason: str, *, retry: bool = False, busy: bool = False
+    ) -> None:
         if f.coord:
             err = Frame(kind=ERROR, rid=f.rid, epoch=f.epoch, step=f.step,
-                        error=f"stage {self.index}: {reason}", retry=retry)  # fmt: skip
+                        error=f"stage {self.index}: {reason}", retry=retry, busy=busy)  # fmt: skip
             with contextlib.suppress(MeshError):
                 await self.send(f.coord, err)
 
@@ -159,7 +168,7 @@ class StageRunner:
                 raise MeshError(f"unknown request {rid}")
             if len(self.runtime.open_requests) >= self.max_requests:
                 # Each open request holds a KV cache here: refuse rather than run out of memory.
-                raise MeshError(
+                raise StageBusy(
                     f"this stage already serves {self.max_requests} requests, its limit "
                     "([limits] max_concurrent_requests)"
                 )
