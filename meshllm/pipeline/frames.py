@@ -59,6 +59,9 @@ class Frame:
     force: list[int] = field(default_factory=list)
     retry: bool = False  # an ERROR the request may survive: a peer or a plan went away
     busy: bool = False  # an ERROR meaning "full now, try again shortly" (nothing was started)
+    # A forced step whose next input stage 0 has already fed itself: the last stage emits
+    # force[0] and does not loop it back (replays then pipeline through the stages).
+    fed: bool = False
 
 
 def encode_tensor(a: np.ndarray) -> list[Any]:
@@ -101,6 +104,8 @@ def encode_frame(f: Frame) -> bytes:
             obj["sm"] = f.sampling
         if f.force:
             obj["f"] = f.force
+        if f.fed:
+            obj["fd"] = True
     elif f.kind == TOKEN:
         obj["tok"] = f.token
     elif f.kind == ERROR:
@@ -184,6 +189,9 @@ def decode_frame(data: bytes) -> Frame:
         ):  # fmt: skip
             raise BadFrame("bad forced tokens")
         f.force = force
+        f.fed = obj.get("fd") is True
+        if f.fed and not force:
+            raise BadFrame("a fed step without its forced token")
     elif kind == TOKEN:
         f.token = _int(obj, "tok")
     elif kind == ERROR:
