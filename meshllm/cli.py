@@ -19,6 +19,7 @@ from meshllm.commands.peer import (
     status_cmd,
     stop_cmd,
 )
+from meshllm.commands.plugins import plugins_cmd
 from meshllm.commands.serve import profile_cmd, query_cmd, serve_cmd
 from meshllm.commands.testbed import testbed_group
 from meshllm.errors import MeshError
@@ -50,6 +51,7 @@ def cli(ctx: click.Context, home: str | None, log_level: str) -> None:
 for command in (
     model_group, generate_cmd, init_cmd, join_cmd, invite_cmd, daemon_cmd, status_cmd,
     stop_cmd, peers_group, config_group, testbed_group, serve_cmd, query_cmd, profile_cmd,
+    plugins_cmd,
 ):  # fmt: skip
     cli.add_command(command)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 import re
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import Generic, TypeVar
 
 import pluggy
 
@@ -13,9 +13,6 @@ from meshllm.errors import PluginError
 from meshllm.mesh.transport import Transport
 from meshllm.model.ranges import LayerRange, validate_ranges
 from meshllm.partitioners import Assignment, Partitioner, PartitionRequest
-
-if TYPE_CHECKING:
-    pass
 
 # Built-ins are registered exactly like third-party plugins.
 DEFAULT_PLUGINS: tuple[str, ...] = (
@@ -123,3 +120,24 @@ class TransportRegistry(Registry[Transport]):
 class BalancingPolicyRegistry(Registry["BalancingPolicy"]):
     def __init__(self, pm: pluggy.PluginManager):
         super().__init__(pm, "meshllm_register_balancing_policies", "balancing policy", ("decide",))
+
+
+def describe_plugins(pm: pluggy.PluginManager) -> dict[str, object]:
+    """What is loaded: each plugin (built-in or from the ``meshllm`` entry-point group) with
+    the hooks it implements, and every registered partitioner, transport and policy."""
+    entry = {ep.name for _dist, ep in pm.list_plugin_distinfo()}
+    plugins = []
+    for name, plugin in pm.list_name_plugin():
+        hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or [])
+        kind = "built-in" if name in DEFAULT_PLUGINS else ("entry point" if name in entry
+                                                           else "registered")  # fmt: skip
+        plugins.append({"name": name, "kind": kind, "hooks": hooks})
+    registries = {
+        "partitioners": PartitionerRegistry(pm),
+        "transports": TransportRegistry(pm),
+        "balancing_policies": BalancingPolicyRegistry(pm),
+    }
+    return {
+        "plugins": plugins,
+        **{key: {n: reg.owner(n) for n in reg.names()} for key, reg in registries.items()},
+    }

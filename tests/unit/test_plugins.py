@@ -182,3 +182,58 @@ def test_balancing_policies_registry_has_builtins_and_third_party():
         assert reg.get("none").decide(obs) is None
     finally:
         pm.unregister(plugin)
+
+
+def test_every_hook_has_a_section_in_the_plugin_guide():
+    from pathlib import Path
+
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "plugins.md").read_text()
+    specs = [n for n, _ in inspect.getmembers(hookspecs, inspect.isfunction)
+             if n.startswith("meshllm_")]  # fmt: skip
+    for name in specs:
+        assert f"### `{name}(register)`" in guide, f"{name} is missing from docs/plugins.md"
+        section = guide.split(f"### `{name}(register)`", 1)[1].split("\n### ", 1)[0]
+        for part in ("**Purpose:**", "**Parameters:**", "**Result:**", "**When called:**"):
+            assert part in section, f"{name}: docs/plugins.md lacks {part}"
+
+
+def test_the_guides_partitioner_example_works():
+    import re
+    from pathlib import Path
+
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "plugins.md").read_text()
+    code = re.search(r"## Write your own partitioner\n\n```python\n(.*?)```", guide, re.S)
+    namespace: dict = {}
+    exec(compile(code.group(1), "docs/plugins.md", "exec"), namespace)  # the guide's own code
+    pm = get_plugin_manager(load_entry_points=False)
+
+    class Plugin:
+        meshllm_register_partitioners = staticmethod(namespace["meshllm_register_partitioners"])
+
+    plugin = Plugin()
+    pm.register(plugin, name="guide-example")
+    try:
+        ranges = PartitionerRegistry(pm).partition("first-heavy", PartitionRequest(30, 4))
+        assert [len(r) for r in ranges] == [12, 6, 6, 6]
+    finally:
+        pm.unregister(plugin)
+
+
+def test_plugins_command_lists_builtins_and_what_they_register():
+    import json
+
+    from click.testing import CliRunner
+
+    from meshllm.cli import cli
+
+    out = CliRunner().invoke(cli, ["plugins", "--json"])
+    assert out.exit_code == 0, out.output
+    info = json.loads(out.output)
+    names = {p["name"]: p for p in info["plugins"]}
+    assert names["meshllm.balance"]["kind"] == "built-in"
+    assert names["meshllm.balance"]["hooks"] == ["meshllm_register_balancing_policies"]
+    assert info["partitioners"]["lp"] == "meshllm.partitioners"
+    assert set(info["balancing_policies"]) >= {"threshold", "none"}
+    assert "libp2p" in info["transports"]
+    table = CliRunner().invoke(cli, ["plugins"]).output
+    assert "balancing policies: none (meshllm.balance)" in table
