@@ -35,13 +35,8 @@ from meshllm import testbed  # noqa: E402
 from meshllm.control.client import call, call_stream  # noqa: E402
 from meshllm.model.importer import import_model  # noqa: E402
 from meshllm.model.store import ModelStore  # noqa: E402
+from tools.bench_mesh_generation import PROMPTS  # noqa: E402  (the same prompts)
 
-PROMPTS = [
-    "Write a long story about a lighthouse keeper who finds a message in a bottle.",
-    "Write a long story about a robot who learns to paint.",
-    "Write a long story about a girl who sails around the world.",
-    "Write a long story about a village that wakes up without electricity.",
-]
 # lp first: it has every peer profile itself, and those profiles then price the other plans.
 PLANS = [("lp", "latency"), ("lp", "throughput"), ("even", None), ("memory", None)]
 

@@ -181,6 +181,11 @@ class MeshNode:
     def alive_peers(self) -> list[str]:
         return sorted(p for p, r in self.peers.items() if self.is_alive(r))
 
+    def extra_of(self, peer: str | None, key: str) -> Any:
+        """What *peer* last published under *key* on its heartbeats (None if nothing)."""
+        rec = self.peers.get(peer) if peer else None
+        return rec.extra.get(key) if rec is not None else None
+
     def current_leader(self) -> str | None:
         """The leader this peer recognises now (None during an election)."""
         if self.role == LEADER:

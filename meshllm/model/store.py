@@ -104,6 +104,10 @@ class ModelStore:
                     continue  # a damaged manifest is reported by `get`, not by listing
         return found
 
+    def by_sha(self, model_sha: str) -> ImportedModel | None:
+        """The model whose ``model.onnx`` has this sha256, if it was imported here."""
+        return next((m for m in self.list() if m.manifest.model_sha256 == model_sha), None)
+
     def get(self, name: str | None = None) -> ImportedModel:
         """The model called *name*; with none, the only model, else the bundled default."""
         models = self.list()

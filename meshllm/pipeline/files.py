@@ -67,7 +67,7 @@ class FileServer:
 
     def _locate(self, req: dict[str, Any]) -> Path:
         sha, what, name = req.get("sha"), req.get("what"), req.get("file")
-        model = next((m for m in self.store.list() if m.manifest.model_sha256 == sha), None)
+        model = self.store.by_sha(str(sha))
         if model is None:
             raise TransferError(f"no model with sha {sha!r} here")
         if what == "meta" and name in META_FILES:
@@ -108,6 +108,21 @@ class FileServer:
             log.warning("file_request_refused", other=stream.peer_id, reason=str(exc))
             with trio.move_on_after(5):
                 await stream.write(frame(cbor2.dumps({"ok": False, "error": str(exc)})))
+
+
+async def meta_dir(
+    endpoint: Endpoint, home: Path, store: ModelStore, sha: str, source: str
+) -> Path:
+    """The directory with model *sha*'s manifest and tokenizer: the imported model's own, or
+    a cache filled from *source*."""
+    local = store.by_sha(sha)
+    if local is not None:
+        return local.path
+    meta = cache_dir(home, sha) / "meta"
+    for name in META_FILES:
+        req = {"sha": sha, "what": "meta", "file": name}
+        await fetch_file(endpoint, source, req, meta / name)
+    return meta
 
 
 async def fetch_file(

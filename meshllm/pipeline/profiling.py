@@ -80,15 +80,13 @@ class Profiler:
         """Why *peer* could not profile itself for *sha*, if it said so."""
         if peer == self.me:
             return self.errors.get(sha)
-        rec = self.node.peers.get(peer)
-        errors = rec.extra.get("profile_errors") if rec is not None else None
+        errors = self.node.extra_of(peer, "profile_errors")
         return str(errors[sha]) if isinstance(errors, dict) and sha in errors else None
 
     def profile_of(self, peer: str, sha: str) -> Profile | None:
         if peer == self.me:
             return self.mine.get(sha)
-        rec = self.node.peers.get(peer)
-        raw = rec.extra.get("profile") if rec is not None else None
+        raw = self.node.extra_of(peer, "profile")
         if raw is None:
             return None
         try:
@@ -99,19 +97,12 @@ class Profiler:
 
     # -- measuring ----------------------------------------------------------------------------
     async def meta_dir(self, sha: str, source: str) -> Path:
-        local = next((m for m in self.store.list() if m.manifest.model_sha256 == sha), None)
-        if local is not None:
-            return local.path
-        meta = files.cache_dir(self.home, sha) / "meta"
-        for name in files.META_FILES:
-            req = {"sha": sha, "what": "meta", "file": name}
-            await files.fetch_file(self.endpoint, source, req, meta / name)
-        return meta
+        return await files.meta_dir(self.endpoint, self.home, self.store, sha, source)
 
     async def probe_dirs(self, sha: str, source: str, manifest: Manifest) -> dict[str, Path]:
         """The probe graphs (no weights), fetched from *source* into the cache."""
         ranges = probe_ranges(manifest.architecture.num_layers, median_layer_bytes(manifest))
-        local = next((m for m in self.store.list() if m.manifest.model_sha256 == sha), None)
+        local = self.store.by_sha(sha)
         out = {}
         for kind, (a, b) in ranges.items():
             d = files.cache_dir(self.home, sha) / "probes" / f"{a}-{b}"

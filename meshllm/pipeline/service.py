@@ -361,15 +361,10 @@ class ServingService:
             self._stage_scope = None
         self.stage = None
         self._set_state("fetching", progress=0.0)
-        local = next((m for m in self.store.list() if m.manifest.model_sha256 == plan.model_sha),
-                     None)  # fmt: skip
-        if local is not None:
-            meta_dir = local.path
-        else:
-            meta_dir = files.cache_dir(self.home, plan.model_sha) / "meta"
-            for name in files.META_FILES:
-                req = {"sha": plan.model_sha, "what": "meta", "file": name}
-                await files.fetch_file(self.endpoint, plan.source, req, meta_dir / name)
+        local = self.store.by_sha(plan.model_sha)
+        meta_dir = await files.meta_dir(
+            self.endpoint, self.home, self.store, plan.model_sha, plan.source
+        )
         manifest = Manifest.read(meta_dir)
         from meshllm.model.tokenizer import ChatTokenizer
 
@@ -450,8 +445,7 @@ class ServingService:
             if idx is not None and self.manifest is not None:
                 st = plan.stages[idx]
                 r = LayerRange(st.start, st.stop)
-                local = next((m for m in self.store.list()
-                              if m.manifest.model_sha256 == plan.model_sha), None)  # fmt: skip
+                local = self.store.by_sha(plan.model_sha)
                 seg_path = await self._segment_path(plan, r, local, report=False)
                 runtime = await self._load_runtime(seg_path, self.manifest)
                 self._prepared = (plan.epoch, r, runtime, seg_path)
@@ -570,8 +564,7 @@ class ServingService:
         if leader == self.me:
             err = self._replan_error
         else:
-            rec = self.node.peers.get(leader) if leader else None
-            err = rec.extra.get("replan_error") if rec is not None else None
+            err = self.node.extra_of(leader, "replan_error")
         if isinstance(err, dict) and err.get("epoch") == epoch:
             return str(err.get("error"))
         return None
@@ -599,8 +592,7 @@ class ServingService:
             if st.peer == self.me:
                 raw: Any = self.stage.stats() if self.stage is not None else None
             else:
-                rec = self.node.peers.get(st.peer)
-                raw = rec.extra.get("stage_stats") if rec is not None else None
+                raw = self.node.extra_of(st.peer, "stage_stats")
             if not isinstance(raw, dict) or raw.get("epoch") != plan.epoch:
                 return None
             try:
@@ -701,8 +693,7 @@ class ServingService:
     def _peer_prepared(self, peer: str) -> int:
         if peer == self.me:
             return self._prepared_epoch
-        rec = self.node.peers.get(peer)
-        raw = rec.extra.get("prepared") if rec is not None else None
+        raw = self.node.extra_of(peer, "prepared")
         return raw if isinstance(raw, int) and not isinstance(raw, bool) else 0
 
     def _decided(self, plan: Plan, decision: Decision, outcome: str, **extra: Any) -> None:
@@ -765,9 +756,7 @@ class ServingService:
     def _serve_error(self, rid: str) -> str | None:
         if rid in self._serve_errors:
             return self._serve_errors[rid]
-        leader = self.node.current_leader()
-        rec = self.node.peers.get(leader) if leader else None
-        errors = rec.extra.get("serve_errors") if rec is not None else None
+        errors = self.node.extra_of(self.node.current_leader(), "serve_errors")
         return str(errors[rid]) if isinstance(errors, dict) and rid in errors else None
 
     async def op_profile(self, args: dict[str, Any]) -> Any:

@@ -18,10 +18,10 @@ from typing import Literal
 
 import numpy as np
 
+from meshllm.config import OBJECTIVES
 from meshllm.errors import MeshError
 
 Objective = Literal["throughput", "latency"]
-OBJECTIVES: tuple[str, ...] = ("throughput", "latency")
 MIB = 2**20
 
 

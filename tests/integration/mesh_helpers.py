@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from meshllm.control.client import call
 from meshllm.errors import MeshError
 
@@ -65,3 +67,23 @@ def wait_for(predicate, timeout: float, interval: float = 0.1):
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         time.sleep(interval)
+
+
+def _phones_unavailable() -> str | None:
+    from meshllm import netbed
+    from meshllm.testbed import TestbedError
+
+    try:
+        netbed.check_host()
+    except TestbedError as exc:
+        return str(exc)
+    return None
+
+
+_PHONES_PROBLEM = _phones_unavailable()
+# Emulated phones need root and the kernel's cgroup v1 CPU controller, which no package can
+# provide; iproute2 is installed by tools/setup.sh. Without them these tests cannot run.
+needs_phones = pytest.mark.skipif(
+    _PHONES_PROBLEM is not None,
+    reason=f"emulated phones need root, iproute2 and cgroup v1 here: {_PHONES_PROBLEM}",
+)

@@ -20,10 +20,9 @@ import pytest
 
 from meshllm import netbed, testbed
 from meshllm.control.client import call, call_stream
-from meshllm.errors import MeshError
-from tests.integration.mesh_helpers import cli, wait_for
+from tests.integration.mesh_helpers import cli, needs_phones, wait_for
 
-pytestmark = pytest.mark.real_model
+pytestmark = [pytest.mark.real_model, needs_phones]
 TOKENS = 128
 THROTTLE_AFTER = 24
 PROMPTS = [
@@ -46,14 +45,6 @@ class = "phone"
 """
 
 
-def _host_problem() -> str | None:
-    try:
-        netbed.check_host()
-    except MeshError as exc:
-        return str(exc)
-    return None
-
-
 @pytest.fixture(scope="module")
 def oracle(smollm_models):
     model = smollm_models["int4"]
@@ -69,9 +60,6 @@ def oracle(smollm_models):
 def test_throttled_phone_loses_its_layers_and_answers_stay_exact(
     smollm_models, oracle, tmp_path_factory
 ):
-    problem = _host_problem()
-    if problem:
-        pytest.skip(f"emulated phones need root, iproute2 and cgroup v1: {problem}")
     model = smollm_models["int4"]
     root = tmp_path_factory.mktemp("balance")
     profile = root / "phones.toml"

@@ -21,6 +21,7 @@ import pytest
 
 from meshllm import netbed, testbed
 from meshllm.control.client import call
+from tests.integration.mesh_helpers import needs_phones
 
 PROFILE = """
 [class.flagship]
@@ -82,17 +83,7 @@ print((time.process_time() - c0) / (time.monotonic() - t0))
 """
 
 
-def _host_unsuitable() -> str | None:
-    try:
-        netbed.check_host()
-    except testbed.TestbedError as exc:
-        return str(exc)
-    return None
-
-
-pytestmark = pytest.mark.skipif(
-    _host_unsuitable() is not None, reason=f"needs root, iproute2, cgroup v1: {_host_unsuitable()}"
-)
+pytestmark = needs_phones
 
 
 def transfer_mbit(src_ns: str, dst_ns: str, dst_addr: str, nbytes: int = NBYTES) -> float:
