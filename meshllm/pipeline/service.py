@@ -101,7 +101,9 @@ class ServingService:
         self.profiler = Profiler(home, config, endpoint, node, self.store)
         # Why the leader could not plan, by serve request id (re-sent on heartbeats so the
         # peer that took the request can tell its client).
-        self._serve_errors: dict[str, str] = {}
+        # What became of each serve request, by id: the epoch of the plan made for it, or
+        # why none could be (re-sent on heartbeats so the peer that took it can tell).
+        self._serve_results: dict[str, int | str] = {}
         node.extra_provider = self._extra
         node.on_peer_extra = self._on_peer_extra
         node.on_app_message = self._on_app_message
@@ -118,8 +120,8 @@ class ServingService:
     def _extra(self) -> dict[str, Any]:
         x: dict[str, Any] = {"models": self._models, "serving": self.state}
         x.update(self.profiler.extra())
-        if self._serve_errors:
-            x["serve_errors"] = self._serve_errors
+        if self._serve_results:
+            x["serve_results"] = self._serve_results
         if self._replan_error:
             x["replan_error"] = self._replan_error
         if self.stage is not None:
@@ -187,12 +189,13 @@ class ServingService:
         # fit) is not retried.
         for attempt in range(12):
             try:
-                await self.make_plan(
+                plan = await self.make_plan(
                     str(body.get("model")),
                     str(body.get("partitioner") or self.config.plan.partitioner),
                     str(body.get("objective") or self.config.plan.objective),
                     str(body.get("balance") or self.config.balance.policy),
                 )
+                self._serve_result(rid, plan.epoch)
                 return
             except PlanError as exc:
                 reason = str(exc)
@@ -204,10 +207,15 @@ class ServingService:
             await trio.sleep(0.5)
         log.warning("serve_request_failed", reason=reason)
         if rid:
-            self._serve_errors[rid] = reason
-            while len(self._serve_errors) > 8:
-                self._serve_errors.pop(next(iter(self._serve_errors)))
-            self.node.announce()
+            self._serve_result(rid, reason)
+
+    def _serve_result(self, rid: str, outcome: int | str) -> None:
+        if not rid:
+            return
+        self._serve_results[rid] = outcome
+        while len(self._serve_results) > 8:
+            self._serve_results.pop(next(iter(self._serve_results)))
+        self.node.announce()
 
     def _find_model(self, model: str) -> tuple[dict[str, Any], str]:
         """(facts, source peer) of a model imported on some live peer."""
@@ -721,7 +729,6 @@ class ServingService:
             raise ControlError("bad_request", "args.wait_s must be a positive number of seconds")
         self.partitioners.get(partitioner)  # unknown names fail here, with the list
         self._models = self._local_models()
-        before = self.plan.epoch if self.plan else 0
         rid = secrets.token_hex(8)
         balance = args.get("balance") or self.config.balance.policy
         if not isinstance(balance, str):
@@ -743,21 +750,25 @@ class ServingService:
         # The leader may first have every peer profile itself (seconds per peer, once).
         with trio.move_on_after(float(timeout)):
             while True:
+                # The answer is the plan made for this request, not just any new plan (the
+                # leader may re-plan on its own meanwhile, e.g. while peers restart).
+                outcome = self._serve_outcome(rid)
+                if isinstance(outcome, str):
+                    raise ControlError("plan_failed", outcome)
                 plan = self.plan
-                if plan is not None and plan.epoch > before and plan.model == model:
+                if outcome is not None and plan is not None and plan.epoch >= outcome:
                     return {"plan": plan.to_obj()}
-                error = self._serve_error(rid)
-                if error is not None:
-                    raise ControlError("plan_failed", error)
                 with trio.move_on_after(0.2):
                     await self._plan_changed.wait()
         raise ControlError("timeout", f"the leader made no plan for {model!r} (is it imported?)")
 
-    def _serve_error(self, rid: str) -> str | None:
-        if rid in self._serve_errors:
-            return self._serve_errors[rid]
-        errors = self.node.extra_of(self.node.current_leader(), "serve_errors")
-        return str(errors[rid]) if isinstance(errors, dict) and rid in errors else None
+    def _serve_outcome(self, rid: str) -> int | str | None:
+        """The plan epoch made for serve request *rid*, or why none was, once known."""
+        if rid in self._serve_results:
+            return self._serve_results[rid]
+        results = self.node.extra_of(self.node.current_leader(), "serve_results")
+        outcome = results.get(rid) if isinstance(results, dict) else None
+        return outcome if isinstance(outcome, int | str) else None
 
     async def op_profile(self, args: dict[str, Any]) -> Any:
         """Profile every live peer for a model (the one served, by default); their figures."""
