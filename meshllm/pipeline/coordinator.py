@@ -160,7 +160,20 @@ class Coordinator:
                     t = time.perf_counter()
                     # No END to the old plan: its stages are dropped when the new one is
                     # adopted, and its first peer may be the one that is gone.
+                    old = plan
                     plan = await self.next_plan(plan.epoch, str(exc))
+                    if plan.epoch == old.epoch:
+                        # Retried on the same stages: free what they hold, and go on under
+                        # a fresh id so that late frames of the broken attempt are ignored.
+                        await self._end(plan, run.rid)
+                        del self._waiting[run.rid]
+                        run.rid = uuid.uuid4().hex
+                        self._waiting[run.rid] = send_ch
+                        while True:
+                            try:
+                                recv_ch.receive_nowait()
+                            except trio.WouldBlock:
+                                break
                     run.recoveries.append({
                         "reason": str(exc), "tokens_done": len(run.out),
                         "wait_s": round(time.perf_counter() - t, 3), "epoch": plan.epoch,

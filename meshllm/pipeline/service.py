@@ -493,16 +493,26 @@ class ServingService:
         link = self._links.setdefault(peer, _Link())
         data = frame(encode_frame(f))
         async with link.lock:
-            try:
-                if link.stream is None:
-                    link.stream = await self.endpoint.open_stream(peer, ACT_PROTOCOL)
-                with trio.fail_after(self.config.mesh.handshake_timeout_s * 5):
-                    await link.stream.write(data)
-            except (PeerUnreachable, trio.TooSlowError) as exc:
-                if link.stream is not None:
-                    await link.stream.close()
-                link.stream = None
-                raise PeerUnreachable(f"activation link to {peer} failed: {exc}") from None
+            # An established stream that breaks while its peer is still heard from gets one
+            # fresh stream: the receiver drops a half-read frame with the old one, so the
+            # frame arrives once.
+            for again in (True, False):
+                fresh = link.stream is None
+                try:
+                    if link.stream is None:
+                        link.stream = await self.endpoint.open_stream(peer, ACT_PROTOCOL)
+                    with trio.fail_after(self.config.mesh.handshake_timeout_s * 5):
+                        await link.stream.write(data)
+                    return
+                except (PeerUnreachable, trio.TooSlowError) as exc:
+                    if link.stream is not None:
+                        await link.stream.close()
+                    link.stream = None
+                    rec = self.node.peers.get(peer)
+                    if again and not fresh and rec is not None and self.node.is_alive(rec):
+                        log.info("activation_link_reopened", other=peer, reason=str(exc))
+                        continue
+                    raise PeerUnreachable(f"activation link to {peer} failed: {exc}") from None
 
     def _dispatch(self, f: Frame) -> None:
         if f.kind in (TOKEN, ERROR):
@@ -581,11 +591,19 @@ class ServingService:
         """For an interrupted query: the next plan once every stage of it is ready."""
         log.info("query_interrupted", epoch=after, reason=reason)
         timeout = self.config.mesh.recovery_timeout_s
+        # A link can break with every peer alive (a stream reset under load). Once a dead
+        # peer would have been noticed, a plan still current and ready is retried as is.
+        mesh = self.config.mesh
+        same_plan_after = trio.current_time() + mesh.dead_after_s + 2 * mesh.heartbeat_interval_s
         with trio.move_on_after(timeout):
             while True:
                 plan = self.plan
-                if plan is not None and plan.epoch > after and self.plan_ready():
-                    return plan
+                if plan is not None and self.plan_ready():
+                    if plan.epoch > after:
+                        return plan
+                    if plan.epoch == after and trio.current_time() >= same_plan_after:
+                        log.info("query_retry_same_plan", epoch=after)
+                        return plan
                 why = self._replan_failure(after)
                 if why is not None:
                     raise QueryFailed(f"{reason}; the mesh cannot go on: {why}")

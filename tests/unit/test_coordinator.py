@@ -94,3 +94,22 @@ async def test_a_full_stage_queues_the_request_instead_of_failing_it():
     assert result["token_ids"] == ANSWER and result["queued_s"] > 0
     assert len(mesh.firsts) == 3 and mesh.ends >= 2  # what was started is freed each time
     assert all(f.force == [] for f in mesh.firsts)
+
+
+async def test_a_broken_link_on_a_plan_that_stays_current_is_retried_on_it():
+    mesh = FakeMesh(["lose-after-3", "ok"])
+    stale: list[Frame] = []
+
+    async def next_plan(after: int, reason: str) -> Plan:
+        # The broken attempt's stages may still send a late token on the same epoch.
+        first = mesh.firsts[0]
+        stale.append(Frame(kind=TOKEN, rid=first.rid, epoch=1, step=3, token=99))
+        mesh.coordinator.deliver(stale[0])  # type: ignore[union-attr]
+        return plan(1)
+
+    result = await run(mesh, next_plan)
+    assert result["token_ids"] == ANSWER and result["plan_epoch"] == 1
+    first, retry = mesh.firsts
+    assert retry.epoch == 1 and retry.force == ANSWER[:3]
+    # The retry runs under a new id, and the old one was ended on the stages.
+    assert retry.rid != first.rid and mesh.ends >= 1
