@@ -24,6 +24,36 @@ def progress(msg: str) -> None:
     click.echo(msg, err=True)
 
 
+def bar(fraction: float, width: int = 12) -> str:
+    filled = round(max(0.0, min(1.0, fraction)) * width)
+    return "[" + "#" * filled + "." * (width - filled) + f"] {100 * fraction:3.0f}%"
+
+
+class ProgressLine:
+    """One line of progress on stderr: redrawn in place on a terminal, and printed only when
+    it changes otherwise (so logs and CI output stay readable)."""
+
+    def __init__(self) -> None:
+        self._tty = sys.stderr.isatty()
+        self._last = ""
+
+    def show(self, line: str) -> None:
+        if line == self._last:
+            return
+        if self._tty:
+            pad = " " * max(0, len(self._last) - len(line))
+            sys.stderr.write(f"\r{line}{pad}")
+            sys.stderr.flush()
+        else:
+            click.echo(line, err=True)
+        self._last = line
+
+    def done(self) -> None:
+        if self._tty and self._last:
+            sys.stderr.write("\n")
+        self._last = ""
+
+
 def print_json(obj: Any) -> None:
     json.dump(obj, sys.stdout, indent=2)
     sys.stdout.write("\n")

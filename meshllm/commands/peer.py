@@ -142,13 +142,62 @@ def print_status(st: dict[str, Any]) -> None:
     )
     print_peers(st["peers"])
     serving = st.get("serving") or {}
-    plan = serving.get("plan")
-    if plan:
-        ready = "ready" if serving.get("ready") else "loading"
-        click.echo(f"serving {plan['model']} (plan epoch {plan['epoch']}, {ready}):")
-        for peer, start, stop in plan["stages"]:
-            state = serving.get("states", {}).get(peer, {})
-            click.echo(f"  {_short(peer):15} layers {start}-{stop}  {state.get('state', '?')}")
+    if serving.get("plan"):
+        names = {me["id"]: me["name"], **{p["id"]: p["name"] for p in st["peers"]}}
+        click.echo()
+        print_serving(serving, names)
+
+
+def _mib(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0f}"
+
+
+def print_serving(serving: dict[str, Any], names: dict[str, str]) -> None:
+    """The plan as a table: who runs which layers, how loaded, how much memory, how fast."""
+    plan = serving["plan"]
+    pred = plan.get("predicted") or {}
+    how = plan["partitioner"] + (f"/{pred['objective']}" if pred.get("objective") else "")
+    click.echo(
+        f"serving {plan['model']}  plan {plan['epoch']} ({how}, balance {plan.get('balance')})  "
+        + ("ready" if serving.get("ready") else "loading")
+    )
+    profiles = serving.get("profiles") or {}
+    runtime = serving.get("runtime") or {}
+    states = serving.get("states") or {}
+    click.echo(
+        f"  {'#':>2} {'PEER':15} {'NAME':12} {'LAYERS':>7} {'STATE':10} "
+        f"{'RSS MiB':>8} {'BUDGET':>7} {'STEP ms':>8} {'STEPS/s':>8} {'REQS':>4}"
+    )
+    for i, (peer, start, stop) in enumerate(plan["stages"]):
+        state = states.get(peer) or {}
+        shown = state.get("state", "?")
+        if shown == "fetching" and "progress" in state:
+            shown = f"fetch {100 * state['progress']:.0f}%"
+        run = runtime.get(peer) or {}
+        stats = run.get("stage_stats") or {}
+        current = stats.get("epoch") == plan["epoch"]
+        budget = (profiles.get(peer) or {}).get("memory_bytes")
+        step = stats.get("recent_s") if current else None
+        click.echo(
+            f"  {i:>2} {_short(peer):15} {names.get(peer, '?')[:12]:12} {f'{start}-{stop}':>7} "
+            f"{shown[:10]:10} {_mib(run.get('rss_mb')):>8} "
+            f"{_mib(budget / 2**20 if budget else None):>7} "
+            f"{'-' if not step else f'{1000 * step:.1f}':>8} "
+            f"{stats.get('steps_per_s', '-') if current else '-':>8} "
+            f"{stats.get('open_requests', '-') if current else '-':>4}"
+        )
+        if state.get("state") == "error":
+            click.echo(f"     error: {state.get('detail')}")
+    if pred.get("step_s"):
+        click.echo(
+            f"  predicted: {1000 * pred['step_s']:.1f} ms per token alone, "
+            f"bottleneck stage {1000 * pred.get('bottleneck_s', 0):.1f} ms"
+        )
+    last = (serving.get("balancer") or {}).get("last_decision")
+    if last:
+        click.echo(
+            f"  balancer, plan {last.get('epoch')}: {last.get('outcome')}: {last.get('reason')}"
+        )
 
 
 def print_peers(peers: list[dict[str, Any]]) -> None:

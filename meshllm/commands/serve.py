@@ -8,7 +8,13 @@ from typing import Any
 
 import click
 
-from meshllm.commands.common import generation_options, print_json, progress
+from meshllm.commands.common import (
+    ProgressLine,
+    bar,
+    generation_options,
+    print_json,
+    progress,
+)
 from meshllm.commands.peer import home_of, home_option
 from meshllm.control.client import call, call_stream
 from meshllm.errors import MeshError
@@ -19,6 +25,23 @@ def _describe(plan: dict[str, Any]) -> str:
     return (
         f"plan epoch {plan['epoch']}: {plan['model']} over {len(plan['stages'])} peers ({stages})"
     )
+
+
+def _loading_line(status: dict[str, Any], plan: dict[str, Any]) -> str:
+    """Each stage's peer by name, with a bar while it fetches its layers."""
+    names = {status["self"]["id"]: status["self"]["name"]}
+    names.update({p["id"]: p["name"] for p in status["peers"]})
+    states = status["serving"]["states"]
+    parts = []
+    for pid, start, stop in plan["stages"]:
+        s = states.get(pid) or {}
+        what = s.get("state", "?")
+        if what == "fetching" and "progress" in s:
+            what = "fetching " + bar(float(s["progress"]))
+        elif what == "error":
+            what = f"error ({s.get('detail')})"
+        parts.append(f"{names.get(pid, pid[-6:])} {start}-{stop}: {what}")
+    return "  ".join(parts)
 
 
 @click.command("serve")
@@ -73,6 +96,7 @@ def serve_cmd(
         model=model,
         partitioner=partitioner,
         objective=objective,
+        balance=balance,
         wait_s=timeout,
     )
     plan = result["plan"]
@@ -80,26 +104,21 @@ def serve_cmd(
     st: dict[str, Any] = {}
     if wait:
         deadline = time.monotonic() + timeout
-        last = ""
+        shown = ProgressLine()
         while True:
-            st = call(home, "status")["serving"]
+            full = call(home, "status")
+            st = full["serving"]
             if st["plan"] and st["plan"]["epoch"] > plan["epoch"]:
+                shown.done()
                 raise MeshError("the plan was replaced while loading (a peer joined or left)")
-            states = st["states"]
-            line = "  ".join(
-                f"{pid[-6:]}:{s.get('state', '?')}"
-                + (f" {100 * s['progress']:.0f}%" if s.get("state") == "fetching" and
-                   "progress" in s else "")
-                + (f" ({s['detail']})" if s.get("state") == "error" else "")
-                for pid, s in states.items()
-            )  # fmt: skip
-            if line != last:
-                progress(line)
-                last = line
+            shown.show(_loading_line(full, plan))
             if st["ready"]:
+                shown.done()
                 break
+            states = st["states"]
             errors = [s.get("detail") for s in states.values() if s.get("state") == "error"]
             if time.monotonic() > deadline:
+                shown.done()
                 why = f" (last error: {errors[0]})" if errors else ""
                 raise MeshError(f"the mesh was not ready within {timeout:.0f} s{why}")
             time.sleep(0.2)

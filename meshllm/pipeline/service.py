@@ -46,6 +46,7 @@ from meshllm.pipeline.frames import (
 from meshllm.pipeline.plan import Plan, PlanError, Stage
 from meshllm.pipeline.profiling import Profiler, partition_request, predict, slowed
 from meshllm.pipeline.stage import StageRunner, sampling_from
+from meshllm.plan.profile import MiB, resident_bytes
 from meshllm.plugins import BalancingPolicyRegistry, PartitionerRegistry, get_plugin_manager
 
 ACT_PROTOCOL = "act"
@@ -119,6 +120,9 @@ class ServingService:
 
     def _extra(self) -> dict[str, Any]:
         x: dict[str, Any] = {"models": self._models, "serving": self.state}
+        rss = resident_bytes()
+        if rss is not None:
+            x["rss_mb"] = round(rss / MiB, 1)
         x.update(self.profiler.extra())
         if self._serve_results:
             x["serve_results"] = self._serve_results
@@ -806,16 +810,28 @@ class ServingService:
             "profiles": {p: (found[p].to_obj() if p in found else None) for p in peers},
         }  # fmt: skip
 
+    def _runtime_of(self, pid: str) -> dict[str, Any]:
+        """A peer's memory and recent stage figures, as it last published them."""
+        if pid == self.me:
+            rss = resident_bytes()
+            extra = {"rss_mb": None if rss is None else round(rss / MiB, 1),
+                     "stage_stats": None if self.stage is None else self.stage.stats()}  # fmt: skip
+        else:
+            extra = {k: self.node.extra_of(pid, k) for k in ("rss_mb", "stage_stats")}
+        return {k: v for k, v in extra.items() if v is not None}
+
     def serving_status(self) -> dict[str, Any]:
         peers = {self.me: self.state}
         if self.plan is not None:
             for s in self.plan.stages:
                 if s.peer != self.me:
                     peers[s.peer] = self._peer_state(s.peer)
+        runtime = {pid: self._runtime_of(pid) for pid in sorted({self.me, *peers})}
         return {
             "plan": self.plan.to_obj() if self.plan else None,
             "ready": self.plan_ready(),
             "states": peers,
+            "runtime": runtime,
             "models": self._models,
             "stage": None if self.stage is None else {
                 "index": self.stage.index, "steps": self.stage.steps,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 
 import numpy as np
@@ -84,6 +85,8 @@ class StageRunner:
         self.baseline_s = 0.0
         self.recent_s = 0.0
         self._baseline_sum = 0.0
+        # (time, decode steps) marks for the recent step rate shown by `meshllm status`.
+        self._rate_marks: deque[tuple[float, int]] = deque()
 
     WARMUP_STEPS, BASELINE_STEPS, EWMA = 4, 16, 0.2
 
@@ -100,11 +103,24 @@ class StageRunner:
             return
         self.recent_s += self.EWMA * (spent - self.recent_s)
 
+    RATE_WINDOW_S = 10.0
+
+    def recent_rate(self, now: float | None = None) -> float:
+        """Decode steps per second over the last ~10 s (all requests together)."""
+        now = time.monotonic() if now is None else now
+        marks = self._rate_marks
+        marks.append((now, self.decode_steps))
+        while len(marks) > 2 and now - marks[1][0] >= self.RATE_WINDOW_S:
+            marks.popleft()
+        (t0, n0), (t1, n1) = marks[0], marks[-1]
+        return (n1 - n0) / (t1 - t0) if t1 - t0 >= 0.5 else 0.0
+
     def stats(self) -> dict[str, float | int]:
-        """What the leader's balancer sees of this stage."""
+        """What the leader's balancer (and `meshllm status`) sees of this stage."""
         measured = max(0, self.decode_steps - self.WARMUP_STEPS - self.BASELINE_STEPS)
         return {"epoch": self.epoch, "steps": measured, "baseline_s": self.baseline_s,
-                "recent_s": self.recent_s}  # fmt: skip
+                "recent_s": self.recent_s, "steps_per_s": round(self.recent_rate(), 2),
+                "open_requests": len(self.runtime.open_requests)}  # fmt: skip
 
     @property
     def is_last(self) -> bool:

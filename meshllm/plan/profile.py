@@ -12,6 +12,7 @@ Links are measured by the serving service over the mesh itself (see ``LinkStats`
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,6 +125,15 @@ def _cgroup_headroom() -> int | None:
     except (OSError, ValueError):
         pass
     return None
+
+
+def resident_bytes() -> int | None:
+    """This process's resident memory now (Linux), or None where it cannot be read."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE")
 
 
 def memory_budget(limit_mb: int) -> tuple[int, bool]:

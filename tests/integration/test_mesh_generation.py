@@ -141,3 +141,16 @@ def test_each_peer_holds_only_its_own_layers(served_mesh):
             f"\n{served_mesh['precision']} stage {start}-{stop}: segment {size / 2**20:.1f} MiB, "
             f"daemon RSS {rss_kib / 1024:.1f} MiB"
         )
+
+
+def test_status_shows_the_plan_as_a_readable_table(served_mesh):
+    homes = served_mesh["homes"]
+    query(homes[0], PROMPTS[0])  # so every stage has recent figures to show
+    plan = status(homes[0])["serving"]["plan"]
+    text = cli(homes[1], "status").stdout
+    assert f"plan {plan['epoch']} (even" in text and "ready" in text
+    rows = [r for r in map(str.split, text.splitlines()) if r and r[0].isdigit()]
+    assert [r[3] for r in rows] == [f"{a}-{b}" for _, a, b in plan["stages"]]
+    for r in rows:
+        assert r[4] == "ready" and float(r[5]) > 100  # resident MiB of a daemon with a segment
+        assert float(r[7]) > 0  # recent per-step compute, ms
