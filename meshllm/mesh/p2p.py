@@ -40,6 +40,7 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 from multiaddr import Multiaddr
 
 from meshllm.mesh import dataplane
+from meshllm.mesh.addrs import expand_wildcards
 from meshllm.mesh.dataplane import DataPlaneListener
 from meshllm.mesh.framing import FrameError, FrameReader, frame
 from meshllm.mesh.transport import (
@@ -138,7 +139,7 @@ class Libp2pEndpoint:
 
     # -- Endpoint API -------------------------------------------------------------------------
     def listen_addrs(self) -> list[str]:
-        return [str(a) for a in self._host.get_addrs()]
+        return expand_wildcards([str(a) for a in self._host.get_addrs()])
 
     @property
     def messages(self) -> trio.MemoryReceiveChannel[Message]:

@@ -216,3 +216,27 @@ def test_peers_add_with_the_secret_already_in_home(mesh4, tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_two_phone_walkthrough_with_a_daemon_on_every_interface(tmp_path):
+    """The README's walk-through: A listens on all interfaces, B joins with A's invite."""
+    a, b = tmp_path / "phone-a", tmp_path / "phone-b"
+    cli(a, "init", "--name", "phone-a", "--listen", "/ip4/0.0.0.0/tcp/0")
+    procs = [testbed.start_daemon(a)]
+    try:
+        testbed.wait_ready(a, procs[0])
+        token = cli(a, "invite").stdout.strip()
+        addrs = JoinToken.decode(token).addrs
+        # Dialable addresses only: the wildcard becomes this machine's addresses.
+        assert addrs and not any("/0.0.0.0/" in x for x in addrs)
+        assert any(x.startswith("/ip4/127.0.0.1/") for x in addrs)
+        cli(b, "init", "--name", "phone-b", "--join", token)
+        procs.append(testbed.start_daemon(b))
+        testbed.wait_ready(b, procs[1])
+        members, leader = wait_for(lambda: agreement([a, b]), timeout=15)
+        names = {p["name"] for p in cli_status(b)["peers"]}
+        assert names == {"phone-a"} and leader in members
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(10)
