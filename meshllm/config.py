@@ -52,6 +52,9 @@ class MeshSection:
     step_timeout_s: float = 30.0
     # How long a query interrupted by a lost peer waits for the next plan before failing.
     recovery_timeout_s: float = 120.0
+    # A request carried to a new plan whose old peers are all alive (a rebalance) gets its
+    # KV cache moved from them; off, or when that fails, it is replayed token by token.
+    move_kv: bool = True
 
     def __post_init__(self) -> None:
         if self.heartbeat_interval_s <= 0:

@@ -55,7 +55,7 @@ from meshllm.mesh.transport import (
 AUTH_PROTOCOL = TProtocol("/meshllm/auth/1.0.0")
 DATAPLANE_PROTOCOL = TProtocol("/meshllm/dataplane/1.0.0")
 # Bulk protocols that use the encrypted TCP data plane when it can be set up.
-FAST_PROTOCOLS = frozenset({"act", "probe"})
+FAST_PROTOCOLS = frozenset({"act", "probe", "kv"})
 CTL_PROTOCOL = TProtocol("/meshllm/ctl/1.0.0")
 MAX_CONTROL_FRAME = 1 << 20
 _QUEUE = 1024
@@ -317,7 +317,13 @@ class Libp2pEndpoint:
     async def _dispatch_fast(self, protocol: str, stream: Stream) -> None:
         handler = self._handlers.get(protocol)
         if handler is not None and stream.peer_id in self._admitted:
-            await handler(stream)
+            try:
+                await handler(stream)
+            except Exception:
+                # Handlers run in the data plane's nursery: one that fails must cost its
+                # stream only, never the listener (and with it the daemon).
+                self.log.exception("fast_stream_handler_failed", other=stream.peer_id,
+                                   protocol=protocol)  # fmt: skip
 
     # -- admission ----------------------------------------------------------------------------
     def _mac(self, role: bytes, dialer: str, listener: str, nd: bytes, nl: bytes) -> bytes:

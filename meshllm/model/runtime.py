@@ -23,6 +23,9 @@ from meshllm.model.manifest import Architecture
 Tensor = np.ndarray | ort.OrtValue
 
 
+KVLayer = tuple[np.ndarray, np.ndarray]  # one layer's (key, value) cache
+
+
 class UnknownRequest(MeshError):
     """A step for a request this segment holds no KV cache for."""
 
@@ -106,6 +109,7 @@ class SegmentRuntime:
         self.data_inputs = [n for n in self.input_names if n not in kv_names]
         self.data_outputs = [n for n in self.output_names if n not in kv_names]
         self._kv_dtype = np.dtype(arch.kv_dtype)
+        self._kv = kv
         self._caches: dict[str, _KVCache] = {}
 
     def check_feeds(self, feeds: Mapping[str, Tensor], new_tokens: int) -> None:
@@ -130,14 +134,53 @@ class SegmentRuntime:
                     raise BadInput(f"{meta.name}: shape {value.shape} does not fit {meta.shape}")
 
     # -- request lifecycle --------------------------------------------------------------------
-    def open(self, request_id: str, capacity: int) -> None:
-        """Allocate this segment's KV cache for a request of up to *capacity* positions."""
+    def open(self, request_id: str, capacity: int, kv: Mapping[int, KVLayer] | None = None) -> None:
+        """Allocate this segment's KV cache for a request of up to *capacity* positions.
+
+        *kv* starts it from another segment's cache (see :meth:`export_kv`): one (key, value)
+        pair per layer of this segment, each ``(1, kv_heads, length, head_size)``.
+        """
         shape = (1, self.arch.num_key_value_heads, capacity, self.arch.head_size)
+        length = 0
+        if kv is not None:
+            if sorted(kv) != self.layers:
+                raise BadInput(f"KV cache for layers {sorted(kv)}, this segment runs {self.layers}")
+            length = {a.shape[2] for pair in kv.values() for a in pair}.pop() if kv else 0
+            for pair in kv.values():
+                for a in pair:
+                    if a.shape != (*shape[:2], length, shape[3]) or a.dtype != self._kv_dtype:
+                        raise BadInput(f"KV cache tensor {a.dtype}{a.shape} does not fit {shape}")
+            if length > capacity:
+                raise PromptTooLong(f"a KV cache of {length} positions; capacity is {capacity}")
         buffers = {}
-        for past, present in self._kv_pairs:
-            buf = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self._kv_dtype))
-            buffers[past] = buffers[present] = buf
-        self._caches[request_id] = _KVCache(buffers, capacity)
+        for layer in self.layers:
+            for i, (past, present) in enumerate(zip(*self._names(layer), strict=True)):
+                data = np.zeros(shape, self._kv_dtype)
+                if kv is not None:
+                    data[:, :, :length] = kv[layer][i]
+                buf = ort.OrtValue.ortvalue_from_numpy(data)
+                buffers[past] = buffers[present] = buf
+        self._caches[request_id] = _KVCache(buffers, capacity, length)
+
+    def _names(self, layer: int) -> tuple[tuple[str, str], tuple[str, str]]:
+        return self._kv.past(layer), self._kv.present(layer)
+
+    def export_kv(self, request_id: str, layers: list[int], length: int) -> dict[int, KVLayer]:
+        """Copies of the first *length* positions of the KV cache of *layers* for a request:
+        what a segment taking these layers over needs to continue it exactly."""
+        cache = self._caches.get(request_id)
+        if cache is None:
+            raise UnknownRequest(f"no KV cache for request {request_id!r} on {self.path.name}")
+        if not 0 < length <= cache.length:
+            raise BadInput(f"the cache holds {cache.length} positions, {length} were asked for")
+        out: dict[int, KVLayer] = {}
+        for layer in layers:
+            if layer not in self.layers:
+                raise BadInput(f"layer {layer} is not in this segment ({self.path.name})")
+            k, v = (cache.buffers[name].numpy()[:, :, :length].copy()
+                    for name in self._kv.past(layer))  # fmt: skip
+            out[layer] = (k, v)
+        return out
 
     def close(self, request_id: str) -> None:
         self._caches.pop(request_id, None)

@@ -34,6 +34,12 @@ class Sampler:
         self.params = params
         self._rng = np.random.default_rng(params.seed)
 
+    def skip(self, draws: int) -> None:
+        """Advance as if *draws* tokens had been sampled here: a request moved to this peer
+        mid-generation then continues with the random stream it would have had."""
+        if not self.params.greedy and draws > 0:
+            self._rng.random(draws)  # Generator.choice with p draws one uniform per call
+
     def __call__(self, logits: np.ndarray) -> int:
         p = self.params
         if p.greedy:

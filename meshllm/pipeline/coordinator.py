@@ -16,7 +16,7 @@ from meshllm.errors import MeshError
 from meshllm.model.generate import check_context
 from meshllm.model.manifest import Architecture
 from meshllm.model.sampling import SamplingParams
-from meshllm.pipeline.frames import END, ERROR, FWD, TOKEN, Frame
+from meshllm.pipeline.frames import END, ERROR, FWD, TOKEN, Frame, KVSource
 from meshllm.pipeline.plan import Plan
 
 Send = Callable[[str, Frame], Awaitable[None]]
@@ -94,6 +94,7 @@ class Coordinator:
         current_epoch: Callable[[], int] | None = None,
         next_plan: NextPlan | None = None,
         max_replays: int = 4,
+        peer_alive: Callable[[str], bool] | None = None,
     ):
         self.self_id = self_id
         self.send = send
@@ -101,6 +102,9 @@ class Coordinator:
         self.current_epoch = current_epoch
         self.next_plan = next_plan
         self.max_replays = max_replays
+        # With it, a request carried to a new plan has its KV cache moved from the old plan's
+        # peers (when all of them are alive) instead of being replayed; see kvmove.
+        self.peer_alive = peer_alive
         self._waiting: dict[str, trio.MemorySendChannel[Frame]] = {}
 
     def deliver(self, f: Frame) -> None:
@@ -137,10 +141,26 @@ class Coordinator:
         self._waiting[run.rid] = send_ch
         run.t0 = run.first_at = run.last_at = time.perf_counter()
         backoff, waited = 0.05, 0.0
-        try:
+        moved: KVSource | None = None
+
+        async def fresh_id() -> None:
+            # Retried on the same stages: free what they hold, and go on under a fresh id
+            # so that late frames of the broken attempt are ignored.
+            await self._end(plan, run.rid)
+            del self._waiting[run.rid]
+            run.rid = uuid.uuid4().hex
+            self._waiting[run.rid] = send_ch
             while True:
                 try:
-                    await self._attempt(plan, run, recv_ch, eos, on_token)
+                    recv_ch.receive_nowait()
+                except trio.WouldBlock:
+                    break
+
+        try:
+            while True:
+                had = len(run.out)
+                try:
+                    await self._attempt(plan, run, recv_ch, eos, on_token, moved)
                     break
                 except _Busy as exc:
                     # Queue rather than fail: the mesh holds as many requests as its limits
@@ -155,6 +175,13 @@ class Coordinator:
                     backoff = min(backoff * 2, 1.0)
                     run.waited_s = waited
                 except _Interrupted as exc:
+                    if moved is not None and len(run.out) == had:
+                        # The move itself failed (an old peer gone, its caches released):
+                        # replay on the same plan instead.
+                        run.recoveries[-1]["moved_kv"] = f"failed: {exc}"
+                        moved = None
+                        await fresh_id()
+                        continue
                     if self.next_plan is None or len(run.recoveries) >= self.max_replays:
                         raise QueryFailed(str(exc)) from None
                     t = time.perf_counter()
@@ -162,26 +189,32 @@ class Coordinator:
                     # adopted, and its first peer may be the one that is gone.
                     old = plan
                     plan = await self.next_plan(plan.epoch, str(exc))
+                    moved = None
                     if plan.epoch == old.epoch:
-                        # Retried on the same stages: free what they hold, and go on under
-                        # a fresh id so that late frames of the broken attempt are ignored.
-                        await self._end(plan, run.rid)
-                        del self._waiting[run.rid]
-                        run.rid = uuid.uuid4().hex
-                        self._waiting[run.rid] = send_ch
-                        while True:
-                            try:
-                                recv_ch.receive_nowait()
-                            except trio.WouldBlock:
-                                break
+                        await fresh_id()
+                    else:
+                        moved = self._kv_source(old, run)
                     run.recoveries.append({
                         "reason": str(exc), "tokens_done": len(run.out),
                         "wait_s": round(time.perf_counter() - t, 3), "epoch": plan.epoch,
+                        "moved_kv": moved is not None,
                     })  # fmt: skip
         finally:
             del self._waiting[run.rid]
             await self._end(plan, run.rid)
         return self._result(plan, run)
+
+    def _kv_source(self, old: Plan, run: _Run) -> KVSource | None:
+        """Where the request's KV cache can be fetched from, or None to replay it."""
+        if self.peer_alive is None or not run.out:
+            return None
+        if not all(self.peer_alive(s.peer) for s in old.stages):
+            return None
+        # Every old stage has run each position up to the one that produced the last
+        # token; the stages may be a step further, which the new plan recomputes.
+        length = len(run.prompt_ids) + len(run.out) - 1
+        stages = tuple((s.peer, s.start, s.stop) for s in old.stages)
+        return KVSource(old.epoch, stages, length, drawn=len(run.out))
 
     async def _end(self, plan: Plan, rid: str) -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(2), suppress(MeshError):
@@ -195,17 +228,25 @@ class Coordinator:
         recv_ch: trio.MemoryReceiveChannel[Frame],
         eos: set[int],
         on_token: Callable[[int], Awaitable[None]] | None,
+        moved: KVSource | None = None,
     ) -> None:
-        """Run (or replay and continue) the request on *plan* until it is done."""
+        """Run (or replay, or resume from moved KV caches, and continue) the request on
+        *plan* until it is done."""
         run.compute = [0.0] * len(plan.stages)
-        ids = np.asarray([run.prompt_ids], dtype=np.int64)
-        pos = len(run.prompt_ids)
-        replayed = len(run.out)
+        if moved is not None:
+            # The stages fetch the cache up to the last token's position: that token is
+            # the next step's input.
+            ids = np.asarray([[run.out[-1]]], dtype=np.int64)
+            pos, new, force, replayed = moved.length + 1, 1, [], 0
+        else:
+            ids = np.asarray([run.prompt_ids], dtype=np.int64)
+            pos = new = len(run.prompt_ids)
+            force, replayed = list(run.out), len(run.out)
         # Only the first step is sent from here: the last stage feeds each token back to
         # stage 0 itself (the forced ones first) and copies it to us.
-        first = Frame(kind=FWD, rid=run.rid, epoch=plan.epoch, step=0, pos=pos, new=pos,
+        first = Frame(kind=FWD, rid=run.rid, epoch=plan.epoch, step=0, pos=pos, new=new,
                       cap=run.capacity, coord=self.self_id, sampling=run.sampling,
-                      tensors={"input_ids": ids}, force=list(run.out))  # fmt: skip
+                      tensors={"input_ids": ids}, force=force, kv_from=moved)  # fmt: skip
         try:
             await self.send(plan.stages[0].peer, first)
         except MeshError as exc:

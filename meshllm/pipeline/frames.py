@@ -38,6 +38,50 @@ def _show(v: Any) -> str:
         return f"<{type(v).__name__}>"
 
 
+@dataclass(frozen=True)
+class KVSource:
+    """Where a request's KV cache is, on its first frame on a new plan."""
+
+    epoch: int  # the old plan
+    stages: tuple[tuple[str, int, int], ...]  # its (peer, start, stop) stages
+    length: int  # positions every old stage has computed (the cache to move)
+    drawn: int  # tokens sampled so far (a seeded sampler skips that many draws)
+
+    def to_obj(self) -> dict[str, Any]:
+        return {"e": self.epoch, "st": [list(s) for s in self.stages], "n": self.length,
+                "d": self.drawn}  # fmt: skip
+
+    @classmethod
+    def from_obj(cls, obj: Any) -> KVSource:
+        """Raises ValueError on anything malformed (frames come from the network)."""
+        if not isinstance(obj, dict):
+            raise ValueError("not a map")
+        stages = obj.get("st")
+        if not isinstance(stages, list) or not 0 < len(stages) <= 64:
+            raise ValueError("bad stages")
+        parsed = []
+        for s in stages:
+            if not (
+                isinstance(s, list)
+                and len(s) == 3
+                and isinstance(s[0], str)
+                and all(is_int(x) and 0 <= x < 1 << 20 for x in s[1:])
+                and s[1] < s[2]
+            ):
+                raise ValueError("bad stage")  # fmt: skip
+            parsed.append((s[0], s[1], s[2]))
+        e, n, d = obj.get("e"), obj.get("n"), obj.get("d")
+        if not (is_int(e) and is_int(n) and is_int(d)):
+            raise ValueError("bad numbers")
+        if not (0 <= e < 1 << 62 and 0 < n < 1 << 31 and 0 <= d < 1 << 31):
+            raise ValueError("numbers out of range")
+        return cls(e, tuple(parsed), n, d)
+
+
+def is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 @dataclass
 class Frame:
     kind: str
@@ -62,6 +106,8 @@ class Frame:
     # A forced step whose next input stage 0 has already fed itself: the last stage emits
     # force[0] and does not loop it back (replays then pipeline through the stages).
     fed: bool = False
+    # On a request's first frame on a new plan: where to fetch its KV cache from (no replay).
+    kv_from: KVSource | None = None
 
 
 def encode_tensor(a: np.ndarray) -> list[Any]:
@@ -106,6 +152,8 @@ def encode_frame(f: Frame) -> bytes:
             obj["f"] = f.force
         if f.fed:
             obj["fd"] = True
+        if f.kv_from is not None:
+            obj["kv"] = f.kv_from.to_obj()
     elif f.kind == TOKEN:
         obj["tok"] = f.token
     elif f.kind == ERROR:
@@ -192,6 +240,13 @@ def decode_frame(data: bytes) -> Frame:
         f.fed = obj.get("fd") is True
         if f.fed and not force:
             raise BadFrame("a fed step without its forced token")
+        if "kv" in obj:
+            try:
+                f.kv_from = KVSource.from_obj(obj["kv"])
+            except ValueError as exc:
+                raise BadFrame(f"bad KV source: {exc}") from None
+            if not f.cap or force or f.kv_from.length >= f.pos:
+                raise BadFrame("a KV source belongs on a request's first decode step")
     elif kind == TOKEN:
         f.token = _int(obj, "tok")
     elif kind == ERROR:

@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import structlog
 import trio
 
@@ -32,7 +33,7 @@ from meshllm.mesh.transport import Endpoint, PeerUnreachable, Stream
 from meshllm.model.manifest import Manifest
 from meshllm.model.ranges import LayerRange
 from meshllm.model.store import ModelStore
-from meshllm.pipeline import files
+from meshllm.pipeline import files, kvmove
 from meshllm.pipeline.coordinator import Coordinator, QueryFailed
 from meshllm.pipeline.frames import (
     ERROR,
@@ -82,7 +83,11 @@ class ServingService:
             self.me, self.send_frame, config.mesh.step_timeout_s,
             current_epoch=lambda: self.plan.epoch if self.plan else 0,
             next_plan=self._next_plan,
+            peer_alive=self._peer_alive if config.mesh.move_kv else None,
         )  # fmt: skip
+        # Runtimes of plans this peer no longer serves, kept a while with their requests'
+        # KV caches for the new plan's stages to fetch: epoch -> (runtime, keep until).
+        self._retired: dict[int, tuple[Any, float]] = {}
         # The leader's last failure to replace a plan that lost a peer: {epoch, error}.
         self._replan_error: dict[str, Any] | None = None
         # Balancing (leader): measured slowdowns that later plans keep accounting for, and
@@ -109,6 +114,7 @@ class ServingService:
         node.on_peer_extra = self._on_peer_extra
         node.on_app_message = self._on_app_message
         endpoint.set_stream_handler(ACT_PROTOCOL, self._on_act_stream)
+        endpoint.set_stream_handler(kvmove.KV_PROTOCOL, self._on_kv_stream)
         endpoint.set_stream_handler(files.PROTOCOL, files.FileServer(self.store).handle)
 
     # -- state on heartbeats ------------------------------------------------------------------
@@ -368,6 +374,10 @@ class ServingService:
                 delay = min(delay * 2, 10.0)
 
     async def _realize_inner(self, plan: Plan) -> None:
+        if self.stage is not None and self.stage.epoch != plan.epoch:
+            self.stage.keep_caches = True
+            keep = trio.current_time() + kvmove.RETIRED_KEEP_S
+            self._retired[self.stage.epoch] = (self.stage.runtime, keep)
         if self._stage_scope is not None:
             self._stage_scope.cancel()
             self._stage_scope = None
@@ -402,7 +412,7 @@ class ServingService:
             runtime, epoch=plan.epoch, index=idx, next_peer=nxt, first_peer=plan.stages[0].peer,
             context_length=manifest.architecture.context_length,
             eos_token_ids=manifest.architecture.eos_token_ids, send=self.send_frame,
-            max_requests=self.config.limits.max_concurrent_requests,
+            max_requests=self.config.limits.max_concurrent_requests, fetch_kv=self._fetch_kv,
         )  # fmt: skip
         assert self._nursery is not None
         self._stage_scope = trio.CancelScope()
@@ -554,6 +564,53 @@ class ServingService:
                 log.warning("frame_dropped", other=stream.peer_id, reason=str(exc))
                 continue
             self._dispatch(f)
+
+    # -- moving KV caches to a new plan (see kvmove) -------------------------------------------
+    def _kv_runtime(self, epoch: int) -> Any:
+        stage = self.stage
+        if stage is not None and stage.epoch == epoch:
+            return stage.runtime
+        kept = self._retired.get(epoch)
+        return None if kept is None else kept[0]
+
+    async def _on_kv_stream(self, stream: Stream) -> None:
+        await kvmove.serve(stream, self._kv_runtime)
+
+    async def _fetch_kv(self, f: Frame, layers: list[int]) -> dict[int, Any]:
+        assert f.kv_from is not None
+        if self.manifest is None:
+            raise kvmove.KVMoveFailed("no model loaded")
+        arch = self.manifest.architecture
+        shape = (arch.num_key_value_heads, f.kv_from.length, arch.head_size)
+        t = time.perf_counter()
+        want = kvmove.Wanted(f.rid, layers, shape, np.dtype(arch.kv_dtype))
+        try:
+            kv = await kvmove.fetch(self.endpoint, self.me, self._kv_runtime, f.kv_from, want)
+        except MeshError:
+            raise
+        except Exception as exc:  # a bug here must cost a replay, not the daemon
+            log.exception("kv_move_bug", rid=f.rid[:8])
+            raise kvmove.KVMoveFailed(f"moving the KV cache failed: {exc!r}") from None
+        log.info(
+            "kv_moved",
+            rid=f.rid[:8],
+            layers=f"{layers[0]}-{layers[-1] + 1}",
+            positions=f.kv_from.length,
+            ms=round(1000 * (time.perf_counter() - t), 1),
+        )
+        return kv
+
+    def _peer_alive(self, pid: str) -> bool:
+        if pid == self.me:
+            return True
+        rec = self.node.peers.get(pid)
+        return rec is not None and self.node.is_alive(rec)
+
+    def _release_retired(self) -> None:
+        now = trio.current_time()
+        for epoch, (_, until) in list(self._retired.items()):
+            if now >= until:
+                del self._retired[epoch]
 
     # -- surviving lost peers -----------------------------------------------------------------
     async def _watch_plan(self) -> None:
@@ -928,6 +985,7 @@ class ServingService:
             while True:
                 # Models imported while the daemon runs are advertised within seconds.
                 await trio.sleep(2.0)
+                self._release_retired()
                 models = await trio.to_thread.run_sync(self._local_models)
                 if models != self._models:
                     self._models = models

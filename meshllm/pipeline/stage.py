@@ -18,7 +18,7 @@ import trio
 
 from meshllm.errors import MeshError
 from meshllm.mesh.transport import PeerUnreachable
-from meshllm.model.runtime import SegmentRuntime
+from meshllm.model.runtime import KVLayer, SegmentRuntime
 from meshllm.model.sampling import Sampler, SamplingParams
 from meshllm.pipeline.frames import END, ERROR, FWD, TOKEN, Frame
 
@@ -28,6 +28,13 @@ REPLAY_WINDOW = 8
 
 class StaleEpoch(MeshError):
     """A frame for another plan than the one this stage serves."""
+
+
+class KVMoveFailed(MeshError):
+    """A request's KV cache could not be moved here; the coordinator replays it instead."""
+
+
+FetchKV = Callable[["Frame", list[int]], Awaitable[dict[int, KVLayer]]]
 
 
 class StageBusy(MeshError):
@@ -63,6 +70,7 @@ class StageRunner:
         send: Send,
         queue_size: int = 256,
         max_requests: int = 16,
+        fetch_kv: FetchKV | None = None,
     ):
         self.runtime = runtime
         self.epoch = epoch
@@ -73,6 +81,10 @@ class StageRunner:
         self.eos = set(eos_token_ids)
         self.send = send
         self.max_requests = max_requests
+        self.fetch_kv = fetch_kv
+        # Set when the plan is replaced: the KV caches outlive this runner, for the new
+        # plan's stages to fetch (see kvmove).
+        self.keep_caches = False
         self._samplers: dict[str, Sampler] = {}
         self._caps: dict[str, int] = {}
         self._in, self._out = trio.open_memory_channel[Frame](queue_size)
@@ -148,12 +160,13 @@ class StageRunner:
                     await self._fail(
                         f,
                         str(exc),
-                        retry=isinstance(exc, PeerUnreachable | StaleEpoch),
+                        retry=isinstance(exc, PeerUnreachable | StaleEpoch | KVMoveFailed),
                         busy=isinstance(exc, StageBusy),
                     )
         finally:
-            for rid in list(self.runtime.open_requests):
-                self._drop(rid)
+            if not self.keep_caches:
+                for rid in list(self.runtime.open_requests):
+                    self._drop(rid)
 
     def _drop(self, rid: str) -> None:
         self.runtime.close(rid)
@@ -193,10 +206,22 @@ class StageRunner:
                 raise MeshError(
                     f"request needs {f.cap} positions; context is {self.context_length}"
                 )
-            self.runtime.open(rid, f.cap)
+            kv = None
+            if f.kv_from is not None:
+                if self.fetch_kv is None:
+                    raise KVMoveFailed("this stage cannot fetch KV caches")
+                kv = await self.fetch_kv(f, self.runtime.layers)
+            try:
+                self.runtime.open(rid, f.cap, kv)
+            except MeshError as exc:
+                if kv is None:
+                    raise
+                raise KVMoveFailed(f"the moved KV cache does not fit: {exc}") from None
             if self.is_last:
                 self._samplers[rid] = Sampler(sampling_from(f.sampling))
                 self._caps[rid] = f.cap
+                if f.kv_from is not None:
+                    self._samplers[rid].skip(f.kv_from.drawn)
         if self._mask.shape[1] < f.pos:
             self._mask = np.ones((1, max(f.pos, 2 * self._mask.shape[1])), dtype=np.int64)
         feeds = dict(f.tensors)
@@ -265,6 +290,7 @@ class StageRunner:
             fed = True
         nxt = Frame(kind=FWD, rid=rid, epoch=f.epoch, step=f.step, pos=f.pos, new=f.new,
                     cap=f.cap, coord=f.coord, sampling=f.sampling, tensors=tensors,
-                    compute_s=timings, force=force[:1] if fed else force, fed=fed)  # fmt: skip
+                    compute_s=timings, force=force[:1] if fed else force, fed=fed,
+                    kv_from=f.kv_from)  # fmt: skip
         assert self.next_peer is not None
         await self.send(self.next_peer, nxt)

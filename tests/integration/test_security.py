@@ -54,7 +54,7 @@ HANDSHAKE_S = 2.0  # the daemons' [mesh] handshake_timeout_s (the default)
 ATTEMPT_S = HANDSHAKE_S + 2.0  # long enough for a slow 2-core machine, short enough to fail fast
 # Every application protocol a daemon serves (service.py, files.py, profiling.py) plus the
 # membership/control one; the data-plane negotiation is checked separately (it answers).
-APP_PROTOCOLS = ("act", "files", "probe")
+APP_PROTOCOLS = ("act", "files", "probe", "kv")
 GUARDED = [TProtocol(f"/meshllm/{p}/1.0.0") for p in APP_PROTOCOLS] + [CTL_PROTOCOL]
 
 

@@ -113,3 +113,67 @@ async def test_a_broken_link_on_a_plan_that_stays_current_is_retried_on_it():
     assert retry.epoch == 1 and retry.force == ANSWER[:3]
     # The retry runs under a new id, and the old one was ended on the stages.
     assert retry.rid != first.rid and mesh.ends >= 1
+
+
+class MovingMesh(FakeMesh):
+    """The new plan's first frame carries a KV source; "move-fails" answers it with the
+    retry error a stage gives when it cannot fetch the cache."""
+
+    async def send(self, peer: str, f: Frame) -> None:
+        if f.kind == FWD and f.kv_from is not None:
+            self.firsts.append(f)
+            what = self.script[len(self.firsts) - 1]
+            deliver = self.coordinator.deliver  # type: ignore[union-attr]
+            if what == "move-fails":
+                deliver(Frame(kind=ERROR, rid=f.rid, epoch=f.epoch, retry=True,
+                              error="stage 1: cannot move the KV cache: gone"))  # fmt: skip
+                return
+            for step, tok in enumerate(ANSWER[3:]):
+                deliver(Frame(kind=TOKEN, rid=f.rid, epoch=f.epoch, step=step, token=tok))
+            return
+        await super().send(peer, f)
+
+
+async def run_moving(mesh: FakeMesh, alive: bool = True) -> dict:
+    async def next_plan(after: int, reason: str) -> Plan:
+        return plan(after + 1)
+
+    coord = Coordinator("c", mesh.send, step_timeout_s=5, peer_alive=lambda p: alive,
+                        next_plan=next_plan)  # fmt: skip
+    mesh.coordinator = coord
+    with trio.fail_after(10):
+        result = await coord.run_query(plan(1), ARCH, [5, 6, 7], max_tokens=len(ANSWER),
+                                       sampling=SamplingParams())  # fmt: skip
+    return result.to_dict()
+
+
+async def test_on_a_new_plan_the_kv_cache_is_moved_instead_of_replayed():
+    mesh = MovingMesh(["lose-after-3", "ok"])
+    result = await run_moving(mesh)
+    assert result["token_ids"] == ANSWER
+    _, resumed = mesh.firsts
+    src = resumed.kv_from
+    # The last token is the next input; the cache up to its position comes from plan 1.
+    assert src is not None and src.epoch == 1 and resumed.epoch == 2
+    assert src.stages == (("a", 0, 2), ("b", 2, 4)) and src.length == 3 + 3 - 1
+    assert src.drawn == 3 and resumed.pos == src.length + 1 and resumed.new == 1
+    assert resumed.tensors["input_ids"].tolist() == [[ANSWER[2]]] and resumed.force == []
+    assert result["recoveries"][0]["moved_kv"] is True
+
+
+async def test_a_failed_move_falls_back_to_replaying_on_the_same_plan():
+    mesh = MovingMesh(["lose-after-3", "move-fails", "ok"])
+    result = await run_moving(mesh)
+    assert result["token_ids"] == ANSWER
+    _, moved, replay = mesh.firsts
+    assert moved.kv_from is not None and replay.kv_from is None
+    assert replay.epoch == moved.epoch == 2 and replay.force == ANSWER[:3]
+    assert replay.rid != moved.rid  # the failed attempt's id was ended
+    assert result["recoveries"][0]["moved_kv"].startswith("failed: stage 1: cannot move")
+
+
+async def test_with_an_old_peer_gone_the_request_is_replayed():
+    mesh = MovingMesh(["lose-after-3", "ok"])
+    result = await run_moving(mesh, alive=False)
+    assert result["token_ids"] == ANSWER and mesh.firsts[1].kv_from is None
+    assert mesh.firsts[1].force == ANSWER[:3] and result["recoveries"][0]["moved_kv"] is False

@@ -34,6 +34,7 @@ from meshllm.pipeline.frames import (
     TOKEN,
     BadFrame,
     Frame,
+    KVSource,
     decode_frame,
     encode_frame,
 )
@@ -167,6 +168,12 @@ def frames(draw: st.DrawFn) -> Frame:
                                                                           st.text(max_size=8)),
                                           max_size=4))  # fmt: skip
         f.tensors = draw(st.dictionaries(st.text(max_size=8), tensors(), max_size=MAX_TENSORS))
+        if f.cap and f.pos > 1 and draw(st.booleans()):
+            stage = st.tuples(st.text(max_size=60), st.integers(0, 2**19), st.integers(1, 2**19))
+            stages = [(p, a, a + b) for p, a, b in draw(st.lists(stage, min_size=1, max_size=4))]
+            f.kv_from = KVSource(draw(u62), tuple(stages),
+                                 draw(st.integers(1, min(f.pos - 1, 2**31 - 1))),
+                                 draw(st.integers(0, 2**31 - 1)))  # fmt: skip
     elif kind == TOKEN:
         f.token = draw(u62)
     elif kind == ERROR:
@@ -181,7 +188,7 @@ def frames(draw: st.DrawFn) -> Frame:
 def test_frame_round_trip(f: Frame) -> None:
     g = decode_frame(encode_frame(f))
     for name in ("kind", "rid", "epoch", "step", "pos", "new", "cap", "coord", "sampling",
-                 "token", "error", "compute_s", "sent_at"):  # fmt: skip
+                 "token", "error", "compute_s", "sent_at", "kv_from"):  # fmt: skip
         assert getattr(g, name) == getattr(f, name), name
     assert g.tensors.keys() == f.tensors.keys()
     for k, a in f.tensors.items():
