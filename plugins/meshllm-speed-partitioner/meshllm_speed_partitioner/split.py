@@ -9,10 +9,11 @@ Three steps, each simple enough to check by hand:
    inverse of its measured seconds for all layers). A share larger than what the worker's memory
    holds is cut to that, and the excess is shared out again among the others by speed (water
    filling).
-3. **Ranges.** One sweep in pipeline order: each worker's range ends at the rounded running total
-   of the shares, clamped between the fewest layers it must take so the workers after it can
-   still hold the rest, and the most its memory holds from where it starts. A worker whose share
-   rounds to no layer is left out too.
+3. **Ranges.** One sweep in pipeline order: each worker takes its share, rounded, of the layers
+   not yet assigned (shared among it and the workers after it as in step 2), clamped between
+   the fewest layers it must take so the workers after it can still hold the rest, and the most
+   its memory holds from where it starts. A worker whose share rounds to no layer is left out
+   too.
 
 It ignores links and the embedding and lm_head compute extras, which ``lp`` prices; memory
 (per-layer weights and KV cache, and both ends' extra weights) is respected exactly.
@@ -40,17 +41,19 @@ def speed_split(problem: PlanProblem) -> list[LayerRange | None]:
         raise Infeasible(infeasible_reason(problem))
     capacity = [_most_layers(problem, p) for p in range(problem.num_devices)]
     active = [p for p, c in enumerate(capacity) if c > 0]
-    speed = {p: _speed(problem, p) for p in active}
-    share = _water_fill(n, speed, {p: capacity[p] for p in active})
+    speed = [_speed(problem, p) for p in range(problem.num_devices)]
     out: list[LayerRange | None] = [None] * problem.num_devices
-    start, running = 0, 0.0
+    start = 0
     for k, p in enumerate(active):
-        running += share[p]
         if start == n:
             break
+        # Shared again at every step, so a worker clamped below its share (its memory at
+        # this end of the model) leaves the difference to all the workers after it.
+        rest = active[k:]
+        share = _water_fill(n - start, {q: speed[q] for q in rest}, {q: capacity[q] for q in rest})
         most = max_stop(problem, p, start)
         fewest = _fewest_stop(problem, active[k + 1 :], start, most)
-        stop = min(max(math.floor(running + 0.5), fewest, start), most)
+        stop = min(max(start + math.floor(share[p] + 0.5), fewest), most)
         if stop > start:
             out[p] = LayerRange(start, stop)
             start = stop

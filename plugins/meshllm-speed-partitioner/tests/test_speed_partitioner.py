@@ -83,6 +83,16 @@ def test_memory_at_the_ends_counts_the_embedding_and_lm_head(registry: Partition
     assert problem.stage_bytes(28, 30) <= problem.devices[2].memory_bytes
 
 
+def test_a_worker_short_of_its_share_leaves_the_rest_to_all_after_it(
+    registry: PartitionerRegistry,
+) -> None:
+    # a holds 10 middle layers, but only 4 next to the 60 MiB embedding: b and c share the
+    # 26 left equally, rather than b taking all the difference.
+    ws = [worker("a", 10, memory_mib=100), worker("b", 10), worker("c", 10)]
+    out = registry.assign("speed", request(ws, first_mib=60))
+    assert out == [LayerRange(0, 4), LayerRange(4, 17), LayerRange(17, 30)]
+
+
 def test_a_worker_that_cannot_hold_one_layer_is_left_out(registry: PartitionerRegistry) -> None:
     ws = [worker("a", 10), worker("tiny", 1, memory_mib=5), worker("c", 10)]
     assert registry.assign("speed", request(ws)) == [LayerRange(0, 15), None, LayerRange(15, 30)]
