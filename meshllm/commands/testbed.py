@@ -38,10 +38,15 @@ def testbed_group() -> None:
     help="Device classes and peers (e.g. configs/testbed/phones.toml): each peer gets its own "
     "network namespace, shaped link and CPU quota. Needs root.",
 )
+@click.option(
+    "--transport",
+    default=None,
+    help="[mesh] transport of every peer, e.g. a plugin's  [default: the config's, libp2p]",
+)
 @dir_option
-def up_cmd(n: int | None, profile: Path | None, root: Path) -> None:
+def up_cmd(n: int | None, profile: Path | None, transport: str | None, root: Path) -> None:
     """Start the peers as separate processes, each joining through the previous one."""
-    peers = testbed.up(root, n, profile=profile, report=progress)
+    peers = testbed.up(root, n, profile=profile, transport=transport, report=progress)
     click.echo(f"{len(peers)} peers up in {root}")
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import trio
 
@@ -100,6 +100,14 @@ class Endpoint(Protocol):
     async def open_stream(self, peer_id: str, protocol: str) -> Stream:
         """Open a stream of *protocol* to an admitted peer (raises PeerUnreachable)."""
         ...
+
+
+@runtime_checkable
+class ReportsStats(Protocol):
+    """Optional for an endpoint: figures about its own work (bytes compressed, say), a small
+    JSON-able dict that ``meshllm status --json`` shows as ``transport_stats``."""
+
+    def stats(self) -> dict[str, Any]: ...
 
 
 @runtime_checkable

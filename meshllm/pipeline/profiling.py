@@ -50,6 +50,20 @@ def median_layer_bytes(manifest: Manifest) -> int:
     return int(statistics.median(manifest.per_layer_weight_bytes))
 
 
+def probe_dir(home: Path, sha: str, start: int, stop: int) -> Path:
+    """Where *home* keeps the probe graph of layers ``[start, stop)`` of model *sha*."""
+    return files.cache_dir(home, sha) / "probes" / f"{start}-{stop}"
+
+
+def end_bytes_of(manifest: Manifest, probes: dict[str, Path]) -> tuple[int, int]:
+    """Extra memory of the first and last stages (embedding, lm_head), from the ``first``
+    and ``last`` probe graphs' segment.json."""
+    per = manifest.per_layer_weight_bytes
+    first = SegmentInfo.from_json((probes["first"] / "segment.json").read_text())
+    last = SegmentInfo.from_json((probes["last"] / "segment.json").read_text())
+    return max(0, first.weight_bytes - per[0]), max(0, last.weight_bytes - per[-1])
+
+
 class Profiler:
     """This peer's profiles, and the mesh's as heard on heartbeats."""
 
@@ -105,7 +119,7 @@ class Profiler:
         local = self.store.by_sha(sha)
         out = {}
         for kind, (a, b) in ranges.items():
-            d = files.cache_dir(self.home, sha) / "probes" / f"{a}-{b}"
+            d = probe_dir(self.home, sha, a, b)
             if local is not None:
                 # The source cuts the segment and copies only its graph: the probe directory
                 # gets generated weights, which must never overwrite the real ones.
@@ -124,11 +138,7 @@ class Profiler:
     async def end_bytes(self, sha: str, source: str) -> tuple[int, int]:
         """Extra memory of the first and last stages (embedding, lm_head), from the probes."""
         manifest = Manifest.read(await self.meta_dir(sha, source))
-        probes = await self.probe_dirs(sha, source, manifest)
-        per = manifest.per_layer_weight_bytes
-        first = SegmentInfo.from_json((probes["first"] / "segment.json").read_text())
-        last = SegmentInfo.from_json((probes["last"] / "segment.json").read_text())
-        return max(0, first.weight_bytes - per[0]), max(0, last.weight_bytes - per[-1])
+        return end_bytes_of(manifest, await self.probe_dirs(sha, source, manifest))
 
     async def profile(self, sha: str, source: str, *, refresh: bool = False) -> Profile:
         """This peer's profile for model *sha*, measured now unless known (or *refresh*)."""

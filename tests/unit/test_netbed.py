@@ -183,6 +183,24 @@ def test_peer_config_gets_namespace_address_and_class_memory(tmp_path):
     assert text.count("memory_limit_mb") == 1 and text.startswith("# meshllm peer configuration")
 
 
+def test_config_keys_of_another_section_are_set_in_place(tmp_path):
+    home = tmp_path / "p"
+    init_home(home, name="p", token=None)
+    for name in ("libp2p-zlib", "memory"):  # a re-used home: replaced, never duplicated
+        testbed.set_config_keys(home, "mesh", {"transport": f'"{name}"'})
+        assert load_config(home / "config.toml").mesh.transport == name
+    text = (home / "config.toml").read_text()
+    assert text.count("transport =") == 1 and load_config(home / "config.toml").peer.name == "p"
+
+
+def test_an_unknown_transport_is_refused_before_any_peer_starts(tmp_path):
+    from meshllm.errors import PluginError
+
+    with pytest.raises(PluginError, match="unknown transport 'carrier-pigeon'; available: "):
+        testbed.up(tmp_path / "tb", 2, transport="carrier-pigeon")
+    assert not (tmp_path / "tb").exists()
+
+
 def test_cpu_quota_is_cores_times_a_4ms_period(tmp_path, monkeypatch):
     monkeypatch.setattr(netbed, "host_cpus", lambda: 2)
     cg = tmp_path / "cg"
