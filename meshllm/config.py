@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import re
 import tomllib
 import types
 import typing
@@ -129,6 +131,38 @@ class LimitsSection:
 
 
 @dataclass(frozen=True)
+class ApiSection:
+    """The OpenAI-compatible HTTP API (off unless enabled; it has no authentication, so it
+    listens on this machine only unless told otherwise)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"  # an IP address or a host name to listen on
+    port: int = 8080  # 0: any free port (the bound one is in `status --json` under "api")
+
+    def __post_init__(self) -> None:
+        if not _is_host(self.host):
+            raise ConfigError(
+                f"[api] host must be an IP address or a host name (e.g. 127.0.0.1, ::1, "
+                f"localhost), not {self.host!r}"
+            )
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"[api] port must be 0-65535 (0: any free port), not {self.port}")
+
+
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def _is_host(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    labels = host.rstrip(".").split(".")
+    return 0 < len(host) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in labels)
+
+
+@dataclass(frozen=True)
 class LogSection:
     level: str = "info"
 
@@ -146,6 +180,7 @@ class Config:
     plan: PlanSection = field(default_factory=PlanSection)
     limits: LimitsSection = field(default_factory=LimitsSection)
     balance: BalanceSection = field(default_factory=BalanceSection)
+    api: ApiSection = field(default_factory=ApiSection)
     log: LogSection = field(default_factory=LogSection)
 
 
@@ -214,7 +249,7 @@ def load_config(path: Path) -> Config:
 
 
 def default_config_text(name: str, listen: str = "/ip4/127.0.0.1/tcp/0") -> str:
-    d, p = MeshSection(), PlanSection()
+    d, p, api = MeshSection(), PlanSection(), ApiSection()
     return f"""# meshllm peer configuration. Unknown keys are rejected: `meshllm config check FILE`.
 
 [peer]
@@ -232,6 +267,13 @@ handshake_timeout_s = {d.handshake_timeout_s}
 [plan]
 partitioner = "{p.partitioner}"
 objective = "{p.objective}"
+
+# OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models). No
+# authentication: keep host on this machine unless every client that can reach it is trusted.
+[api]
+enabled = {str(api.enabled).lower()}
+host = "{api.host}"
+port = {api.port}  # 0: any free port
 
 [log]
 level = "info"

@@ -7,14 +7,17 @@ Task tree::
     ├── transport endpoint (listener, per-connection tasks)
     ├── mesh node (receive loop, heartbeats, election timer)
     ├── bootstrap dials
+    ├── HTTP API, when enabled (one task per HTTP client)
     └── control server (one task per local client)
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import signal
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +25,10 @@ import structlog
 import trio
 
 from meshllm import __version__
-from meshllm.config import CONFIG_FILE, Config, load_config
+from meshllm.config import CONFIG_FILE, ApiSection, Config, load_config
 from meshllm.control.protocol import SOCKET_NAME, ControlError
 from meshllm.control.server import ControlServer
+from meshllm.errors import MeshError
 from meshllm.log import configure
 from meshllm.mesh.identity import MeshSecret, load_identity
 from meshllm.mesh.node import MeshNode
@@ -61,7 +65,16 @@ class Daemon:
         from meshllm.pipeline.service import ServingService
 
         self.serving = ServingService(home, config, self.endpoint, self.node)
+        self.api = self._make_api() if config.api.enabled else None
+        self.api_address: dict[str, Any] | None = None  # where the API listens, once it does
         self._stop = trio.Event()
+
+    def _make_api(self) -> Any:
+        from meshllm.api.http import HttpServer
+        from meshllm.api.openai import OpenAIApi
+
+        handler = OpenAIApi(self.serving, max_new_tokens=self.config.limits.max_new_tokens)
+        return HttpServer(handler, self.config.api.host, self.config.api.port)
 
     def _save_members(self, members: dict[str, list[str]]) -> None:
         peers = load_peers(self.home)
@@ -78,6 +91,7 @@ class Daemon:
             "transport": self.config.mesh.transport,
             "transport_stats": self._transport_stats(),
             "serving": self.serving.serving_status(),
+            "api": self.api_address,
         }
 
     def _transport_stats(self) -> dict[str, Any] | None:
@@ -138,6 +152,8 @@ class Daemon:
                 # One peer's addresses in turn: concurrent dials to one peer id are merged by
                 # libp2p, so a stale address would fail the fresh one too.
                 nursery.start_soon(self._bootstrap, addrs)
+            if self.api is not None:
+                await self._start_api(nursery)
             await nursery.start(control.run)
             self._write_daemon_file()
             log.info(
@@ -152,6 +168,18 @@ class Daemon:
             nursery.cancel_scope.deadline = trio.current_time() + 2.0  # grace for handlers
             nursery.cancel_scope.cancel()
         (self.home / DAEMON_FILE).unlink(missing_ok=True)
+
+    async def _start_api(self, nursery: trio.Nursery) -> None:
+        from meshllm.api.http import url_host
+
+        host, port = await nursery.start(self.api.run)  # type: ignore[union-attr]
+        url = f"http://{url_host(host)}:{port}/v1"
+        self.api_address = {"host": host, "port": port, "url": url}
+        log.info("api_listening", url=url, host=host, port=port)
+        if not _is_loopback(host):
+            log.warning("api_not_local", host=host,
+                        reason="the HTTP API has no authentication: anyone who can reach "
+                               "this address can use the mesh")  # fmt: skip
 
     def _write_daemon_file(self) -> None:
         info = {"pid": os.getpid(), "peer_id": self.endpoint.peer_id,
@@ -179,8 +207,29 @@ class Daemon:
                 return
 
 
-def run_daemon(home: Path) -> None:
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def run_daemon(home: Path, api: ApiSection | None = None) -> None:
+    """Run the daemon of *home* until stopped; *api* replaces the config's ``[api]``."""
     config = load_config(home / CONFIG_FILE)
+    if api is not None:
+        config = replace(config, api=api)
     configure(config.log.level)
     daemon = Daemon(home, config)
-    trio.run(daemon.run)
+    try:
+        trio.run(daemon.run)
+    except BaseExceptionGroup as group:
+        # A component that could not start (the API's port taken, another daemon on this
+        # home) says why in one line, like any MeshError, not as a traceback.
+        deliberate = group.subgroup(lambda e: isinstance(e, MeshError))
+        if deliberate is None:
+            raise
+        first: BaseException = deliberate
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from None

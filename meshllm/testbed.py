@@ -96,14 +96,18 @@ def _is_our_daemon(pid: int) -> bool:
 
 
 def start_daemon(
-    home: Path, extra_env: dict[str, str] | None = None, *, wrap: Sequence[str] = ()
+    home: Path,
+    extra_env: dict[str, str] | None = None,
+    *,
+    wrap: Sequence[str] = (),
+    args: Sequence[str] = (),
 ) -> subprocess.Popen:
     """Start the daemon of *home*; *wrap* is a command prefix, e.g. one entering a namespace
-    that execs the rest (so the pid stays the daemon's)."""
+    that execs the rest (so the pid stays the daemon's); *args* go to `meshllm daemon`."""
     log = (home / "daemon.log").open("ab")
     env = dict(os.environ, **(extra_env or {}))
     env.pop("MESHLLM_HOME", None)
-    argv = [sys.executable, "-m", "meshllm", "--home", str(home), "daemon"]
+    argv = [sys.executable, "-m", "meshllm", "--home", str(home), "daemon", *args]
     return subprocess.Popen(
         [*wrap, *argv],
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from meshllm.commands.common import print_json
-from meshllm.config import CONFIG_FILE, default_config_text, load_config
+from meshllm.config import CONFIG_FILE, ApiSection, ConfigError, default_config_text, load_config
 from meshllm.control.client import DaemonNotRunning, call
 from meshllm.errors import MeshError
 from meshllm.home import peer_home
@@ -114,17 +114,45 @@ def invite_cmd(ctx: click.Context) -> None:
     click.echo(JoinToken(MeshSecret.load(home), tuple(status["self"]["addrs"])).encode())
 
 
+class ApiAddress(click.ParamType):
+    """``[HOST:]PORT`` for ``daemon --api``: the ``[api]`` section it stands for."""
+
+    name = "[HOST:]PORT"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None):
+        if isinstance(value, ApiSection):
+            return value
+        text = str(value).strip()
+        host, sep, port = text.rpartition(":")
+        if sep and host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]  # [::1]:8080
+        elif sep and ":" in host:
+            self.fail(f"{text!r}: put an IPv6 address in brackets, e.g. [::1]:8080", param, ctx)
+        if not port.isdigit():
+            self.fail(f"{text!r} is not [HOST:]PORT (e.g. 8080, 0 or 127.0.0.1:8080)", param, ctx)
+        try:
+            return ApiSection(enabled=True, host=host or ApiSection.host, port=int(port))
+        except ConfigError as exc:
+            self.fail(str(exc).removeprefix("[api] "), param, ctx)
+
+
 @click.command("daemon")
 @home_option
+@click.option(
+    "--api", type=ApiAddress(), default=None,
+    help="Serve the OpenAI-compatible HTTP API on [HOST:]PORT for this run (HOST defaults "
+    "to 127.0.0.1; PORT 0 picks a free port, shown by `status --json` under api), whatever "
+    "config.toml's [api] says.",
+)  # fmt: skip
 @click.pass_context
-def daemon_cmd(ctx: click.Context) -> None:
+def daemon_cmd(ctx: click.Context, api: ApiSection | None) -> None:
     """Run this peer's daemon in the foreground (stop with Ctrl-C or `meshllm stop`)."""
     from meshllm.daemon import run_daemon
 
     home = home_of(ctx)
     if not (home / IDENTITY_FILE).exists():
         raise MeshError(f"{home} is not initialised: run `meshllm init` or `meshllm join TOKEN`")
-    run_daemon(home)
+    run_daemon(home, api=api)
 
 
 def _short(peer_id: str | None) -> str:
@@ -141,6 +169,8 @@ def print_status(st: dict[str, Any]) -> None:
         f"members {len(st['members'])}"
     )
     print_peers(st["peers"])
+    if st.get("api"):
+        click.echo(f"OpenAI-compatible API at {st['api']['url']}")
     serving = st.get("serving") or {}
     if serving.get("plan"):
         names = {me["id"]: me["name"], **{p["id"]: p["name"] for p in st["peers"]}}

@@ -23,6 +23,9 @@ class SamplingParams:
             raise MeshError(f"top-k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise MeshError(f"top-p must be in (0, 1], got {self.top_p}")
+        # numpy's generators take no negative seed: refused here, not in a stage's loop.
+        if self.seed is not None and self.seed < 0:
+            raise MeshError(f"seed must be >= 0, got {self.seed}")
 
     @property
     def greedy(self) -> bool:

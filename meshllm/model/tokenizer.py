@@ -3,10 +3,24 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
+
+from meshllm.errors import MeshError
+
+
+class ChatTemplateError(MeshError):
+    """A message list the model's chat template cannot render (or a model without one)."""
+
+
+def _raise_exception(message: str) -> None:
+    # Hugging Face chat templates reject what they cannot render (roles out of order, say)
+    # by calling this; the caller learns the template's own reason.
+    raise TemplateError(message)
 
 
 class ChatTokenizer:
@@ -27,6 +41,7 @@ class ChatTokenizer:
         env = ImmutableSandboxedEnvironment(
             trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
         )
+        env.globals["raise_exception"] = _raise_exception
         self._template = env.from_string(template) if template else None
 
     @property
@@ -34,16 +49,33 @@ class ChatTokenizer:
         return self._template is not None
 
     def render_chat(self, prompt: str) -> str:
+        """One user prompt in the chat template (the prompt as is, for a model without one)."""
         if self._template is None:
             return prompt
-        messages = [{"role": "user", "content": prompt}]
-        return self._template.render(messages=messages, add_generation_prompt=True, **self._special)
+        return self.render_messages([{"role": "user", "content": prompt}])
+
+    def render_messages(self, messages: Sequence[Mapping[str, str]]) -> str:
+        """A conversation ({"role", "content"} dicts, in order) in the chat template, ending
+        where the assistant's next turn starts."""
+        if self._template is None:
+            raise ChatTemplateError("this model has no chat template: send raw text instead")
+        try:
+            return self._template.render(
+                messages=[dict(m) for m in messages], add_generation_prompt=True, **self._special
+            )
+        except TemplateError as exc:
+            raise ChatTemplateError(
+                f"the model's chat template cannot render this: {exc}"
+            ) from None
+
+    def encode_messages(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        # The template already holds every special token the model expects.
+        return self.tokenizer.encode(self.render_messages(messages), add_special_tokens=False).ids
 
     def encode_prompt(self, prompt: str, *, raw: bool = False) -> list[int]:
         if raw or self._template is None:
             return self.tokenizer.encode(prompt, add_special_tokens=True).ids
-        # The template already holds every special token the model expects.
-        return self.tokenizer.encode(self.render_chat(prompt), add_special_tokens=False).ids
+        return self.encode_messages([{"role": "user", "content": prompt}])
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

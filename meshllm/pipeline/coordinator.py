@@ -44,6 +44,8 @@ class QueryResult:
 
 
 NextPlan = Callable[[int, str], Awaitable[Plan]]
+# Sees each generated token; a true result ends the query there.
+OnToken = Callable[[int], Awaitable[bool | None]]
 
 
 class _Interrupted(Exception):
@@ -127,8 +129,11 @@ class Coordinator:
         *,
         max_tokens: int,
         sampling: SamplingParams,
-        on_token: Callable[[int], Awaitable[None]] | None = None,
+        on_token: OnToken | None = None,
     ) -> QueryResult:
+        """Generate up to *max_tokens* after *prompt_ids*. *on_token* sees each new token as it
+        comes; when it returns True the query ends there, finished as "stop" (a stop sequence
+        the caller found in the text)."""
         capacity = check_context(arch, len(prompt_ids), max_tokens)
         run = _Run(
             rid=uuid.uuid4().hex, prompt_ids=list(prompt_ids), capacity=capacity,
@@ -227,7 +232,7 @@ class Coordinator:
         run: _Run,
         recv_ch: trio.MemoryReceiveChannel[Frame],
         eos: set[int],
-        on_token: Callable[[int], Awaitable[None]] | None,
+        on_token: OnToken | None,
         moved: KVSource | None = None,
     ) -> None:
         """Run (or replay, or resume from moved KV caches, and continue) the request on
@@ -277,8 +282,9 @@ class Coordinator:
             if not run.out:
                 run.first_at = now
             run.out.append(reply.token)
-            if on_token is not None:
-                await on_token(reply.token)
+            if on_token is not None and await on_token(reply.token):
+                run.finish = "stop"
+                return
             if reply.token in eos:
                 run.finish = "stop"
                 return

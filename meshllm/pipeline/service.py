@@ -17,7 +17,7 @@ import secrets
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import structlog
@@ -26,15 +26,17 @@ import trio
 from meshllm.balance import Decision, Observation, StageObservation
 from meshllm.config import OBJECTIVES, Config
 from meshllm.control.protocol import ControlError
-from meshllm.errors import MeshError
+from meshllm.errors import MeshError, PromptTooLong
 from meshllm.mesh.framing import FrameError, FrameReader, frame
 from meshllm.mesh.node import LEADER, MeshNode
 from meshllm.mesh.transport import Endpoint, PeerUnreachable, Stream
 from meshllm.model.manifest import Manifest
 from meshllm.model.ranges import LayerRange
+from meshllm.model.sampling import SamplingParams
 from meshllm.model.store import ModelStore
+from meshllm.model.tokenizer import ChatTokenizer, TextStream
 from meshllm.pipeline import files, kvmove
-from meshllm.pipeline.coordinator import Coordinator, QueryFailed
+from meshllm.pipeline.coordinator import Coordinator, OnToken, QueryFailed, QueryResult
 from meshllm.pipeline.frames import (
     ERROR,
     FWD,
@@ -52,6 +54,13 @@ from meshllm.plugins import BalancingPolicyRegistry, PartitionerRegistry, get_pl
 
 ACT_PROTOCOL = "act"
 log = structlog.get_logger("meshllm.serve")
+
+
+class ReadyModel(NamedTuple):
+    """The served model, ready to answer: its name and its tokenizer (chat template)."""
+
+    name: str
+    tokenizer: ChatTokenizer
 
 
 class _Link:
@@ -76,7 +85,7 @@ class ServingService:
         self.stage: StageRunner | None = None
         self.meta_dir: Path | None = None
         self.manifest: Manifest | None = None
-        self._tokenizer = None
+        self._tokenizer: ChatTokenizer | None = None
         self._links: dict[str, _Link] = {}
         self._models = self._local_models()
         self.coordinator = Coordinator(
@@ -230,16 +239,34 @@ class ServingService:
     def _find_model(self, model: str) -> tuple[dict[str, Any], str]:
         """(facts, source peer) of a model imported on some live peer."""
         self._models = self._local_models()
-        holders = [self.me] if model in self._models else []
-        info = self._models.get(model)
+        found = self._imported().get(model)
+        if found is None:
+            raise MeshError(f"no live peer has imported a model named {model!r}")
+        info, holders = found
+        return info, holders[0]
+
+    def _imported(self) -> dict[str, tuple[dict[str, Any], list[str]]]:
+        """Models imported on live peers, as last advertised: name -> (facts, holders), this
+        peer first among the holders."""
+        found: dict[str, tuple[dict[str, Any], list[str]]] = {
+            name: (info, [self.me]) for name, info in self._models.items()
+        }
         for pid in self.node.alive_peers():
             theirs = self.node.peers[pid].extra.get("models", {})
-            if isinstance(theirs, dict) and model in theirs:
-                holders.append(pid)
-                info = info or theirs[model]
-        if not holders or not isinstance(info, dict):
-            raise MeshError(f"no live peer has imported a model named {model!r}")
-        return info, holders[0]
+            if not isinstance(theirs, dict):
+                continue
+            for name, info in theirs.items():
+                if isinstance(name, str) and isinstance(info, dict):
+                    found.setdefault(name, (info, []))[1].append(pid)
+        return found
+
+    def model_names(self) -> list[str]:
+        """Every model imported on a live peer (served or not), by name."""
+        return sorted(self._imported())
+
+    def served_model(self) -> str | None:
+        """The model of the current plan, ready or not."""
+        return self.plan.model if self.plan is not None else None
 
     async def gather_profiles(
         self, sha: str, source: str, peers: list[str], *, refresh: bool, timeout: float = 90.0
@@ -388,8 +415,6 @@ class ServingService:
             self.endpoint, self.home, self.store, plan.model_sha, plan.source
         )
         manifest = Manifest.read(meta_dir)
-        from meshllm.model.tokenizer import ChatTokenizer
-
         self._tokenizer = await trio.to_thread.run_sync(ChatTokenizer, meta_dir)
         self.meta_dir, self.manifest = meta_dir, manifest
         idx = plan.stage_of(self.me)
@@ -919,6 +944,58 @@ class ServingService:
         if not isinstance(prompt, str) or not prompt:
             raise ControlError("bad_request", "query needs args.prompt (a non-empty string)")
         max_tokens = args.get("max_tokens", 128)
+        sampling = sampling_from(args)
+        model, tok = self.ready_model()
+        t0 = time.perf_counter()
+        prompt_ids = tok.encode_prompt(prompt, raw=bool(args.get("raw", False)))
+        tokenize_s = time.perf_counter() - t0
+        stream = TextStream(tok)
+
+        async def on_token(token: int) -> None:
+            delta = stream.push(token)
+            await emit({"token": token, "text": delta})
+
+        result = await self.generate(
+            prompt_ids, max_tokens=max_tokens, sampling=sampling, on_token=on_token
+        )
+        out = result.to_dict()
+        out["text"] = tok.decode(result.token_ids)
+        out["model"] = model
+        out["ttft_s"] = result.ttft_s + tokenize_s
+        return out
+
+    def ready_model(self) -> ReadyModel:
+        """The served model's name and tokenizer, once every stage of its plan is ready;
+        else a ControlError (not_serving, not_ready) saying why not."""
+        plan, _manifest, tok = self._ready_plan()
+        return ReadyModel(plan.model, tok)
+
+    def _ready_plan(self) -> tuple[Plan, Manifest, ChatTokenizer]:
+        plan, manifest, tok = self.plan, self.manifest, self._tokenizer
+        if plan is None:
+            raise ControlError("not_serving", "no model is served: run `meshllm serve MODEL`")
+        if not self.plan_ready() or manifest is None or tok is None:
+            why = self._replan_failure(plan.epoch)
+            if why is not None:
+                raise ControlError(
+                    "not_serving",
+                    f"the mesh cannot serve {plan.model} now: {why} (it resumes when peers return)",
+                )
+            raise ControlError("not_ready", f"the mesh is still loading {plan.model}; try again")
+        return plan, manifest, tok
+
+    async def generate(
+        self,
+        prompt_ids: list[int],
+        *,
+        max_tokens: Any,
+        sampling: SamplingParams,
+        on_token: OnToken | None = None,
+    ) -> QueryResult:
+        """Run one tokenized query on the mesh, coordinated here: the one path behind the
+        control socket's ``query`` and the HTTP API, so both get this peer's ``[limits]``
+        and the same errors (ControlError: bad_request, too_large, busy, not_serving,
+        not_ready, query_failed). *on_token* is as for :meth:`Coordinator.run_query`."""
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
             raise ControlError("bad_request", "args.max_tokens must be a positive integer")
         limits = self.config.limits
@@ -934,47 +1011,22 @@ class ServingService:
                 f"this peer is already coordinating {self.coordinator.in_flight} queries, its "
                 "limit ([limits] max_concurrent_requests): try again, or ask another peer",
             )
-        sampling = sampling_from(args)
-        plan, manifest, tok = self.plan, self.manifest, self._tokenizer
-        if plan is None:
-            raise ControlError("not_serving", "no model is served: run `meshllm serve MODEL`")
-        if not self.plan_ready() or manifest is None or tok is None:
-            why = self._replan_failure(plan.epoch)
-            if why is not None:
-                raise ControlError(
-                    "not_serving",
-                    f"the mesh cannot serve {plan.model} now: {why} (it resumes when peers return)",
-                )
-            raise ControlError("not_ready", f"the mesh is still loading {plan.model}; try again")
-        t0 = time.perf_counter()
-        prompt_ids = tok.encode_prompt(prompt, raw=bool(args.get("raw", False)))
-        tokenize_s = time.perf_counter() - t0
+        plan, manifest, _tok = self._ready_plan()
         if len(prompt_ids) > limits.max_prompt_tokens:
             raise ControlError(
                 "too_large",
                 f"the prompt is {len(prompt_ids)} tokens; this peer accepts at most "
                 f"{limits.max_prompt_tokens} ([limits] max_prompt_tokens)",
             )
-        from meshllm.model.tokenizer import TextStream
-
-        stream = TextStream(tok)
-
-        async def on_token(token: int) -> None:
-            delta = stream.push(token)
-            await emit({"token": token, "text": delta})
-
         try:
-            result = await self.coordinator.run_query(
+            return await self.coordinator.run_query(
                 plan, manifest.architecture, prompt_ids, max_tokens=max_tokens,
                 sampling=sampling, on_token=on_token,
             )  # fmt: skip
+        except PromptTooLong as exc:
+            raise ControlError("too_large", str(exc)) from None
         except QueryFailed as exc:
             raise ControlError("query_failed", str(exc)) from None
-        out = result.to_dict()
-        out["text"] = tok.decode(result.token_ids)
-        out["model"] = plan.model
-        out["ttft_s"] = result.ttft_s + tokenize_s
-        return out
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:

@@ -18,6 +18,15 @@ def test_default_config_round_trips():
     cfg = parse_config(default_config_text("p1"))
     assert cfg.peer.name == "p1" and cfg.mesh.transport == "libp2p"
     assert cfg.peer.listen == ("/ip4/127.0.0.1/tcp/0",)
+    # The HTTP API is opt-in, and on this machine only.
+    assert (cfg.api.enabled, cfg.api.host, cfg.api.port) == (False, "127.0.0.1", 8080)
+    assert "[api]" in default_config_text("p1")
+
+
+def test_api_section_accepts_addresses_and_port_zero():
+    cfg = parse_config('[api]\nenabled = true\nhost = "::1"\nport = 0')
+    assert (cfg.api.enabled, cfg.api.host, cfg.api.port) == (True, "::1", 0)
+    assert parse_config('[api]\nhost = "my-box.local"').api.host == "my-box.local"
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.toml")), ids=str)
@@ -44,6 +53,12 @@ def test_every_shipped_config_is_valid(path):
         ("[mesh]\nelection_timeout_min_s = 3.0", "election_timeout_min_s"),
         ('[log]\nlevel = "chatty"', "level must be"),
         ("[peer\nname=1", "not valid TOML"),
+        ("[api]\nenabled = 1", "api.enabled: expected bool"),
+        ("[api]\nport = 65536", "port must be 0-65535"),
+        ("[api]\nport = -1", "port must be 0-65535"),
+        ('[api]\nhost = "http://localhost"', "host must be an IP address or a host name"),
+        ('[api]\nhost = ""', "host must be an IP address or a host name"),
+        ("[api]\nkey = 1", "unknown key 'key'"),
     ],
 )
 def test_bad_configs_name_the_problem(text, message):

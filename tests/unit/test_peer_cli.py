@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import stat
 
-from meshllm.config import load_config
+import click
+import pytest
+
+from meshllm.commands.peer import ApiAddress
+from meshllm.config import ApiSection, load_config
 from meshllm.mesh.identity import JoinToken, MeshSecret
 from meshllm.mesh.peerstore import bootstrap_addrs
 from tests.integration.mesh_helpers import cli
@@ -48,3 +53,33 @@ def test_clear_errors_without_a_daemon_or_with_bad_input(tmp_path):
     bad.write_text("[mesh]\nheartbeat = 1\n")
     res = cli(None, "config", "check", str(bad), check=False)
     assert res.returncode == 1 and "unknown key 'heartbeat'" in res.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "host", "port"),
+    [
+        ("8080", "127.0.0.1", 8080),
+        ("0", "127.0.0.1", 0),
+        ("0.0.0.0:9000", "0.0.0.0", 9000),
+        ("localhost:0", "localhost", 0),
+        ("[::1]:8081", "::1", 8081),
+    ],
+)
+def test_daemon_api_option_enables_the_api_for_one_run(text, host, port):
+    section = ApiAddress().convert(text, None, None)
+    assert section == ApiSection(enabled=True, host=host, port=port)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("http", "is not [HOST:]PORT"),
+        ("127.0.0.1:", "is not [HOST:]PORT"),
+        ("::1:8080", "IPv6 address in brackets"),
+        ("70000", "port must be 0-65535"),
+        ("bad host:80", "host must be an IP address or a host name"),
+    ],
+)
+def test_daemon_api_option_rejects_bad_addresses(text, message):
+    with pytest.raises(click.BadParameter, match=re.escape(message)):
+        ApiAddress().convert(text, None, None)

@@ -37,7 +37,8 @@ def test_sampling_spreads_over_tokens_at_high_temperature():
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"temperature": -1.0}, {"top_k": -2}, {"top_p": 0.0}, {"top_p": 1.5}]
+    "kwargs",
+    [{"temperature": -1.0}, {"top_k": -2}, {"top_p": 0.0}, {"top_p": 1.5}, {"seed": -1}],
 )
 def test_bad_sampling_parameters(kwargs):
     with pytest.raises(MeshError):
