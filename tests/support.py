@@ -38,3 +38,22 @@ def greedy_trace(chain: LocalChain, prompt_ids: list[int], steps: int) -> Trace:
 
 def max_logit_diff(a: Trace, b: Trace) -> float:
     return max(float(np.abs(x - y).max()) for x, y in zip(a.logits, b.logits, strict=True))
+
+
+async def memory_pair(nursery, protocol: str, handler, secret: bytes = b"m" * 32):  # type: ignore[no-untyped-def]
+    """Two connected in-memory endpoints; the first serves *handler* on *protocol*."""
+    import random
+
+    from meshllm.mesh.identity import MeshSecret
+    from meshllm.mesh.memory import MemoryNetwork, MemoryTransport
+    from meshllm.mesh.transport import EndpointOptions
+
+    transport = MemoryTransport(MemoryNetwork())
+    rng = random.Random(1)
+    a, b = (transport.create_endpoint(EndpointOptions(rng.randbytes(32), MeshSecret(secret), ()))
+            for _ in range(2))  # fmt: skip
+    a.set_stream_handler(protocol, handler)
+    await nursery.start(a.run)
+    await nursery.start(b.run)
+    await b.dial(a.listen_addrs()[0])
+    return a, b

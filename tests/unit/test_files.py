@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import trio
 
-from meshllm.mesh.identity import MeshSecret
-from meshllm.mesh.memory import MemoryNetwork, MemoryTransport
-from meshllm.mesh.transport import EndpointOptions
 from meshllm.model.ranges import LayerRange
 from meshllm.pipeline import files
+from tests.support import memory_pair
 
 
 @pytest.fixture
@@ -20,16 +16,7 @@ def served_tiny(tiny_fp32):
 
 
 async def _pair(nursery, store):
-    transport = MemoryTransport(MemoryNetwork())
-    secret = MeshSecret(b"f" * 32)
-    rng = random.Random(1)
-    a = transport.create_endpoint(EndpointOptions(rng.randbytes(32), secret, ()))
-    b = transport.create_endpoint(EndpointOptions(rng.randbytes(32), secret, ()))
-    a.set_stream_handler(files.PROTOCOL, files.FileServer(store).handle)
-    await nursery.start(a.run)
-    await nursery.start(b.run)
-    await b.dial(a.listen_addrs()[0])
-    return a, b
+    return await memory_pair(nursery, files.PROTOCOL, files.FileServer(store).handle)
 
 
 async def test_fetch_resume_and_verify(served_tiny, model_store, tmp_path):

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import random
-
 import cbor2
 import numpy as np
 import pytest
 import trio
 
 from meshllm.mesh.framing import frame
-from meshllm.mesh.identity import MeshSecret
-from meshllm.mesh.memory import MemoryNetwork, MemoryTransport
-from meshllm.mesh.transport import EndpointOptions
 from meshllm.model.chain import LocalChain
 from meshllm.model.ranges import parse_ranges
 from meshllm.model.runtime import BadInput, UnknownRequest
@@ -20,7 +15,7 @@ from meshllm.model.sampling import Sampler, SamplingParams
 from meshllm.pipeline import kvmove
 from meshllm.pipeline.frames import KVSource
 from meshllm.pipeline.stage import KVMoveFailed
-from tests.support import greedy_trace
+from tests.support import greedy_trace, memory_pair
 
 PROMPT = [5, 17, 42, 99, 3, 250, 7, 64]
 STEPS = 20
@@ -94,16 +89,7 @@ def test_a_sampler_can_skip_the_draws_of_tokens_made_elsewhere():
 
 # -- the KV protocol between peers (in-memory transport) --------------------------------------
 async def _pair(nursery, lookup):
-    transport = MemoryTransport(MemoryNetwork())
-    secret = MeshSecret(b"k" * 32)
-    rng = random.Random(2)
-    a = transport.create_endpoint(EndpointOptions(rng.randbytes(32), secret, ()))
-    b = transport.create_endpoint(EndpointOptions(rng.randbytes(32), secret, ()))
-    a.set_stream_handler(kvmove.KV_PROTOCOL, lambda s: kvmove.serve(s, lookup))
-    await nursery.start(a.run)
-    await nursery.start(b.run)
-    await b.dial(a.listen_addrs()[0])
-    return a, b
+    return await memory_pair(nursery, kvmove.KV_PROTOCOL, lambda s: kvmove.serve(s, lookup))
 
 
 def _served(tiny_model):
