@@ -36,14 +36,16 @@ from meshllm.log import configure
 )
 @click.option(
     "--log-level",
-    default="warning",
-    show_default=True,
+    envvar="MESHLLM_LOG_LEVEL",
+    default=None,
     type=click.Choice(["debug", "info", "warning", "error"]),
+    help="Log level [env: MESHLLM_LOG_LEVEL; default: warning, and the config's [log] level "
+    "for the daemon]",
 )
 @click.pass_context
-def cli(ctx: click.Context, home: str | None, log_level: str) -> None:
+def cli(ctx: click.Context, home: str | None, log_level: str | None) -> None:
     """meshllm: run one language model across a mesh of small trusted devices."""
-    configure(log_level)
+    configure(log_level or "warning", explicit=log_level is not None)
     ctx.ensure_object(dict)
     ctx.obj["home"] = home
 

@@ -7,14 +7,16 @@ import sys
 
 import structlog
 
-_configured = False
+_configured: str | None = None  # "explicit" once a level was asked for on the command line
 
 
-def configure(level: str = "warning") -> None:
+def configure(level: str = "warning", *, explicit: bool = False) -> None:
+    """Set up logging at *level*. A level given on the command line (*explicit*) stays; a
+    default one is replaced by a later call (the daemon's ``[log] level``)."""
     global _configured
-    if _configured:
+    if _configured == "explicit" or (_configured and not explicit and level == _configured):
         return
-    _configured = True
+    _configured = "explicit" if explicit else level
     lvl = getattr(logging, level.upper(), logging.WARNING)
     renderer = (
         structlog.dev.ConsoleRenderer()

@@ -113,6 +113,7 @@ class ServingService:
         self._realize_scope: trio.CancelScope | None = None
         self._stage_scope: trio.CancelScope | None = None
         self._plan_changed = trio.Event()
+        self._news = trio.Event()
         self.profiler = Profiler(home, config, endpoint, node, self.store)
         # Why the leader could not plan, by serve request id (re-sent on heartbeats so the
         # peer that took the request can tell its client).
@@ -153,7 +154,13 @@ class ServingService:
             x["plan"] = self.plan.to_obj()
         return x
 
+    def _poke(self) -> None:
+        """Wake whoever waits for the serving state to change (a plan, a peer's state)."""
+        self._news.set()
+        self._news = trio.Event()
+
     def _on_peer_extra(self, sender: str, extra: dict[str, Any]) -> None:
+        self._poke()
         staged = extra.get("staged")
         if staged is not None and sender == self.node.current_leader() and self._nursery:
             try:
@@ -178,6 +185,7 @@ class ServingService:
         epoch = self.plan.epoch if self.plan else 0
         self.state = {"epoch": epoch, "state": state, **extra}
         self.node.announce()
+        self._poke()
 
     # -- plans --------------------------------------------------------------------------------
     def _on_app_message(self, sender: str, body: dict[str, Any]) -> None:
@@ -378,6 +386,7 @@ class ServingService:
         self.plan = plan
         self._plan_changed.set()
         self._plan_changed = trio.Event()
+        self._poke()
         log.info("plan_adopted", epoch=plan.epoch, stage=plan.stage_of(self.me))
         if self._realize_scope is not None:
             self._realize_scope.cancel()
@@ -693,8 +702,9 @@ class ServingService:
                 why = self._replan_failure(after)
                 if why is not None:
                     raise QueryFailed(f"{reason}; the mesh cannot go on: {why}")
+                # Woken by every heartbeat: a stage's "ready" counts as soon as it is heard.
                 with trio.move_on_after(0.2):
-                    await self._plan_changed.wait()
+                    await self._news.wait()
         raise QueryFailed(f"{reason}; no new plan was ready within {timeout:g} s")
 
     # -- runtime balancing ---------------------------------------------------------------------

@@ -46,6 +46,10 @@ def test_four_peers_agree_on_members_and_one_leader(mesh4):
     p3 = {p["id"]: p for p in views[3]["peers"]}
     assert p3[views[0]["self"]["id"]]["alive"] and p3[views[0]["self"]["id"]]["connected"]
     print(f"\nmesh of 4 formed in {mesh4['formed_s']:.2f} s")
+    # The daemon logs at its config's [log] level (info by default), one JSON object a line.
+    lines = (homes[0] / "daemon.log").read_text().splitlines()
+    events = [json.loads(x) for x in lines if x.startswith("{")]
+    assert any(e.get("event") == "daemon_ready" and e["level"] == "info" for e in events)
 
 
 def test_new_leader_within_5s_after_sigkill(mesh4):
