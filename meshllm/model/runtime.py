@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +47,9 @@ class _KVCache:
     buffers: dict[str, ort.OrtValue]  # past/present name -> shared buffer
     capacity: int
     length: int = 0
+    # The numpy arrays behind the buffers (ORT reads and writes their memory in place), by
+    # past name: a move copies just the positions it needs from them.
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 ort.set_default_logger_severity(3)
@@ -152,15 +155,16 @@ class SegmentRuntime:
                         raise BadInput(f"KV cache tensor {a.dtype}{a.shape} does not fit {shape}")
             if length > capacity:
                 raise PromptTooLong(f"a KV cache of {length} positions; capacity is {capacity}")
-        buffers = {}
+        buffers, arrays = {}, {}
         for layer in self.layers:
             for i, (past, present) in enumerate(zip(*self._names(layer), strict=True)):
                 data = np.zeros(shape, self._kv_dtype)
                 if kv is not None:
                     data[:, :, :length] = kv[layer][i]
-                buf = ort.OrtValue.ortvalue_from_numpy(data)
+                buf = ort.OrtValue.ortvalue_from_numpy(data)  # no copy: ORT uses data's memory
                 buffers[past] = buffers[present] = buf
-        self._caches[request_id] = _KVCache(buffers, capacity, length)
+                arrays[past] = data
+        self._caches[request_id] = _KVCache(buffers, capacity, length, arrays)
 
     def _names(self, layer: int) -> tuple[tuple[str, str], tuple[str, str]]:
         return self._kv.past(layer), self._kv.present(layer)
@@ -177,7 +181,7 @@ class SegmentRuntime:
         for layer in layers:
             if layer not in self.layers:
                 raise BadInput(f"layer {layer} is not in this segment ({self.path.name})")
-            k, v = (cache.buffers[name].numpy()[:, :, :length].copy()
+            k, v = (np.ascontiguousarray(cache.arrays[name][:, :, :length])
                     for name in self._kv.past(layer))  # fmt: skip
             out[layer] = (k, v)
         return out
