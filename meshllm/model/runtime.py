@@ -193,6 +193,11 @@ class SegmentRuntime:
     def open_requests(self) -> list[str]:
         return list(self._caches)
 
+    def cached_length(self, request_id: str) -> int:
+        """Positions of *request_id* this segment has computed (0 if it holds none)."""
+        cache = self._caches.get(request_id)
+        return 0 if cache is None else cache.length
+
     def kv_bytes(self, request_id: str) -> int:
         cache = self._caches[request_id]
         per = cache.capacity * self.arch.num_key_value_heads * self.arch.head_size

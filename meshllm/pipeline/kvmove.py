@@ -8,6 +8,11 @@ its layers from the old stages that ran them and continues from there. Copying t
 exact (the same bytes the old stages computed), and it costs one transfer of the moved layers'
 caches instead of re-running every token so far through the whole pipeline.
 
+So that the transfer overlaps the coordinator noticing the change, a peer that takes a stage
+of the new plan also *prefetches* right away every cache the old stages hold for its layers
+(:func:`prefetch`); a request's first frame then finds its cache here already, cut to the
+positions the request needs, and only what is missing is fetched (:func:`fetch`).
+
 Anything that goes wrong (an old peer gone, its runtime already released, a malformed reply)
 is a :class:`KVMoveFailed`; the coordinator then replays the request instead.
 """
@@ -17,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
+from typing import Any
 
 import cbor2
 import numpy as np
@@ -38,83 +44,102 @@ RETIRED_KEEP_S = 30.0
 
 log = structlog.get_logger("meshllm.kvmove")
 
-
 Lookup = Callable[[int], SegmentRuntime | None]
+# rid -> (positions, layer -> (key, value)): what an old stage held for some layers.
+Caches = dict[str, tuple[int, dict[int, KVLayer]]]
 
 
+@dataclass(frozen=True)
+class Layout:
+    """The shape of one layer's key (or value) cache per position: (kv_heads, head_size), its
+    dtype, and the most positions a request can have."""
+
+    kv_heads: int
+    head_size: int
+    dtype: np.dtype
+    max_positions: int
+
+    def nbytes(self, positions: int) -> int:
+        return self.kv_heads * positions * self.head_size * self.dtype.itemsize
+
+    def shape(self, positions: int) -> tuple[int, int, int, int]:
+        return (1, self.kv_heads, positions, self.head_size)
+
+
+# -- serving ---------------------------------------------------------------------------------
 async def serve(stream: Stream, lookup: Lookup) -> None:
-    """Answer one KV request: ``{e, r, l, n}`` -> one frame per layer, then ``{done}``."""
+    """Answer one request ``{e, l, r?, n?}``: plan *e*'s cache of layers *l* for request *r*
+    at *n* positions, or without *r* for every request held (each at its own length). One
+    frame ``{r, n, l, k, v}`` per request and layer, then ``{done}`` (or ``{err}``)."""
     try:
         await _serve(stream, lookup)
     finally:
         await stream.close()
 
 
+def _parse_request(req: Any) -> tuple[int, list[int], str | None, int]:
+    if not isinstance(req, dict):
+        raise ValueError("not a map")
+    epoch, layers, rid, length = req.get("e"), req.get("l"), req.get("r"), req.get("n", 0)
+    if not (
+        is_int(epoch)
+        and is_int(length)
+        and isinstance(layers, list)
+        and len(layers) <= 1024
+        and all(is_int(x) for x in layers)
+        and (rid is None or isinstance(rid, str))
+    ):
+        raise ValueError("malformed request")  # fmt: skip
+    return epoch, layers, rid, length
+
+
 async def _serve(stream: Stream, lookup: Lookup) -> None:
     reader = FrameReader(stream.read, MAX_REQUEST)
     try:
         with trio.fail_after(FETCH_TIMEOUT_S):
-            req = cbor2.loads(await reader.read_frame())
-        epoch, rid, layers, length = req["e"], req["r"], req["l"], req["n"]
-        if not (
-            is_int(epoch)
-            and isinstance(rid, str)
-            and is_int(length)
-            and isinstance(layers, list)
-            and all(is_int(x) for x in layers)
-        ):
-            raise ValueError("malformed request")  # fmt: skip
+            epoch, layers, rid, length = _parse_request(cbor2.loads(await reader.read_frame()))
     except (EOFError, FrameError, PeerUnreachable, trio.TooSlowError):
         return
     except Exception:  # bad CBOR or fields: a confused or hostile peer gets nothing
         return
     runtime = lookup(epoch)
+
+    def export() -> Caches:
+        assert runtime is not None
+        if rid is not None:
+            return {rid: (length, runtime.export_kv(rid, layers, length))}
+        out: Caches = {}
+        for r in runtime.open_requests:
+            n = runtime.cached_length(r)
+            if n:
+                out[r] = (n, runtime.export_kv(r, layers, n))
+        return out
+
     try:
         if runtime is None:
             raise KVMoveFailed(f"this peer no longer holds plan {epoch}'s caches")
-        kv = await trio.to_thread.run_sync(runtime.export_kv, rid, layers, length)
-        msgs = [{"l": layer, "k": k.tobytes(), "v": v.tobytes()} for layer, (k, v) in kv.items()]
+        caches = await trio.to_thread.run_sync(export)
+        msgs = [{"r": r, "n": n, "l": layer, "k": k.tobytes(), "v": v.tobytes()}
+                for r, (n, kv) in caches.items() for layer, (k, v) in kv.items()]  # fmt: skip
     except MeshError as exc:
         msgs = [{"err": str(exc)}]
     except Exception as exc:  # a bug here must not take the daemon down with it
-        log.exception("kv_serve_bug", rid=rid[:8])
+        log.exception("kv_serve_bug")
         msgs = [{"err": f"internal error: {exc!r}"}]
     with suppress(PeerUnreachable):  # the fetching stage gave up or went away
         for msg in [*msgs, {"done": True}]:
             await stream.write(frame(cbor2.dumps(msg)))
 
 
-@dataclass(frozen=True)
-class Wanted:
-    """What a new stage needs: request *rid*'s cache of *layers*, each key (and value) of
-    *shape* (kv_heads, length, head_size) and *dtype*."""
-
-    rid: str
-    layers: list[int]
-    shape: tuple[int, int, int]
-    dtype: np.dtype
-
-
-async def fetch(endpoint: Endpoint, me: str, lookup: Lookup, src: KVSource, want: Wanted
-                ) -> dict[int, KVLayer]:  # fmt: skip
-    """The KV cache *want* asks for, from the old stages that ran those layers."""
-    out: dict[int, KVLayer] = {}
-
-    async def one(peer: str, mine: list[int]) -> None:
-        if peer == me:
-            runtime = lookup(src.epoch)
-            if runtime is None:
-                raise KVMoveFailed(f"plan {src.epoch}'s runtime is gone here")
-            kv = await trio.to_thread.run_sync(runtime.export_kv, want.rid, mine, src.length)
-            out.update(kv)
-            return
-        out.update(await _fetch_remote(endpoint, peer, src, want, mine))
-
+# -- fetching --------------------------------------------------------------------------------
+async def _gather(src_stages: tuple[tuple[str, int, int], ...], layers: list[int], one) -> None:  # type: ignore[no-untyped-def]
+    """Run *one(peer, its_layers)* for every old stage holding some of *layers*, at once;
+    failures become one KVMoveFailed."""
     try:
         with trio.fail_after(FETCH_TIMEOUT_S):
             async with trio.open_nursery() as nursery:
-                for peer, start, stop in src.stages:
-                    mine = [x for x in want.layers if start <= x < stop]
+                for peer, start, stop in src_stages:
+                    mine = [x for x in layers if start <= x < stop]
                     if mine:
                         nursery.start_soon(one, peer, mine)
     except trio.TooSlowError:
@@ -127,24 +152,72 @@ async def fetch(endpoint: Endpoint, me: str, lookup: Lookup, src: KVSource, want
         while isinstance(first, ExceptionGroup):
             first = first.exceptions[0]
         raise KVMoveFailed(f"cannot move the KV cache: {first}") from None
-    missing = sorted(set(want.layers) - set(out))
+
+
+async def fetch(endpoint: Endpoint, me: str, lookup: Lookup, src: KVSource, rid: str,
+                layers: list[int], layout: Layout) -> dict[int, KVLayer]:  # fmt: skip
+    """Request *rid*'s cache of *layers* at ``src.length`` positions, from the old stages."""
+    out: dict[int, KVLayer] = {}
+
+    async def one(peer: str, mine: list[int]) -> None:
+        if peer == me:
+            runtime = lookup(src.epoch)
+            if runtime is None:
+                raise KVMoveFailed(f"plan {src.epoch}'s runtime is gone here")
+            out.update(await trio.to_thread.run_sync(runtime.export_kv, rid, mine, src.length))
+            return
+        req = {"e": src.epoch, "l": mine, "r": rid, "n": src.length}
+        got = await _pull(endpoint, peer, req, layout)
+        if set(got) != {rid} or got[rid][0] != src.length:
+            raise KVMoveFailed(f"{peer} sent another request's cache")
+        out.update(got[rid][1])
+
+    await _gather(src.stages, layers, one)
+    missing = sorted(set(layers) - set(out))
     if missing:
         raise KVMoveFailed(f"no old stage ran layers {missing}")
     return out
 
 
-async def _fetch_remote(
-    endpoint: Endpoint, peer: str, src: KVSource, want: Wanted, layers: list[int]
-) -> dict[int, KVLayer]:
-    rid, dtype = want.rid, want.dtype
-    shape = (1, *want.shape)
-    nbytes = int(np.prod(shape)) * dtype.itemsize
+async def prefetch(endpoint: Endpoint, me: str, lookup: Lookup, epoch: int,
+                   stages: tuple[tuple[str, int, int], ...], layers: list[int],
+                   layout: Layout) -> Caches:  # fmt: skip
+    """Every request's cache of *layers* that plan *epoch*'s stages hold now (each request
+    at the fewest positions any of them has)."""
+    parts: list[Caches] = []
+
+    async def one(peer: str, mine: list[int]) -> None:
+        if peer == me:
+            runtime = lookup(epoch)
+            if runtime is None:
+                raise KVMoveFailed(f"plan {epoch}'s runtime is gone here")
+
+            def export() -> Caches:
+                return {r: (n, runtime.export_kv(r, mine, n)) for r in runtime.open_requests
+                        if (n := runtime.cached_length(r))}  # fmt: skip
+
+            parts.append(await trio.to_thread.run_sync(export))
+            return
+        parts.append(await _pull(endpoint, peer, {"e": epoch, "l": mine}, layout))
+
+    await _gather(stages, layers, one)
+    merged: Caches = {}
+    for rid in set.intersection(*(set(p) for p in parts)) if parts else set():
+        n = min(p[rid][0] for p in parts)
+        kv = {
+            layer: (k[:, :, :n], v[:, :, :n]) for p in parts for layer, (k, v) in p[rid][1].items()
+        }
+        if sorted(kv) == sorted(layers):
+            merged[rid] = (n, kv)
+    return merged
+
+
+async def _pull(endpoint: Endpoint, peer: str, req: dict[str, Any], layout: Layout) -> Caches:
     stream = await endpoint.open_stream(peer, KV_PROTOCOL)
     try:
-        await stream.write(frame(cbor2.dumps({"e": src.epoch, "r": rid, "l": layers,
-                                              "n": src.length})))  # fmt: skip
-        reader = FrameReader(stream.read, 2 * nbytes + 1024)
-        got: dict[int, KVLayer] = {}
+        await stream.write(frame(cbor2.dumps(req)))
+        reader = FrameReader(stream.read, 2 * layout.nbytes(layout.max_positions) + 1024)
+        got: Caches = {}
         while True:
             try:
                 msg = cbor2.loads(await reader.read_frame())
@@ -158,20 +231,23 @@ async def _fetch_remote(
                 raise KVMoveFailed(f"{peer}: {str(msg['err'])[:500]}")
             if msg.get("done") is True:
                 return got
-            layer, k, v = msg.get("l"), msg.get("k"), msg.get("v")
-            if (
-                layer not in layers
-                or layer in got
-                or not isinstance(k, bytes)
-                or not isinstance(v, bytes)
-                or len(k) != nbytes
-                or len(v) != nbytes
+            rid, n, layer, k, v = (msg.get(x) for x in ("r", "n", "l", "k", "v"))
+            if not (
+                isinstance(rid, str)
+                and is_int(n)
+                and 0 < n <= layout.max_positions
+                and layer in req["l"]
+                and isinstance(k, bytes)
+                and isinstance(v, bytes)
+                and len(k) == len(v) == layout.nbytes(n)
             ):
                 raise KVMoveFailed(f"{peer} sent a KV layer that was not asked for or does "
                                    "not fit")  # fmt: skip
-            got[layer] = (
-                np.frombuffer(k, dtype).reshape(shape),
-                np.frombuffer(v, dtype).reshape(shape),
-            )
+            held = got.setdefault(rid, (n, {}))
+            if held[0] != n or layer in held[1]:
+                raise KVMoveFailed(f"{peer} sent a KV layer twice or at two lengths")
+            shape = layout.shape(n)
+            held[1][layer] = (np.frombuffer(k, layout.dtype).reshape(shape),
+                              np.frombuffer(v, layout.dtype).reshape(shape))  # fmt: skip
     finally:
         await stream.close()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -43,6 +43,7 @@ from meshllm.pipeline.frames import (
     TOKEN,
     BadFrame,
     Frame,
+    KVSource,
     decode_frame,
     encode_frame,
 )
@@ -61,6 +62,13 @@ class ReadyModel(NamedTuple):
 
     name: str
     tokenizer: ChatTokenizer
+
+
+@dataclass
+class _Prefetch:
+    until: float  # released then
+    done: trio.Event = field(default_factory=trio.Event)
+    caches: kvmove.Caches = field(default_factory=dict)
 
 
 class _Link:
@@ -97,6 +105,9 @@ class ServingService:
         # Runtimes of plans this peer no longer serves, kept a while with their requests'
         # KV caches for the new plan's stages to fetch: epoch -> (runtime, keep until).
         self._retired: dict[int, tuple[Any, float]] = {}
+        # What this peer prefetched of an old plan's caches for its new stage, by old epoch.
+        self._prefetch: dict[int, _Prefetch] = {}
+        self._replaced: Plan | None = None  # the plan the current one replaced
         # The leader's last failure to replace a plan that lost a peer: {epoch, error}.
         self._replan_error: dict[str, Any] | None = None
         # Balancing (leader): measured slowdowns that later plans keep accounting for, and
@@ -383,6 +394,8 @@ class ServingService:
         return best
 
     def _adopt(self, plan: Plan) -> None:
+        if self.plan is not None and self.plan.epoch < plan.epoch:
+            self._replaced = self.plan
         self.plan = plan
         self._plan_changed.set()
         self._plan_changed = trio.Event()
@@ -420,12 +433,15 @@ class ServingService:
         self.stage = None
         self._set_state("fetching", progress=0.0)
         local = self.store.by_sha(plan.model_sha)
-        meta_dir = await files.meta_dir(
-            self.endpoint, self.home, self.store, plan.model_sha, plan.source
-        )
-        manifest = Manifest.read(meta_dir)
-        self._tokenizer = await trio.to_thread.run_sync(ChatTokenizer, meta_dir)
-        self.meta_dir, self.manifest = meta_dir, manifest
+        manifest = self.manifest
+        if manifest is None or manifest.model_sha256 != plan.model_sha or self._tokenizer is None:
+            meta_dir = await files.meta_dir(
+                self.endpoint, self.home, self.store, plan.model_sha, plan.source
+            )
+            manifest = Manifest.read(meta_dir)
+            self._tokenizer = await trio.to_thread.run_sync(ChatTokenizer, meta_dir)
+            self.meta_dir, self.manifest = meta_dir, manifest
+        # else: a new plan for the same model (a rebalance); its files are here already.
         idx = plan.stage_of(self.me)
         if idx is None:
             self._set_state("ready", role="coordinator")
@@ -452,6 +468,9 @@ class ServingService:
         self._stage_scope = trio.CancelScope()
         self._nursery.start_soon(self._run_stage, stage, self._stage_scope)
         self.stage = stage
+        old = self._replaced
+        if self.config.mesh.move_kv and old is not None and old.model_sha == plan.model_sha:
+            self._nursery.start_soon(self._prefetch_kv, old, plan.epoch, runtime.layers)
         seg_bytes = (seg_path.parent / "segment.onnx.data").stat().st_size
         self._set_state("ready", layers=str(r), segment_bytes=seg_bytes)
 
@@ -610,29 +629,68 @@ class ServingService:
     async def _on_kv_stream(self, stream: Stream) -> None:
         await kvmove.serve(stream, self._kv_runtime)
 
-    async def _fetch_kv(self, f: Frame, layers: list[int]) -> dict[int, Any]:
-        assert f.kv_from is not None
+    def _kv_layout(self) -> kvmove.Layout:
         if self.manifest is None:
             raise kvmove.KVMoveFailed("no model loaded")
         arch = self.manifest.architecture
-        shape = (arch.num_key_value_heads, f.kv_from.length, arch.head_size)
+        return kvmove.Layout(arch.num_key_value_heads, arch.head_size, np.dtype(arch.kv_dtype),
+                             arch.context_length)  # fmt: skip
+
+    async def _fetch_kv(self, f: Frame, layers: list[int]) -> dict[int, Any]:
+        src = f.kv_from
+        assert src is not None
         t = time.perf_counter()
-        want = kvmove.Wanted(f.rid, layers, shape, np.dtype(arch.kv_dtype))
+        how = "fetched"
         try:
-            kv = await kvmove.fetch(self.endpoint, self.me, self._kv_runtime, f.kv_from, want)
+            kv = await self._prefetched(src, f.rid, layers)
+            if kv is not None:
+                how = "prefetched"
+            else:
+                kv = await kvmove.fetch(self.endpoint, self.me, self._kv_runtime, src, f.rid,
+                                        layers, self._kv_layout())  # fmt: skip
         except MeshError:
             raise
         except Exception as exc:  # a bug here must cost a replay, not the daemon
             log.exception("kv_move_bug", rid=f.rid[:8])
             raise kvmove.KVMoveFailed(f"moving the KV cache failed: {exc!r}") from None
-        log.info(
-            "kv_moved",
-            rid=f.rid[:8],
-            layers=f"{layers[0]}-{layers[-1] + 1}",
-            positions=f.kv_from.length,
-            ms=round(1000 * (time.perf_counter() - t), 1),
-        )
+        log.info("kv_moved", rid=f.rid[:8], layers=f"{layers[0]}-{layers[-1] + 1}", how=how,
+                 positions=src.length, ms=round(1000 * (time.perf_counter() - t), 1))  # fmt: skip
         return kv
+
+    async def _prefetched(self, src: KVSource, rid: str, layers: list[int]) -> Any:
+        """The request's cache from this peer's prefetch of plan ``src.epoch``'s caches (waited
+        for if still running), cut to ``src.length`` positions; None if it lacks them."""
+        job = self._prefetch.get(src.epoch)
+        if job is None:
+            return None
+        with trio.move_on_after(kvmove.FETCH_TIMEOUT_S):
+            await job.done.wait()
+        held = job.caches.get(rid)
+        if held is None or held[0] < src.length or sorted(held[1]) != layers:
+            return None
+        n = src.length
+        return {layer: (k[:, :, :n], v[:, :, :n]) for layer, (k, v) in held[1].items()}
+
+    async def _prefetch_kv(self, old: Plan, epoch: int, layers: list[int]) -> None:
+        """Right after taking a stage of plan *epoch*: pull every cache the old plan's stages
+        hold for this stage's layers, while the coordinators notice the change."""
+        job = _Prefetch(until=trio.current_time() + kvmove.RETIRED_KEEP_S)
+        self._prefetch[old.epoch] = job
+        t = time.perf_counter()
+        stages = tuple((s.peer, s.start, s.stop) for s in old.stages)
+        try:
+            job.caches = await kvmove.prefetch(
+                self.endpoint, self.me, self._kv_runtime, old.epoch, stages, layers,
+                self._kv_layout(),
+            )  # fmt: skip
+            log.info("kv_prefetched", epoch=epoch, requests=len(job.caches),
+                     ms=round(1000 * (time.perf_counter() - t), 1))  # fmt: skip
+        except MeshError as exc:
+            log.info("kv_prefetch_failed", epoch=epoch, reason=str(exc))
+        except Exception:  # the requests then fetch their caches one by one
+            log.exception("kv_prefetch_bug", epoch=epoch)
+        finally:
+            job.done.set()
 
     def _peer_alive(self, pid: str) -> bool:
         if pid == self.me:
@@ -645,6 +703,9 @@ class ServingService:
         for epoch, (_, until) in list(self._retired.items()):
             if now >= until:
                 del self._retired[epoch]
+        for epoch, job in list(self._prefetch.items()):
+            if now >= job.until:
+                del self._prefetch[epoch]
 
     # -- surviving lost peers -----------------------------------------------------------------
     async def _watch_plan(self) -> None:

@@ -99,18 +99,18 @@ def _served(tiny_model):
     chain.forward("r", np.asarray([PROMPT], dtype=np.int64), len(PROMPT))
     seg = chain.segments[0]
     arch = tiny_model.manifest.architecture
-    want = kvmove.Wanted("r", [1, 2], (arch.num_key_value_heads, 8, arch.head_size),
-                         np.dtype(arch.kv_dtype))  # fmt: skip
-    return seg, want
+    layout = kvmove.Layout(arch.num_key_value_heads, arch.head_size, np.dtype(arch.kv_dtype),
+                           arch.context_length)  # fmt: skip
+    return seg, layout
 
 
 async def test_kv_fetch_over_the_mesh_gives_the_old_stage_cache(tiny_model):
-    seg, want = _served(tiny_model)
+    seg, layout = _served(tiny_model)
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             a, b = await _pair(nursery, lambda epoch: seg if epoch == 5 else None)
             src = KVSource(5, ((a.peer_id, 0, 3), ("someone-else", 3, 6)), 8, 8)
-            got = await kvmove.fetch(b, b.peer_id, lambda e: None, src, want)
+            got = await kvmove.fetch(b, b.peer_id, lambda e: None, src, "r", [1, 2], layout)
             expected = seg.export_kv("r", [1, 2], 8)
             assert sorted(got) == [1, 2]
             for layer in (1, 2):
@@ -125,12 +125,12 @@ async def test_kv_fetch_over_the_mesh_gives_the_old_stage_cache(tiny_model):
                 (KVSource(5, (("nobody", 0, 3),), 8, 8), "cannot move"),
             ):
                 with pytest.raises(KVMoveFailed, match=reason):
-                    await kvmove.fetch(b, b.peer_id, lambda e: None, bad, want)
+                    await kvmove.fetch(b, b.peer_id, lambda e: None, bad, "r", [1, 2], layout)
             nursery.cancel_scope.cancel()
 
 
 async def test_kv_server_ignores_garbage_and_a_lying_server_is_refused(tiny_model):
-    seg, want = _served(tiny_model)
+    seg, layout = _served(tiny_model)
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             a, b = await _pair(nursery, lambda epoch: seg)
@@ -143,15 +143,43 @@ async def test_kv_server_ignores_garbage_and_a_lying_server_is_refused(tiny_mode
                 await stream.close()
             # The server still works after all that.
             src = KVSource(5, ((a.peer_id, 0, 3),), 8, 8)
-            assert sorted(await kvmove.fetch(b, b.peer_id, lambda e: None, src, want)) == [1, 2]
+            assert sorted(
+                await kvmove.fetch(b, b.peer_id, lambda e: None, src, "r", [1, 2], layout)
+            ) == [1, 2]
 
             # A server sending the wrong size is refused.
             async def liar(stream):
                 await stream.read(4096)
-                await stream.write(frame(cbor2.dumps({"l": 1, "k": b"\0" * 8, "v": b"\0" * 8})))
+                msg = {"r": "r", "n": 8, "l": 1, "k": b"\0" * 8, "v": b"\0" * 8}
+                await stream.write(frame(cbor2.dumps(msg)))
 
             b.set_stream_handler(kvmove.KV_PROTOCOL, liar)
             with pytest.raises(KVMoveFailed, match="does not fit"):
                 await kvmove.fetch(a, a.peer_id, lambda e: None,
-                                   KVSource(5, ((b.peer_id, 0, 3),), 8, 8), want)  # fmt: skip
+                                   KVSource(5, ((b.peer_id, 0, 3),), 8, 8), "r", [1, 2],
+                                   layout)  # fmt: skip
+            nursery.cancel_scope.cancel()
+
+
+async def test_prefetch_pulls_every_request_each_at_its_length(tiny_model):
+    seg, layout = _served(tiny_model)  # request "r" at 8 positions
+    seg.open("s", 16)
+    ids = np.asarray([PROMPT[:5]], dtype=np.int64)
+    seg.step("s", {"input_ids": ids, "attention_mask": np.ones((1, 5), dtype=np.int64)}, 5)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            a, b = await _pair(nursery, lambda epoch: seg if epoch == 5 else None)
+            # Layer 0 is this peer's own (old stage here), layers 1-2 come from peer a.
+            mine = LocalChain.load(tiny_model, parse_ranges("0-1,1-6")).segments[0]
+            for rid, n in (("r", 8), ("s", 5)):
+                mine.open(rid, 16, {0: seg.export_kv(rid, [0], n)[0]})
+            stages = ((b.peer_id, 0, 1), (a.peer_id, 1, 3))
+            got = await kvmove.prefetch(b, b.peer_id, lambda e: mine if e == 5 else None, 5,
+                                        stages, [0, 1, 2], layout)  # fmt: skip
+            assert {r: n for r, (n, _) in got.items()} == {"r": 8, "s": 5}
+            for rid, (n, kv) in got.items():
+                expected = seg.export_kv(rid, [0, 1, 2], n)
+                assert sorted(kv) == [0, 1, 2]
+                for layer in kv:
+                    assert kv[layer][0].tobytes() == expected[layer][0].tobytes()
             nursery.cancel_scope.cancel()
