@@ -7,6 +7,19 @@ import sys
 
 import structlog
 
+
+class _CurrentStderr:
+    """Writes to whatever ``sys.stderr`` is at the time: a logger bound to the stream object
+    seen at set-up would write to a closed file once that stream is swapped (as test runners
+    and daemonising code do), and raise from inside an error handler."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 _configured: str | None = None  # "explicit" once a level was asked for on the command line
 
 
@@ -31,10 +44,10 @@ def configure(level: str = "warning", *, explicit: bool = False) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),  # type: ignore[arg-type]
     )
     # Third-party stdlib loggers go through the same renderer.
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(_CurrentStderr())  # type: ignore[arg-type]
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processor=renderer,
