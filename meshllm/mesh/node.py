@@ -178,6 +178,13 @@ class MeshNode:
     def is_alive(self, rec: PeerRecord) -> bool:
         return rec.last_seen is not None and self.now() - rec.last_seen <= self.config.dead_after_s
 
+    def peer_alive(self, peer_id: str) -> bool:
+        """Whether *peer_id* is this peer or one heard from recently enough."""
+        if peer_id == self.peer_id:
+            return True
+        rec = self.peers.get(peer_id)
+        return rec is not None and self.is_alive(rec)
+
     def alive_peers(self) -> list[str]:
         return sorted(p for p, r in self.peers.items() if self.is_alive(r))
 

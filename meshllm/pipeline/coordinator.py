@@ -218,8 +218,7 @@ class Coordinator:
         # Every old stage has run each position up to the one that produced the last
         # token; the stages may be a step further, which the new plan recomputes.
         length = len(run.prompt_ids) + len(run.out) - 1
-        stages = tuple((s.peer, s.start, s.stop) for s in old.stages)
-        return KVSource(old.epoch, stages, length, drawn=len(run.out))
+        return KVSource(old.epoch, old.stage_triples, length, drawn=len(run.out))
 
     async def _end(self, plan: Plan, rid: str) -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(2), suppress(MeshError):

@@ -45,6 +45,7 @@ RETIRED_KEEP_S = 30.0
 log = structlog.get_logger("meshllm.kvmove")
 
 Lookup = Callable[[int], SegmentRuntime | None]
+Stages = tuple[tuple[str, int, int], ...]  # a plan's (peer, start, stop) stages
 # rid -> (positions, layer -> (key, value)): what an old stage held for some layers.
 Caches = dict[str, tuple[int, dict[int, KVLayer]]]
 
@@ -93,6 +94,15 @@ def _parse_request(req: Any) -> tuple[int, list[int], str | None, int]:
     return epoch, layers, rid, length
 
 
+def _export(runtime: SegmentRuntime, layers: list[int], rid: str | None, length: int) -> Caches:
+    """*rid*'s cache of *layers* at *length* positions, or with no *rid* every request's,
+    each at the positions it has."""
+    if rid is not None:
+        return {rid: (length, runtime.export_kv(rid, layers, length))}
+    return {r: (n, runtime.export_kv(r, layers, n)) for r in runtime.open_requests
+            if (n := runtime.cached_length(r))}  # fmt: skip
+
+
 async def _serve(stream: Stream, lookup: Lookup) -> None:
     reader = FrameReader(stream.read, MAX_REQUEST)
     try:
@@ -103,22 +113,10 @@ async def _serve(stream: Stream, lookup: Lookup) -> None:
     except Exception:  # bad CBOR or fields: a confused or hostile peer gets nothing
         return
     runtime = lookup(epoch)
-
-    def export() -> Caches:
-        assert runtime is not None
-        if rid is not None:
-            return {rid: (length, runtime.export_kv(rid, layers, length))}
-        out: Caches = {}
-        for r in runtime.open_requests:
-            n = runtime.cached_length(r)
-            if n:
-                out[r] = (n, runtime.export_kv(r, layers, n))
-        return out
-
     try:
         if runtime is None:
             raise KVMoveFailed(f"this peer no longer holds plan {epoch}'s caches")
-        caches = await trio.to_thread.run_sync(export)
+        caches = await trio.to_thread.run_sync(_export, runtime, layers, rid, length)
         msgs = [{"r": r, "n": n, "l": layer, "k": k.tobytes(), "v": v.tobytes()}
                 for r, (n, kv) in caches.items() for layer, (k, v) in kv.items()]  # fmt: skip
     except MeshError as exc:
@@ -132,13 +130,29 @@ async def _serve(stream: Stream, lookup: Lookup) -> None:
 
 
 # -- fetching --------------------------------------------------------------------------------
-async def _gather(src_stages: tuple[tuple[str, int, int], ...], layers: list[int], one) -> None:  # type: ignore[no-untyped-def]
-    """Run *one(peer, its_layers)* for every old stage holding some of *layers*, at once;
-    failures become one KVMoveFailed."""
+async def _gather(endpoint: Endpoint, me: str, lookup: Lookup, epoch: int,
+                  stages: Stages, layers: list[int],
+                  layout: Layout, rid: str | None = None, length: int = 0,
+                  ) -> list[Caches]:  # fmt: skip
+    """What every old stage holding some of *layers* has of them (see :func:`_export`), asked
+    of all at once: this peer's own old stage directly, the others over the mesh. Failures
+    become one KVMoveFailed."""
+    parts: list[Caches] = []
+
+    async def one(peer: str, mine: list[int]) -> None:
+        if peer != me:
+            req = {"e": epoch, "l": mine, **({"r": rid, "n": length} if rid else {})}
+            parts.append(await _pull(endpoint, peer, req, layout))
+            return
+        runtime = lookup(epoch)
+        if runtime is None:
+            raise KVMoveFailed(f"plan {epoch}'s runtime is gone here")
+        parts.append(await trio.to_thread.run_sync(_export, runtime, mine, rid, length))
+
     try:
         with trio.fail_after(FETCH_TIMEOUT_S):
             async with trio.open_nursery() as nursery:
-                for peer, start, stop in src_stages:
+                for peer, start, stop in stages:
                     mine = [x for x in layers if start <= x < stop]
                     if mine:
                         nursery.start_soon(one, peer, mine)
@@ -152,27 +166,18 @@ async def _gather(src_stages: tuple[tuple[str, int, int], ...], layers: list[int
         while isinstance(first, ExceptionGroup):
             first = first.exceptions[0]
         raise KVMoveFailed(f"cannot move the KV cache: {first}") from None
+    return parts
 
 
 async def fetch(endpoint: Endpoint, me: str, lookup: Lookup, src: KVSource, rid: str,
                 layers: list[int], layout: Layout) -> dict[int, KVLayer]:  # fmt: skip
     """Request *rid*'s cache of *layers* at ``src.length`` positions, from the old stages."""
     out: dict[int, KVLayer] = {}
-
-    async def one(peer: str, mine: list[int]) -> None:
-        if peer == me:
-            runtime = lookup(src.epoch)
-            if runtime is None:
-                raise KVMoveFailed(f"plan {src.epoch}'s runtime is gone here")
-            out.update(await trio.to_thread.run_sync(runtime.export_kv, rid, mine, src.length))
-            return
-        req = {"e": src.epoch, "l": mine, "r": rid, "n": src.length}
-        got = await _pull(endpoint, peer, req, layout)
-        if set(got) != {rid} or got[rid][0] != src.length:
-            raise KVMoveFailed(f"{peer} sent another request's cache")
-        out.update(got[rid][1])
-
-    await _gather(src.stages, layers, one)
+    for part in await _gather(endpoint, me, lookup, src.epoch, src.stages, layers, layout,
+                              rid, src.length):  # fmt: skip
+        if set(part) != {rid} or part[rid][0] != src.length:
+            raise KVMoveFailed("an old stage sent another request's cache")
+        out.update(part[rid][1])
     missing = sorted(set(layers) - set(out))
     if missing:
         raise KVMoveFailed(f"no old stage ran layers {missing}")
@@ -180,27 +185,11 @@ async def fetch(endpoint: Endpoint, me: str, lookup: Lookup, src: KVSource, rid:
 
 
 async def prefetch(endpoint: Endpoint, me: str, lookup: Lookup, epoch: int,
-                   stages: tuple[tuple[str, int, int], ...], layers: list[int],
+                   stages: Stages, layers: list[int],
                    layout: Layout) -> Caches:  # fmt: skip
     """Every request's cache of *layers* that plan *epoch*'s stages hold now (each request
     at the fewest positions any of them has)."""
-    parts: list[Caches] = []
-
-    async def one(peer: str, mine: list[int]) -> None:
-        if peer == me:
-            runtime = lookup(epoch)
-            if runtime is None:
-                raise KVMoveFailed(f"plan {epoch}'s runtime is gone here")
-
-            def export() -> Caches:
-                return {r: (n, runtime.export_kv(r, mine, n)) for r in runtime.open_requests
-                        if (n := runtime.cached_length(r))}  # fmt: skip
-
-            parts.append(await trio.to_thread.run_sync(export))
-            return
-        parts.append(await _pull(endpoint, peer, {"e": epoch, "l": mine}, layout))
-
-    await _gather(stages, layers, one)
+    parts = await _gather(endpoint, me, lookup, epoch, stages, layers, layout)
     merged: Caches = {}
     for rid in set.intersection(*(set(p) for p in parts)) if parts else set():
         n = min(p[rid][0] for p in parts)

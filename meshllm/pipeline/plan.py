@@ -45,6 +45,11 @@ class Plan:
                 return i
         return None
 
+    @property
+    def stage_triples(self) -> tuple[tuple[str, int, int], ...]:
+        """The stages as (peer, start, stop), as frames carry them."""
+        return tuple((s.peer, s.start, s.stop) for s in self.stages)
+
     def to_obj(self) -> dict[str, Any]:
         return {
             "epoch": self.epoch, "model": self.model, "model_sha": self.model_sha,

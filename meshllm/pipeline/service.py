@@ -64,6 +64,11 @@ class ReadyModel(NamedTuple):
     tokenizer: ChatTokenizer
 
 
+def _rss_mb() -> float | None:
+    rss = resident_bytes()
+    return None if rss is None else round(rss / MiB, 1)
+
+
 @dataclass
 class _Prefetch:
     until: float  # released then
@@ -100,7 +105,7 @@ class ServingService:
             self.me, self.send_frame, config.mesh.step_timeout_s,
             current_epoch=lambda: self.plan.epoch if self.plan else 0,
             next_plan=self._next_plan,
-            peer_alive=self._peer_alive if config.mesh.move_kv else None,
+            peer_alive=node.peer_alive if config.mesh.move_kv else None,
         )  # fmt: skip
         # Runtimes of plans this peer no longer serves, kept a while with their requests'
         # KV caches for the new plan's stages to fetch: epoch -> (runtime, keep until).
@@ -147,9 +152,9 @@ class ServingService:
 
     def _extra(self) -> dict[str, Any]:
         x: dict[str, Any] = {"models": self._models, "serving": self.state}
-        rss = resident_bytes()
+        rss = _rss_mb()
         if rss is not None:
-            x["rss_mb"] = round(rss / MiB, 1)
+            x["rss_mb"] = rss
         x.update(self.profiler.extra())
         if self._serve_results:
             x["serve_results"] = self._serve_results
@@ -546,10 +551,9 @@ class ServingService:
         return True
 
     def _peer_state(self, pid: str) -> dict[str, Any]:
-        rec = self.node.peers.get(pid)
-        if rec is None or not self.node.is_alive(rec):
+        if not self.node.peer_alive(pid):
             return {}
-        st = rec.extra.get("serving", {})
+        st = self.node.extra_of(pid, "serving")
         return st if isinstance(st, dict) else {}
 
     # -- data plane ---------------------------------------------------------------------------
@@ -575,8 +579,7 @@ class ServingService:
                     if link.stream is not None:
                         await link.stream.close()
                     link.stream = None
-                    rec = self.node.peers.get(peer)
-                    if again and not fresh and rec is not None and self.node.is_alive(rec):
+                    if again and not fresh and self.node.peer_alive(peer):
                         log.info("activation_link_reopened", other=peer, reason=str(exc))
                         continue
                     raise PeerUnreachable(f"activation link to {peer} failed: {exc}") from None
@@ -677,10 +680,9 @@ class ServingService:
         job = _Prefetch(until=trio.current_time() + kvmove.RETIRED_KEEP_S)
         self._prefetch[old.epoch] = job
         t = time.perf_counter()
-        stages = tuple((s.peer, s.start, s.stop) for s in old.stages)
         try:
             job.caches = await kvmove.prefetch(
-                self.endpoint, self.me, self._kv_runtime, old.epoch, stages, layers,
+                self.endpoint, self.me, self._kv_runtime, old.epoch, old.stage_triples, layers,
                 self._kv_layout(),
             )  # fmt: skip
             log.info("kv_prefetched", epoch=epoch, requests=len(job.caches),
@@ -691,12 +693,6 @@ class ServingService:
             log.exception("kv_prefetch_bug", epoch=epoch)
         finally:
             job.done.set()
-
-    def _peer_alive(self, pid: str) -> bool:
-        if pid == self.me:
-            return True
-        rec = self.node.peers.get(pid)
-        return rec is not None and self.node.is_alive(rec)
 
     def _release_retired(self) -> None:
         now = trio.current_time()
@@ -966,8 +962,7 @@ class ServingService:
     def _runtime_of(self, pid: str) -> dict[str, Any]:
         """A peer's memory and recent stage figures, as it last published them."""
         if pid == self.me:
-            rss = resident_bytes()
-            extra = {"rss_mb": None if rss is None else round(rss / MiB, 1),
+            extra = {"rss_mb": _rss_mb(),
                      "stage_stats": None if self.stage is None else self.stage.stats()}  # fmt: skip
         else:
             extra = {k: self.node.extra_of(pid, k) for k in ("rss_mb", "stage_stats")}
