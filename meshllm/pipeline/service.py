@@ -468,6 +468,7 @@ class ServingService:
             context_length=manifest.architecture.context_length,
             eos_token_ids=manifest.architecture.eos_token_ids, send=self.send_frame,
             max_requests=self.config.limits.max_concurrent_requests, fetch_kv=self._fetch_kv,
+            send_now=self._send_now,
         )  # fmt: skip
         assert self._nursery is not None
         self._stage_scope = trio.CancelScope()
@@ -561,9 +562,16 @@ class ServingService:
         if peer == self.me:
             self._dispatch(f)
             return
-        link = self._links.setdefault(peer, _Link())
+        link = self._links.get(peer)
+        if link is None:
+            link = self._links[peer] = _Link()
         data = frame(encode_frame(f))
-        async with link.lock:
+        # Uncontended (the usual case) the lock is taken without a trip through the scheduler.
+        if link.lock.locked():
+            await link.lock.acquire()
+        else:
+            link.lock.acquire_nowait()
+        try:
             # An established stream that breaks while its peer is still heard from gets one
             # fresh stream: the receiver drops a half-read frame with the old one, so the
             # frame arrives once.
@@ -583,6 +591,22 @@ class ServingService:
                         log.info("activation_link_reopened", other=peer, reason=str(exc))
                         continue
                     raise PeerUnreachable(f"activation link to {peer} failed: {exc}") from None
+        finally:
+            link.lock.release()
+
+    def _send_now(self, peer: str, f: Frame) -> bool:
+        """On a stage's compute thread: put *f* on the open fast link to *peer* at once.
+
+        False (nothing sent) when there is no such link yet, the peer is this one, or the
+        link is busy; the stage then sends through send_frame as usual.
+        """
+        if peer == self.me:
+            return False
+        link = self._links.get(peer)
+        send_now = getattr(link.stream, "send_now", None) if link is not None else None
+        if send_now is None:
+            return False
+        return bool(send_now(frame(encode_frame(f))))
 
     def _dispatch(self, f: Frame) -> None:
         if f.kind in (TOKEN, ERROR):

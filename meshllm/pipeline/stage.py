@@ -11,6 +11,7 @@ import contextlib
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import numpy as np
 import structlog
@@ -20,9 +21,13 @@ from meshllm.errors import MeshError
 from meshllm.mesh.transport import PeerUnreachable
 from meshllm.model.runtime import KVLayer, SegmentRuntime
 from meshllm.model.sampling import Sampler, SamplingParams
+from meshllm.pipeline.compute import ComputeThread
 from meshllm.pipeline.frames import END, ERROR, FWD, TOKEN, Frame
 
 Send = Callable[[str, Frame], Awaitable[None]]
+# Called on the compute thread: put a frame on the wire now if that needs no event loop
+# (True), else leave it to Send (False, nothing sent).
+SendNow = Callable[[str, Frame], bool]
 REPLAY_WINDOW = 8
 
 
@@ -56,6 +61,19 @@ def sampling_from(obj: dict) -> SamplingParams:
         raise MeshError(f"bad sampling parameters: {exc}") from None
 
 
+class _Step:
+    """One frame's step, started on the compute thread."""
+
+    __slots__ = ("frame", "job", "quick", "sent_on", "t0")
+
+    def __init__(self, frame: Frame, quick: bool):
+        self.frame = frame
+        self.quick = quick
+        self.job: Any = None
+        self.t0 = time.perf_counter()
+        self.sent_on = False  # the compute thread sent its output on (see send_now)
+
+
 class StageRunner:
     def __init__(
         self,
@@ -71,6 +89,7 @@ class StageRunner:
         queue_size: int = 256,
         max_requests: int = 16,
         fetch_kv: FetchKV | None = None,
+        send_now: SendNow | None = None,
     ):
         self.runtime = runtime
         self.epoch = epoch
@@ -82,9 +101,15 @@ class StageRunner:
         self.send = send
         self.max_requests = max_requests
         self.fetch_kv = fetch_kv
+        self.send_now = send_now
+        self._last_token: dict[str, int] = {}  # sampled on the compute thread, for the loop
+        self._busy = False  # the run loop is processing a frame
+        self._early: _Step | None = None  # a step started as its frame arrived (see submit)
+        self.early_starts = 0
         # Set when the plan is replaced: the KV caches outlive this runner, for the new
         # plan's stages to fetch (see kvmove).
         self.keep_caches = False
+        self._compute = ComputeThread(f"meshllm-stage{index}")
         self._samplers: dict[str, Sampler] = {}
         self._caps: dict[str, int] = {}
         self._in, self._out = trio.open_memory_channel[Frame](queue_size)
@@ -142,14 +167,32 @@ class StageRunner:
         """Queue a frame; False when the queue is full (the sender then fails the request)."""
         try:
             self._in.send_nowait(f)
-            return True
         except trio.WouldBlock:
             return False
+        if (
+            not self._busy
+            and self._early is None
+            and not self._compute.closed
+            # Handed straight to the idle run loop, not buffered behind other frames:
+            and self._in.statistics().current_buffer_used == 0
+            and f.kind == FWD
+            and f.epoch == self.epoch
+            and f.kv_from is None
+            and self.runtime.cached_length(f.rid) > 0
+        ):
+            # An idle stage starts a frame for an open request at once, from the task that
+            # read it: the run loop's turn to wake up then overlaps the step instead of
+            # preceding it. The loop still takes the frame in order and finishes it.
+            with contextlib.suppress(MeshError):  # the loop meets the error and reports it
+                self._early = self._start(f)
+                self.early_starts += 1
+        return True
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         try:
             async for f in self._out:
+                self._busy = True
                 try:
                     await self._process(f)
                 except MeshError as exc:
@@ -163,7 +206,10 @@ class StageRunner:
                         retry=isinstance(exc, PeerUnreachable | StaleEpoch | KVMoveFailed),
                         busy=isinstance(exc, StageBusy),
                     )
+                finally:
+                    self._busy = False
         finally:
+            self._compute.close()
             if not self.keep_caches:
                 for rid in list(self.runtime.open_requests):
                     self._drop(rid)
@@ -182,14 +228,56 @@ class StageRunner:
             with contextlib.suppress(MeshError):
                 await self.send(f.coord, err)
 
+    def _continue(self, f: Frame, token: int, force: list[int]) -> Frame | None:
+        """The last stage's next step for a request, or None when it stops.
+
+        The token goes straight back to stage 0 as the next step (one hop fewer per token
+        than a round trip through the coordinator), and to the coordinator, which streams
+        it. Both apply the same stop rule: end of sequence or a full KV cache.
+        """
+        if token in self.eos or f.pos + 1 >= self._caps.get(f.rid, 0):
+            return None
+        ids = np.asarray([[token]], dtype=np.int64)
+        return Frame(kind=FWD, rid=f.rid, epoch=f.epoch, step=f.step + 1, pos=f.pos + 1,
+                     new=1, coord=f.coord, tensors={"input_ids": ids}, force=force)  # fmt: skip
+
+    def _next_frame(
+        self, f: Frame, outs: dict[str, np.ndarray], timings: list[float]
+    ) -> tuple[str, Frame] | None:
+        """For a plain decode step, on the compute thread: where its output goes next."""
+        if self.is_last:
+            token = self._samplers[f.rid](outs["logits"][0, -1])
+            self._last_token[f.rid] = token
+            again = self._continue(f, token, [])
+            return None if again is None else (self.first_peer, again)
+        assert self.next_peer is not None
+        tensors = {k: v for k, v in f.tensors.items() if k not in self.runtime.data_inputs}
+        tensors.update(outs)
+        return self.next_peer, Frame(kind=FWD, rid=f.rid, epoch=f.epoch, step=f.step,
+                                     pos=f.pos, new=f.new, cap=f.cap, coord=f.coord,
+                                     sampling=f.sampling, tensors=tensors,
+                                     compute_s=timings)  # fmt: skip
+
     async def _process(self, f: Frame) -> None:
+        early = self._early
+        if early is not None and early.frame is f:
+            self._early = None
+            step = early
+        else:
+            step = await self._prepare(f)
+            if step is None:
+                return
+        await self._finish(f, step)
+
+    async def _prepare(self, f: Frame) -> _Step | None:
+        """Check and open what a frame needs, and start its step on the compute thread."""
         if f.kind == END:
             self._drop(f.rid)
             if self.next_peer is not None:
                 await self.send(self.next_peer, f)
-            return
+            return None
         if f.kind != FWD:
-            return
+            return None
         if f.epoch != self.epoch:
             raise StaleEpoch(f"frame for plan epoch {f.epoch}, this stage serves {self.epoch}")
         rid = f.rid
@@ -222,22 +310,47 @@ class StageRunner:
                 self._caps[rid] = f.cap
                 if f.kv_from is not None:
                     self._samplers[rid].skip(f.kv_from.drawn)
+        return self._start(f)
+
+    def _start(self, f: Frame) -> _Step:
+        """Start the step of a frame for an open request (raises MeshError on bad input)."""
         if self._mask.shape[1] < f.pos:
             self._mask = np.ones((1, max(f.pos, 2 * self._mask.shape[1])), dtype=np.int64)
         feeds = dict(f.tensors)
         feeds["attention_mask"] = self._mask[:, : f.pos]
         self.runtime.check_feeds(feeds, f.new)
+        # A plain decode step's output can leave from the compute thread itself, without
+        # waiting for the event loop to wake up and send it (see send_now): a few hundred µs
+        # per stage, so per generated token several times over. Replays, moved caches and
+        # plugin transports take the event loop's path in _finish.
+        quick = (
+            self.send_now is not None and f.new == 1 and not f.force and not f.fed
+            and f.kv_from is None
+        )  # fmt: skip
+        step = _Step(f, quick)
 
         def run() -> dict[str, np.ndarray]:
             t = time.perf_counter()
-            outs = self.runtime.step(rid, feeds, f.new)
+            outs = self.runtime.step(f.rid, feeds, f.new)
             res = {k: v.numpy() for k, v in outs.items()}
-            self.inner_s += time.perf_counter() - t
+            inner = time.perf_counter() - t
+            self.inner_s += inner
+            if quick:
+                assert self.send_now is not None
+                nxt = self._next_frame(f, res, [*f.compute_s, inner])
+                if nxt is not None and self.send_now(nxt[0], nxt[1]):
+                    step.sent_on = True
             return res
 
-        t0 = time.perf_counter()
-        outs = await trio.to_thread.run_sync(run)
-        spent = time.perf_counter() - t0
+        step.job = self._compute.start(run)
+        return step
+
+    async def _finish(self, f: Frame, step: _Step) -> None:
+        """Wait for a frame's step and pass on what it made."""
+        assert step.job is not None
+        rid, quick = f.rid, step.quick
+        outs = await self._compute.wait(step.job)
+        spent = time.perf_counter() - step.t0
         self.steps += 1
         self.compute_s += spent
         if f.new == 1 and not f.force:
@@ -245,30 +358,26 @@ class StageRunner:
             self._note_decode_step(spent)
         timings = [*f.compute_s, spent]
         if self.is_last:
-            token = self._samplers[rid](outs["logits"][0, -1])
-            force = f.force
+            force, sent = f.force, step.sent_on
+            if quick:
+                # The thread sampled, and sent the next step on unless its link was busy.
+                token = self._last_token.pop(rid)
+            else:
+                token = self._samplers[rid](outs["logits"][0, -1])
             if f.fed:
                 # Stage 0 already fed this forced token onwards: only report it.
-                reply = Frame(kind=TOKEN, rid=rid, epoch=f.epoch, step=f.step, token=force[0],
-                              compute_s=timings)  # fmt: skip
-                await self.send(f.coord, reply)
-                return
-            if force:
+                token, sent = force[0], True
+            elif force:
                 # Replaying: the sample above is drawn anyway (a seeded sampler's state then
                 # matches the original run's), and the token the request already had wins.
                 token, force = force[0], force[1:]
-            # The token goes straight back to stage 0 as the next step (one hop fewer per
-            # token than a round trip through the coordinator), and to the coordinator, which
-            # streams it. Both apply the same stop rule: end of sequence or a full KV cache.
-            if token not in self.eos and f.pos + 1 < self._caps.get(rid, 0):
-                ids = np.asarray([[token]], dtype=np.int64)
-                again = Frame(kind=FWD, rid=rid, epoch=f.epoch, step=f.step + 1, pos=f.pos + 1,
-                              new=1, coord=f.coord, tensors={"input_ids": ids},
-                              force=force)  # fmt: skip
+            if not sent and (again := self._continue(f, token, force)) is not None:
                 await self.send(self.first_peer, again)
             reply = Frame(kind=TOKEN, rid=rid, epoch=f.epoch, step=f.step, token=token,
                           compute_s=timings)  # fmt: skip
             await self.send(f.coord, reply)
+            return
+        if quick and step.sent_on:
             return
         # Pass on what this stage made plus anything it received but did not use (a tensor
         # skipping over this stage to a later one).

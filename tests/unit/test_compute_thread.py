@@ -1,0 +1,98 @@
+"""The stage's compute thread: results, errors, ordering, cancellation and shutdown."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import trio
+
+from meshllm.pipeline.compute import ComputeThread
+
+
+async def test_returns_value_and_runs_off_the_event_loop() -> None:
+    ct = ComputeThread()
+    loop_thread = threading.get_ident()
+    try:
+        where = await ct.run(threading.get_ident)
+        assert where != loop_thread
+        # One thread serves every job (the runtime is only ever touched from it).
+        assert await ct.run(threading.get_ident) == where
+        assert await ct.run(lambda: 6 * 7) == 42
+    finally:
+        ct.close()
+
+
+async def test_exception_reaches_the_caller_and_thread_survives() -> None:
+    ct = ComputeThread()
+    try:
+        with pytest.raises(ZeroDivisionError):
+            await ct.run(lambda: 1 / 0)
+        assert await ct.run(lambda: "still here") == "still here"
+    finally:
+        ct.close()
+
+
+async def test_concurrent_callers_run_one_at_a_time_in_order() -> None:
+    ct = ComputeThread()
+    active, peak, order = [0], [0], []
+
+    def job(i: int) -> int:
+        active[0] += 1
+        peak[0] = max(peak[0], active[0])
+        time.sleep(0.005)
+        order.append(i)
+        active[0] -= 1
+        return i
+
+    results: dict[int, int] = {}
+
+    async def call(i: int) -> None:
+        results[i] = await ct.run(lambda: job(i))
+
+    try:
+        async with trio.open_nursery() as n:
+            for i in range(5):
+                n.start_soon(call, i)
+                await trio.sleep(0)
+        assert results == {i: i for i in range(5)}
+        assert peak[0] == 1
+        assert sorted(order) == list(range(5))
+    finally:
+        ct.close()
+
+
+async def test_cancelled_caller_waits_for_its_job() -> None:
+    ct = ComputeThread()
+    finished = threading.Event()
+
+    def slow() -> None:
+        time.sleep(0.2)
+        finished.set()
+
+    try:
+        with trio.move_on_after(0.02):
+            await ct.run(slow)
+            await trio.sleep(1)  # the deferred cancellation lands here
+        # Like to_thread: the cancellation takes effect only once the job is done, so the
+        # caller never goes on while its job still uses the runtime.
+        assert finished.is_set()
+        assert await ct.run(lambda: 1) == 1
+    finally:
+        ct.close()
+
+
+async def test_closed_thread_refuses_work_and_close_is_idempotent() -> None:
+    ct = ComputeThread()
+    assert await ct.run(lambda: 1) == 1
+    ct.close()
+    ct.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        await ct.run(lambda: 1)
+
+
+def test_close_before_first_use_starts_nothing() -> None:
+    before = threading.active_count()
+    ComputeThread().close()
+    assert threading.active_count() == before
