@@ -3,8 +3,8 @@
 
 Starts an N-peer testbed (separate daemon processes, libp2p over loopback), serves SmolLM2 at
 the given precision, and measures in the same run:
-  * monolithic decode tokens/s (this process, one ONNX Runtime thread, before and after),
-  * mesh decode tokens/s for a single request, and time to first token,
+  * monolithic decode tokens/s (this process, one ONNX Runtime thread) and mesh decode
+    tokens/s for a single request, in alternating rounds, and time to first token,
   * aggregate tokens/s with 1, 2 and 4 concurrent requests sent to different peers.
 Prints a table and writes JSON.
 
@@ -45,23 +45,19 @@ PROMPTS = [
 ]
 
 
-def mono_rate(model, tokens: int, rounds: int) -> float:
-    chain = LocalChain.load(model, None, threads=1)
-    ids = ChatTokenizer(model.path).encode_prompt(PROMPTS[0])
-    rates = []
-    for _ in range(rounds):
-        rid = uuid.uuid4().hex
-        chain.open(rid, len(ids) + tokens)
-        x, pos = np.asarray([ids], dtype=np.int64), len(ids)
-        first = time.perf_counter()
-        for i in range(tokens):
-            tok = int(np.argmax(chain.forward(rid, x, pos)))
-            if i == 0:
-                first = time.perf_counter()
-            x, pos = np.asarray([[tok]], dtype=np.int64), pos + 1
-        rates.append((tokens - 1) / (time.perf_counter() - first))
-        chain.close(rid)
-    return statistics.median(rates)
+def mono_round(chain: LocalChain, ids: list[int], tokens: int) -> float:
+    """Decode tokens/s of one greedy generation on the whole model (first token excluded)."""
+    rid = uuid.uuid4().hex
+    chain.open(rid, len(ids) + tokens)
+    x, pos = np.asarray([ids], dtype=np.int64), len(ids)
+    first = time.perf_counter()
+    for i in range(tokens):
+        tok = int(np.argmax(chain.forward(rid, x, pos)))
+        if i == 0:
+            first = time.perf_counter()
+        x, pos = np.asarray([[tok]], dtype=np.int64), pos + 1
+    chain.close(rid)
+    return (tokens - 1) / (time.perf_counter() - first)
 
 
 def query(home: Path, prompt: str, tokens: int) -> dict:
@@ -91,8 +87,15 @@ def bench_precision(
                     raise SystemExit("mesh not ready in 300 s")
                 time.sleep(0.2)
             query(homes[0], "Hello", 8)  # warm-up: first-run allocations on every stage
-            mono_before = mono_rate(model, tokens, rounds)
-            singles = [query(homes[i % n], PROMPTS[0], tokens) for i in range(rounds)]
+            chain = LocalChain.load(model, None, threads=1)
+            ids = ChatTokenizer(model.path).encode_prompt(PROMPTS[0])
+            mono_round(chain, ids, 8)  # its warm-up
+            # Monolithic and mesh rounds alternate, so a shared machine's drift (another
+            # tenant's load coming and going) falls on both sides of the ratio alike.
+            monos, singles = [], []
+            for i in range(rounds):
+                monos.append(mono_round(chain, ids, tokens))
+                singles.append(query(homes[i % n], PROMPTS[0], tokens))
             aggregate = {}
             for conc in (1, 2, 4):
                 jobs = [(homes[i % n], PROMPTS[i % len(PROMPTS)]) for i in range(conc)]
@@ -101,7 +104,6 @@ def bench_precision(
                     res = list(pool.map(lambda j: query(j[0], j[1], tokens), jobs))
                 wall = time.perf_counter() - t0
                 aggregate[conc] = sum(len(r["token_ids"]) for r in res) / wall
-            mono_after = mono_rate(model, tokens, rounds)
             plan = call(homes[0], "status")["serving"]["plan"]
             plan_stages = [f"{a}-{b}" for _, a, b in plan["stages"]]
             rss = []
@@ -110,8 +112,9 @@ def bench_precision(
                 rss.append(int(next(x.split()[1] for x in status if x.startswith("VmRSS:"))) / 1024)
         finally:
             testbed.down(root)
-    mono = (mono_before + mono_after) / 2
-    single = statistics.median(r["decode_tokens_per_s"] for r in singles)
+    mono = statistics.median(monos)
+    mesh_rates = [r["decode_tokens_per_s"] for r in singles]
+    single = statistics.median(mesh_rates)
     return {
         "precision": precision,
         "peers": n,
@@ -119,9 +122,15 @@ def bench_precision(
         "stages": [str(s) for s in plan_stages],
         "tokens": tokens,
         "monolithic_decode_tok_s": round(mono, 2),
-        "monolithic_before_after": [round(mono_before, 2), round(mono_after, 2)],
+        "monolithic_rounds_tok_s": [round(x, 2) for x in monos],
         "mesh_single_decode_tok_s": round(single, 2),
+        "mesh_single_rounds_tok_s": [round(x, 2) for x in mesh_rates],
         "mesh_single_ratio": round(single / mono, 3),
+        # Each mesh round against the monolithic round just before it: the spread shows how
+        # much of the ratio is the machine's noise.
+        "mesh_single_ratio_pairs": [
+            round(b / a, 3) for a, b in zip(monos, mesh_rates, strict=True)
+        ],
         "mesh_ttft_s": round(statistics.median(r["ttft_s"] for r in singles), 4),
         "aggregate_tok_s": {str(k): round(v, 2) for k, v in aggregate.items()},
         "aggregate_ratio_vs_1": {str(k): round(v / aggregate[1], 3) for k, v in aggregate.items()},
@@ -135,7 +144,7 @@ def main() -> None:
     ap.add_argument("--peers", type=int, default=4)
     ap.add_argument("--precisions", default="fp32,int4")
     ap.add_argument("--tokens", type=int, default=96)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument(
         "--partitioner",
         default="even",
@@ -154,14 +163,16 @@ def main() -> None:
     out.write_text(json.dumps({"benchmark": "mesh_generation", "results": results}, indent=2))
     print(
         f"\n{'prec':5} {'plan':6} {'peers':>5} {'mono tok/s':>10} {'mesh tok/s':>10} "
-        f"{'ratio':>6} {'ttft ms':>8} {'agg@1':>7} {'agg@2':>7} {'agg@4':>7} {'x@4':>5}"
+        f"{'ratio':>6} {'pairs':>10} {'ttft ms':>8} "
+        f"{'agg@1':>7} {'agg@2':>7} {'agg@4':>7} {'x@4':>5}"
     )
     for r in results:
         a = r["aggregate_tok_s"]
+        pairs = r["mesh_single_ratio_pairs"]
         print(
             f"{r['precision']:5} {r['partitioner']:6} {r['peers']:>5} "
             f"{r['monolithic_decode_tok_s']:>10.1f} {r['mesh_single_decode_tok_s']:>10.1f} "
-            f"{r['mesh_single_ratio']:>6.2f} "
+            f"{r['mesh_single_ratio']:>6.2f} {f'{min(pairs):.2f}-{max(pairs):.2f}':>10} "
             f"{r['mesh_ttft_s'] * 1000:>8.0f} {a['1']:>7.1f} {a['2']:>7.1f} {a['4']:>7.1f} "
             f"{r['aggregate_ratio_vs_1']['4']:>5.2f}"
         )
