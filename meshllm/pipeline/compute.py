@@ -27,7 +27,7 @@ class _Job:
     __slots__ = ("done", "error", "fn", "value")
 
     def __init__(self, fn: Callable[[], Any]):
-        self.fn = fn
+        self.fn: Callable[[], Any] | None = fn
         self.done = False
         self.value: Any = None
         self.error: BaseException | None = None
@@ -45,9 +45,13 @@ class ComputeThread:
     def _loop(self, wake: socket.socket) -> None:
         while (job := self._jobs.get()) is not None:
             try:
+                assert job.fn is not None
                 job.value = job.fn()
             except BaseException as exc:  # handed to the caller, like to_thread does
                 job.error = exc
+            # A closure often refers back to what refers to its job: without this, the cycle
+            # (and the step's output arrays) would wait for the cyclic garbage collector.
+            job.fn = None
             job.done = True
             try:
                 wake.send(b"\0")
@@ -82,9 +86,11 @@ class ComputeThread:
                     await trio.lowlevel.wait_readable(wake_r)
                     with contextlib.suppress(BlockingIOError):
                         wake_r.recv(64)
-        if job.error is not None:
-            raise job.error
-        return job.value
+        value, error = job.value, job.error
+        job.value = job.error = None  # the caller owns them now
+        if error is not None:
+            raise error
+        return value
 
     async def run(self, fn: Callable[[], T]) -> T:
         """Run *fn* on the thread and return (or raise) what it did."""

@@ -64,14 +64,13 @@ def sampling_from(obj: dict) -> SamplingParams:
 class _Step:
     """One frame's step, started on the compute thread."""
 
-    __slots__ = ("frame", "job", "quick", "sent_on", "t0")
+    __slots__ = ("frame", "job", "quick", "t0")
 
     def __init__(self, frame: Frame, quick: bool):
         self.frame = frame
         self.quick = quick
         self.job: Any = None
         self.t0 = time.perf_counter()
-        self.sent_on = False  # the compute thread sent its output on (see send_now)
 
 
 class StageRunner:
@@ -329,18 +328,18 @@ class StageRunner:
         )  # fmt: skip
         step = _Step(f, quick)
 
-        def run() -> dict[str, np.ndarray]:
+        def run() -> tuple[dict[str, np.ndarray], bool]:
             t = time.perf_counter()
             outs = self.runtime.step(f.rid, feeds, f.new)
             res = {k: v.numpy() for k, v in outs.items()}
             inner = time.perf_counter() - t
             self.inner_s += inner
+            sent_on = False
             if quick:
                 assert self.send_now is not None
                 nxt = self._next_frame(f, res, [*f.compute_s, inner])
-                if nxt is not None and self.send_now(nxt[0], nxt[1]):
-                    step.sent_on = True
-            return res
+                sent_on = nxt is not None and self.send_now(nxt[0], nxt[1])
+            return res, sent_on
 
         step.job = self._compute.start(run)
         return step
@@ -349,7 +348,8 @@ class StageRunner:
         """Wait for a frame's step and pass on what it made."""
         assert step.job is not None
         rid, quick = f.rid, step.quick
-        outs = await self._compute.wait(step.job)
+        outs, sent_on = await self._compute.wait(step.job)
+        step.job = None
         spent = time.perf_counter() - step.t0
         self.steps += 1
         self.compute_s += spent
@@ -358,7 +358,7 @@ class StageRunner:
             self._note_decode_step(spent)
         timings = [*f.compute_s, spent]
         if self.is_last:
-            force, sent = f.force, step.sent_on
+            force, sent = f.force, sent_on
             if quick:
                 # The thread sampled, and sent the next step on unless its link was busy.
                 token = self._last_token.pop(rid)
@@ -377,7 +377,7 @@ class StageRunner:
                           compute_s=timings)  # fmt: skip
             await self.send(f.coord, reply)
             return
-        if quick and step.sent_on:
+        if quick and sent_on:
             return
         # Pass on what this stage made plus anything it received but did not use (a tensor
         # skipping over this stage to a later one).
