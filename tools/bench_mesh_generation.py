@@ -36,6 +36,7 @@ from meshllm.model.chain import LocalChain  # noqa: E402
 from meshllm.model.importer import import_model  # noqa: E402
 from meshllm.model.store import ModelStore  # noqa: E402
 from meshllm.model.tokenizer import ChatTokenizer  # noqa: E402
+from tools.pipe_floor import PipeRing  # noqa: E402
 
 PROMPTS = [
     "Write a long story about a lighthouse keeper who finds a message in a bottle.",
@@ -65,7 +66,13 @@ def query(home: Path, prompt: str, tokens: int) -> dict:
 
 
 def bench_precision(
-    store: ModelStore, precision: str, n: int, tokens: int, rounds: int, partitioner: str
+    store: ModelStore,
+    precision: str,
+    n: int,
+    tokens: int,
+    rounds: int,
+    partitioner: str,
+    floor: bool = False,
 ) -> dict:
     name = f"smollm2-135m-instruct-{precision}"
     import_model(store.dir, None, precision=precision, name=name,
@@ -92,10 +99,22 @@ def bench_precision(
             mono_round(chain, ids, 8)  # its warm-up
             # Monolithic and mesh rounds alternate, so a shared machine's drift (another
             # tenant's load coming and going) falls on both sides of the ratio alike.
-            monos, singles = [], []
-            for i in range(rounds):
-                monos.append(mono_round(chain, ids, tokens))
-                singles.append(query(homes[i % n], PROMPTS[0], tokens))
+            plan = call(homes[0], "status")["serving"]["plan"]
+            ring = (
+                PipeRing(store.dir, name, [(a, b) for _, a, b in plan["stages"]]) if floor else None
+            )
+            if ring is not None:
+                ring.round(ids, 8)
+            monos, singles, floors = [], [], []
+            try:
+                for i in range(rounds):
+                    monos.append(mono_round(chain, ids, tokens))
+                    singles.append(query(homes[i % n], PROMPTS[0], tokens))
+                    if ring is not None:
+                        floors.append(ring.round(ids, tokens))
+            finally:
+                if ring is not None:
+                    ring.close()
             aggregate = {}
             for conc in (1, 2, 4):
                 jobs = [(homes[i % n], PROMPTS[i % len(PROMPTS)]) for i in range(conc)]
@@ -104,7 +123,6 @@ def bench_precision(
                     res = list(pool.map(lambda j: query(j[0], j[1], tokens), jobs))
                 wall = time.perf_counter() - t0
                 aggregate[conc] = sum(len(r["token_ids"]) for r in res) / wall
-            plan = call(homes[0], "status")["serving"]["plan"]
             plan_stages = [f"{a}-{b}" for _, a, b in plan["stages"]]
             rss = []
             for p in peers:
@@ -131,6 +149,11 @@ def bench_precision(
         "mesh_single_ratio_pairs": [
             round(b / a, 3) for a, b in zip(monos, mesh_rates, strict=True)
         ],
+        # The same segments as separate processes joined by pipes (tools/pipe_floor.py): what
+        # the process split alone costs here, and the mesh against that.
+        "floor_decode_tok_s": round(statistics.median(floors), 2) if floors else None,
+        "floor_ratio": round(statistics.median(floors) / mono, 3) if floors else None,
+        "mesh_vs_floor": round(single / statistics.median(floors), 3) if floors else None,
         "mesh_ttft_s": round(statistics.median(r["ttft_s"] for r in singles), 4),
         "aggregate_tok_s": {str(k): round(v, 2) for k, v in aggregate.items()},
         "aggregate_ratio_vs_1": {str(k): round(v / aggregate[1], 3) for k, v in aggregate.items()},
@@ -153,17 +176,23 @@ def main() -> None:
     ap.add_argument(
         "--home", default=os.environ.get("MESHLLM_HOME", REPO / ".cache" / "bench-home")
     )
+    ap.add_argument(
+        "--floor",
+        action="store_true",
+        help="also time the plan's segments as plain processes joined by pipes, in the same "
+        "alternating rounds: what splitting into processes costs on this machine by itself",
+    )
     ap.add_argument("--out", default=REPO / "bench-results" / "mesh_generation.json")
     args = ap.parse_args()
     store = ModelStore(Path(args.home) / "models")
-    results = [bench_precision(store, p, args.peers, args.tokens, args.rounds, args.partitioner)
-               for p in args.precisions.split(",")]  # fmt: skip
+    results = [bench_precision(store, p, args.peers, args.tokens, args.rounds, args.partitioner,
+                               args.floor) for p in args.precisions.split(",")]  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": "mesh_generation", "results": results}, indent=2))
     print(
         f"\n{'prec':5} {'plan':6} {'peers':>5} {'mono tok/s':>10} {'mesh tok/s':>10} "
-        f"{'ratio':>6} {'pairs':>10} {'ttft ms':>8} "
+        f"{'ratio':>6} {'pairs':>10} {'floor':>6} {'ttft ms':>8} "
         f"{'agg@1':>7} {'agg@2':>7} {'agg@4':>7} {'x@4':>5}"
     )
     for r in results:
@@ -173,6 +202,7 @@ def main() -> None:
             f"{r['precision']:5} {r['partitioner']:6} {r['peers']:>5} "
             f"{r['monolithic_decode_tok_s']:>10.1f} {r['mesh_single_decode_tok_s']:>10.1f} "
             f"{r['mesh_single_ratio']:>6.2f} {f'{min(pairs):.2f}-{max(pairs):.2f}':>10} "
+            f"{'-' if r['floor_ratio'] is None else format(r['floor_ratio'], '.2f'):>6} "
             f"{r['mesh_ttft_s'] * 1000:>8.0f} {a['1']:>7.1f} {a['2']:>7.1f} {a['4']:>7.1f} "
             f"{r['aggregate_ratio_vs_1']['4']:>5.2f}"
         )
