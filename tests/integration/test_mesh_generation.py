@@ -71,7 +71,10 @@ def served_mesh(request, smollm_models, tmp_path_factory):
         testbed._save_state(root, peers)
         testbed._wait_for_mesh(homes, timeout=30)
         # Even split: these tests are about generation; the planner has its own tests.
-        cli(homes[-1], "serve", model.name, "--partitioner", "even", "--timeout", "300")
+        # serve waits for every peer's profile and segments: on a clean checkout that means
+        # cutting them, so the command gets its own --timeout, not the helper's 30 s.
+        cli(homes[-1], "serve", model.name, "--partitioner", "even", "--timeout", "300",
+            timeout=330)  # fmt: skip
         yield {"n": n, "precision": precision, "model": model, "homes": homes, "root": root}
     finally:
         testbed.down(root)
