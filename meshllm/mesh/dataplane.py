@@ -77,11 +77,14 @@ class EncryptedStream:
         except BlockingIOError:
             return 0
 
-    async def write(self, data: bytes) -> None:
+    async def _lock_sends(self) -> None:
         # The thread holds the lock only while the kernel takes a record (or, rarely, while
         # it waits a bounded time for room): poll rather than block the event loop.
         while not self._tlock.acquire(blocking=False):
             await trio.sleep(0.0002)
+
+    async def write(self, data: bytes) -> None:
+        await self._lock_sends()
         try:
             if self._broken:
                 raise PeerUnreachable(f"data link to {self.peer_id} broke: {self._broken}")
@@ -167,8 +170,7 @@ class EncryptedStream:
         return data
 
     async def close(self) -> None:
-        while not self._tlock.acquire(blocking=False):
-            await trio.sleep(0.0002)
+        await self._lock_sends()
         try:
             if self._direct is not None:
                 self._direct.close()

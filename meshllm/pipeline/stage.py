@@ -64,11 +64,10 @@ def sampling_from(obj: dict) -> SamplingParams:
 class _Step:
     """One frame's step, started on the compute thread."""
 
-    __slots__ = ("frame", "job", "quick", "t0")
+    __slots__ = ("frame", "job", "t0")
 
-    def __init__(self, frame: Frame, quick: bool):
+    def __init__(self, frame: Frame):
         self.frame = frame
-        self.quick = quick
         self.job: Any = None
         self.t0 = time.perf_counter()
 
@@ -101,7 +100,6 @@ class StageRunner:
         self.max_requests = max_requests
         self.fetch_kv = fetch_kv
         self.send_now = send_now
-        self._last_token: dict[str, int] = {}  # sampled on the compute thread, for the loop
         self._busy = False  # the run loop is processing a frame
         self._early: _Step | None = None  # a step started as its frame arrived (see submit)
         self.early_starts = 0
@@ -172,12 +170,12 @@ class StageRunner:
             not self._busy
             and self._early is None
             and not self._compute.closed
-            # Handed straight to the idle run loop, not buffered behind other frames:
-            and self._in.statistics().current_buffer_used == 0
             and f.kind == FWD
             and f.epoch == self.epoch
             and f.kv_from is None
             and self.runtime.cached_length(f.rid) > 0
+            # Handed straight to the idle run loop, not buffered behind other frames:
+            and self._in.statistics().current_buffer_used == 0
         ):
             # An idle stage starts a frame for an open request at once, from the task that
             # read it: the run loop's turn to wake up then overlaps the step instead of
@@ -240,22 +238,17 @@ class StageRunner:
         return Frame(kind=FWD, rid=f.rid, epoch=f.epoch, step=f.step + 1, pos=f.pos + 1,
                      new=1, coord=f.coord, tensors={"input_ids": ids}, force=force)  # fmt: skip
 
-    def _next_frame(
-        self, f: Frame, outs: dict[str, np.ndarray], timings: list[float]
-    ) -> tuple[str, Frame] | None:
-        """For a plain decode step, on the compute thread: where its output goes next."""
-        if self.is_last:
-            token = self._samplers[f.rid](outs["logits"][0, -1])
-            self._last_token[f.rid] = token
-            again = self._continue(f, token, [])
-            return None if again is None else (self.first_peer, again)
-        assert self.next_peer is not None
+    def _onward(
+        self, f: Frame, outs: dict[str, np.ndarray], timings: list[float],
+        force: list[int], fed: bool,
+    ) -> Frame:  # fmt: skip
+        """The frame for the next stage: what this stage made plus anything it received but
+        did not use (a tensor skipping over this stage to a later one)."""
         tensors = {k: v for k, v in f.tensors.items() if k not in self.runtime.data_inputs}
         tensors.update(outs)
-        return self.next_peer, Frame(kind=FWD, rid=f.rid, epoch=f.epoch, step=f.step,
-                                     pos=f.pos, new=f.new, cap=f.cap, coord=f.coord,
-                                     sampling=f.sampling, tensors=tensors,
-                                     compute_s=timings)  # fmt: skip
+        return Frame(kind=FWD, rid=f.rid, epoch=f.epoch, step=f.step, pos=f.pos, new=f.new,
+                     cap=f.cap, coord=f.coord, sampling=f.sampling, tensors=tensors,
+                     compute_s=timings, force=force, fed=fed, kv_from=f.kv_from)  # fmt: skip
 
     async def _process(self, f: Frame) -> None:
         early = self._early
@@ -326,20 +319,24 @@ class StageRunner:
             self.send_now is not None and f.new == 1 and not f.force and not f.fed
             and f.kv_from is None
         )  # fmt: skip
-        step = _Step(f, quick)
+        step = _Step(f)
 
-        def run() -> tuple[dict[str, np.ndarray], bool]:
+        def run() -> tuple[dict[str, np.ndarray], int | None, bool]:
             t = time.perf_counter()
             outs = self.runtime.step(f.rid, feeds, f.new)
             res = {k: v.numpy() for k, v in outs.items()}
             inner = time.perf_counter() - t
             self.inner_s += inner
-            sent_on = False
-            if quick:
-                assert self.send_now is not None
-                nxt = self._next_frame(f, res, [*f.compute_s, inner])
-                sent_on = nxt is not None and self.send_now(nxt[0], nxt[1])
-            return res, sent_on
+            if not quick:
+                return res, None, False
+            assert self.send_now is not None
+            if not self.is_last:
+                nxt = self._onward(f, res, [*f.compute_s, inner], [], False)
+                assert self.next_peer is not None
+                return res, None, self.send_now(self.next_peer, nxt)
+            token = self._samplers[f.rid](res["logits"][0, -1])
+            again = self._continue(f, token, [])
+            return res, token, again is not None and self.send_now(self.first_peer, again)
 
         step.job = self._compute.start(run)
         return step
@@ -347,8 +344,8 @@ class StageRunner:
     async def _finish(self, f: Frame, step: _Step) -> None:
         """Wait for a frame's step and pass on what it made."""
         assert step.job is not None
-        rid, quick = f.rid, step.quick
-        outs, sent_on = await self._compute.wait(step.job)
+        rid = f.rid
+        outs, sampled, sent_on = await self._compute.wait(step.job)
         step.job = None
         spent = time.perf_counter() - step.t0
         self.steps += 1
@@ -359,11 +356,9 @@ class StageRunner:
         timings = [*f.compute_s, spent]
         if self.is_last:
             force, sent = f.force, sent_on
-            if quick:
-                # The thread sampled, and sent the next step on unless its link was busy.
-                token = self._last_token.pop(rid)
-            else:
-                token = self._samplers[rid](outs["logits"][0, -1])
+            # A quick step was sampled on the thread, which also sent the next step on unless
+            # its link was busy.
+            token = self._samplers[rid](outs["logits"][0, -1]) if sampled is None else sampled
             if f.fed:
                 # Stage 0 already fed this forced token onwards: only report it.
                 token, sent = force[0], True
@@ -377,12 +372,8 @@ class StageRunner:
                           compute_s=timings)  # fmt: skip
             await self.send(f.coord, reply)
             return
-        if quick and sent_on:
+        if sent_on:  # the compute thread already sent it on
             return
-        # Pass on what this stage made plus anything it received but did not use (a tensor
-        # skipping over this stage to a later one).
-        tensors = {k: v for k, v in f.tensors.items() if k not in self.runtime.data_inputs}
-        tensors.update(outs)
         force, fed = f.force, f.fed
         if self.index == 0 and force and not fed and (f.step + 1) % REPLAY_WINDOW:
             # Replaying: the next inputs are known, so stage 0 feeds them itself and the
@@ -397,9 +388,6 @@ class StageRunner:
             if not self.submit(follow):
                 raise MeshError("stage queue full while replaying")
             fed = True
-        nxt = Frame(kind=FWD, rid=rid, epoch=f.epoch, step=f.step, pos=f.pos, new=f.new,
-                    cap=f.cap, coord=f.coord, sampling=f.sampling, tensors=tensors,
-                    compute_s=timings, force=force[:1] if fed else force, fed=fed,
-                    kv_from=f.kv_from)  # fmt: skip
+        nxt = self._onward(f, outs, timings, force[:1] if fed else force, fed)
         assert self.next_peer is not None
         await self.send(self.next_peer, nxt)
