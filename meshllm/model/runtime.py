@@ -17,6 +17,7 @@ import numpy as np
 import onnxruntime as ort
 
 from meshllm.errors import MeshError, PromptTooLong
+from meshllm.model import hugepages
 from meshllm.model.graph import KVNames
 from meshllm.model.manifest import Architecture
 
@@ -98,6 +99,7 @@ class SegmentRuntime:
         self.session = ort.InferenceSession(
             str(path), session_options(threads), providers=["CPUExecutionProvider"]
         )
+        self.huge_page_bytes = hugepages.after_load()
         self._input_meta = self.session.get_inputs()
         self.input_names = [i.name for i in self._input_meta]
         self.output_names = [o.name for o in self.session.get_outputs()]

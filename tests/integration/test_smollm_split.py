@@ -5,6 +5,9 @@ The model is converted once per run (cached by the GGUF's hash) by the `smollm` 
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import onnx
 import pytest
 
@@ -101,3 +104,29 @@ def test_cli_generate_split_equals_monolithic(smollm):
     assert out["--monolithic"]["token_ids"] == out["--segments=3"]["token_ids"]
     assert out["--monolithic"]["token_ids"] == out["--segments=5"]["token_ids"]
     assert out["--segments=5"]["segments"] == ["0-6", "6-12", "12-18", "18-24", "24-30"]
+
+
+def test_small_pages_give_the_same_tokens_and_default_loads_use_huge_ones(
+    smollm, prompt_ids, mono, monkeypatch
+):
+    from tests.unit.test_hugepages import thp_collapse_expected
+
+    if thp_collapse_expected():
+        # A fresh process: in this one, earlier loads' freed memory (on huge pages already)
+        # is reused, and is not collapsed again.
+        code = (
+            "import sys; from pathlib import Path; from meshllm.model.store import ModelStore; "
+            "from meshllm.model.chain import LocalChain; "
+            "m = ModelStore(Path(sys.argv[1])).get(sys.argv[2]); "
+            "print(sum(s.huge_page_bytes for s in LocalChain.load(m, None).segments))"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(smollm.path.parent), smollm.path.name],
+            capture_output=True, text=True, check=True, timeout=120,
+        )  # fmt: skip
+        weights = (smollm.path / "model.onnx.data").stat().st_size
+        assert int(out.stdout.split()[-1]) >= weights // 2
+    monkeypatch.setenv("MESHLLM_HUGE_PAGES", "0")
+    small = LocalChain.load(smollm, None)
+    assert sum(s.huge_page_bytes for s in small.segments) == 0
+    assert greedy_trace(small, prompt_ids, STEPS).tokens == mono.tokens
