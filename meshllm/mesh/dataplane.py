@@ -60,6 +60,8 @@ class EncryptedStream:
             self._direct = socket.fromfd(tcp.socket.fileno(), tcp.socket.family, tcp.socket.type)
             self._direct.setblocking(False)
         self._broken = ""  # why a send from the thread left a record half written
+        self._reader: socket.socket | None = None  # read_blocking's own handle on the socket
+        self._poll: select.poll | None = None
 
     def _seal(self, data: bytes) -> bytearray:
         out = bytearray()
@@ -140,34 +142,101 @@ class EncryptedStream:
                 chunk = await self._tcp.receive_some(1 << 16)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 raise PeerUnreachable(f"data link from {self.peer_id} broke: {exc}") from None
-            if not chunk:
-                if self._raw:
-                    raise PeerUnreachable(f"data link from {self.peer_id} ended mid-record")
+            if not self._add_raw(chunk):
                 return False
-            self._raw += chunk
         return True
+
+    def _add_raw(self, chunk: bytes) -> bool:
+        if not chunk:
+            if self._raw:
+                raise PeerUnreachable(f"data link from {self.peer_id} ended mid-record")
+            return False
+        self._raw += chunk
+        return True
+
+    def _record_size(self) -> int:
+        (size,) = _LEN.unpack_from(self._raw)
+        if size > RECORD_MAX + 16:
+            raise PeerUnreachable(f"oversized record from {self.peer_id}")
+        return size
+
+    def _open_record(self, size: int) -> None:
+        ct = bytes(self._raw[_LEN.size : _LEN.size + size])
+        del self._raw[: _LEN.size + size]
+        nonce = self._recv_prefix + self._recv_n.to_bytes(8, "big")
+        self._recv_n += 1
+        try:
+            self._plain += self._aead.decrypt(nonce, ct, None)
+        except InvalidTag:
+            raise PeerUnreachable(f"forged or corrupted record from {self.peer_id}") from None
+
+    def _take_plain(self, max_bytes: int) -> bytes:
+        data = bytes(self._plain[:max_bytes])
+        del self._plain[:max_bytes]
+        return data
 
     async def read(self, max_bytes: int) -> bytes:
         while not self._plain and not self._eof:
             if not await self._fill(_LEN.size):
                 self._eof = True
                 break
-            (size,) = _LEN.unpack_from(self._raw)
-            if size > RECORD_MAX + 16:
-                raise PeerUnreachable(f"oversized record from {self.peer_id}")
+            size = self._record_size()
             if not await self._fill(_LEN.size + size):
                 raise PeerUnreachable(f"data link from {self.peer_id} ended mid-record")
-            ct = bytes(self._raw[_LEN.size : _LEN.size + size])
-            del self._raw[: _LEN.size + size]
-            nonce = self._recv_prefix + self._recv_n.to_bytes(8, "big")
-            self._recv_n += 1
+            self._open_record(size)
+        return self._take_plain(max_bytes)
+
+    # A stream is read either with ``read`` (by a task) or with ``read_blocking`` (by one
+    # thread of its own, which then owns the reading side), never both.
+    POLL_S = 0.25  # how soon a blocked reader notices *stop*
+
+    def _fill_blocking(self, n: int, stop: threading.Event) -> bool:
+        if self._reader is None:
             try:
-                self._plain += self._aead.decrypt(nonce, ct, None)
-            except InvalidTag:
-                raise PeerUnreachable(f"forged or corrupted record from {self.peer_id}") from None
-        data = bytes(self._plain[:max_bytes])
-        del self._plain[:max_bytes]
-        return data
+                self._reader = socket.fromfd(
+                    self._tcp.socket.fileno(), self._tcp.socket.family, self._tcp.socket.type
+                )
+            except (OSError, AttributeError) as exc:
+                raise PeerUnreachable(f"data link from {self.peer_id}: {exc}") from None
+            self._poll = select.poll()
+            self._poll.register(self._reader, select.POLLIN)
+        sock, poll = self._reader, self._poll
+        assert poll is not None
+        while len(self._raw) < n:
+            if stop.is_set():
+                return False
+            try:
+                if not poll.poll(1000 * self.POLL_S):
+                    continue
+                chunk = sock.recv(1 << 16)
+            except BlockingIOError:  # the socket is non-blocking (shared with the loop's)
+                continue
+            except OSError as exc:
+                raise PeerUnreachable(f"data link from {self.peer_id} broke: {exc}") from None
+            if not self._add_raw(chunk):
+                return False
+        return True
+
+    def read_blocking(self, max_bytes: int, stop: threading.Event) -> bytes:
+        """Like ``read``, on a thread: blocks until data, the end of the stream or *stop*
+        (both give b"")."""
+        while not self._plain and not self._eof:
+            if not self._fill_blocking(_LEN.size, stop):
+                self._eof = not stop.is_set()
+                break
+            size = self._record_size()
+            if not self._fill_blocking(_LEN.size + size, stop):
+                if stop.is_set():
+                    break
+                raise PeerUnreachable(f"data link from {self.peer_id} ended mid-record")
+            self._open_record(size)
+        return self._take_plain(max_bytes)
+
+    def close_reader(self) -> None:
+        """The reading thread is done: release its handle on the socket."""
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
 
     async def close(self) -> None:
         await self._lock_sends()

@@ -18,20 +18,32 @@ def frame(payload: bytes) -> bytes:
     return _HEADER.pack(len(payload)) + payload
 
 
-class FrameReader:
-    """Reads whole frames from ``read(n)`` (which may return fewer bytes; b"" at EOF)."""
+class _Frames:
+    """The parsing both readers share: a buffer, and what the next frame still needs."""
 
-    def __init__(self, read: Callable[[int], Awaitable[bytes]], max_size: int):
-        self._read = read
+    def __init__(self, max_size: int):
         self._buf = bytearray()
         self.max_size = max_size
 
-    async def _fill(self, n: int) -> None:
-        while len(self._buf) < n:
-            chunk = await self._read(max(65536, n - len(self._buf)))
-            if not chunk:
-                raise EOFError("stream ended" + (" inside a frame" if self._buf else ""))
-            self._buf += chunk
+    def _needed(self) -> int:
+        """Bytes the buffer must hold for the next whole frame (raises FrameError)."""
+        if len(self._buf) < _HEADER.size:
+            return _HEADER.size
+        (size,) = _HEADER.unpack_from(self._buf)
+        if size > self.max_size:
+            raise FrameError(f"frame of {size} bytes is over the limit of {self.max_size}")
+        return _HEADER.size + size
+
+    def _add(self, chunk: bytes) -> None:
+        if not chunk:
+            raise EOFError("stream ended" + (" inside a frame" if self._buf else ""))
+        self._buf += chunk
+
+    def _pop(self) -> bytes:
+        end = self._needed()
+        data = bytes(self._buf[_HEADER.size : end])
+        del self._buf[:end]
+        return data
 
     def take_buffer(self) -> bytes:
         """Bytes read past the last frame (when a stream switches to raw data)."""
@@ -39,12 +51,28 @@ class FrameReader:
         self._buf.clear()
         return data
 
+
+class FrameReader(_Frames):
+    """Reads whole frames from ``read(n)`` (which may return fewer bytes; b"" at EOF)."""
+
+    def __init__(self, read: Callable[[int], Awaitable[bytes]], max_size: int):
+        super().__init__(max_size)
+        self._read = read
+
     async def read_frame(self) -> bytes:
-        await self._fill(_HEADER.size)
-        (size,) = _HEADER.unpack_from(self._buf)
-        if size > self.max_size:
-            raise FrameError(f"frame of {size} bytes is over the limit of {self.max_size}")
-        await self._fill(_HEADER.size + size)
-        data = bytes(self._buf[_HEADER.size : _HEADER.size + size])
-        del self._buf[: _HEADER.size + size]
-        return data
+        while (n := self._needed()) > len(self._buf):
+            self._add(await self._read(max(65536, n - len(self._buf))))
+        return self._pop()
+
+
+class BlockingFrameReader(_Frames):
+    """The same, from a blocking ``read(n)`` on a thread of its own."""
+
+    def __init__(self, read: Callable[[int], bytes], max_size: int):
+        super().__init__(max_size)
+        self._read = read
+
+    def read_frame(self) -> bytes:
+        while (n := self._needed()) > len(self._buf):
+            self._add(self._read(max(65536, n - len(self._buf))))
+        return self._pop()

@@ -44,26 +44,31 @@ class ComputeThread:
 
     def _loop(self, wake: socket.socket) -> None:
         while (job := self._jobs.get()) is not None:
-            try:
-                assert job.fn is not None
-                job.value = job.fn()
-            except BaseException as exc:  # handed to the caller, like to_thread does
-                job.error = exc
-            # A closure often refers back to what refers to its job: without this, the cycle
-            # (and the step's output arrays) would wait for the cyclic garbage collector.
-            job.fn = None
-            job.done = True
-            try:
-                wake.send(b"\0")
-            except OSError:  # closed while a cancelled caller's job ran: nobody is waiting
+            if not self._execute(job, wake):
                 return
+
+    @staticmethod
+    def _execute(job: _Job, wake: socket.socket) -> bool:
+        try:
+            assert job.fn is not None
+            job.value = job.fn()
+        except BaseException as exc:  # handed to the caller, like to_thread does
+            job.error = exc
+        # A closure often refers back to what refers to its job: without this, the cycle
+        # (and the step's output arrays) would wait for the cyclic garbage collector.
+        job.fn = None
+        job.done = True
+        try:
+            wake.send(b"\0")
+        except OSError:  # closed while a cancelled caller's job ran: nobody is waiting
+            return False
+        return True
 
     @property
     def closed(self) -> bool:
         return self._closed
 
-    def start(self, fn: Callable[[], Any]) -> _Job:
-        """Queue *fn* (jobs run in the order they are started); ``wait`` for its result."""
+    def _ready(self) -> None:
         if self._closed:
             raise RuntimeError("compute thread is closed")
         if self._wake_r is None:
@@ -72,9 +77,29 @@ class ComputeThread:
             threading.Thread(
                 target=self._loop, args=(self._wake_w,), name=self._name, daemon=True
             ).start()
+
+    def start(self, fn: Callable[[], Any]) -> _Job:
+        """Queue *fn* (jobs run in the order they are started); ``wait`` for its result."""
+        self._ready()
         job = _Job(fn)
         self._jobs.put(job)
         return job
+
+    def claim(self, fn: Callable[[], Any]) -> _Job:
+        """A job for ``run_here`` to run on the caller's own thread, and ``wait`` to await.
+
+        Only for a caller that knows no other job is queued or running (a stage that is
+        idle): the jobs then still never overlap.
+        """
+        self._ready()
+        return _Job(fn)
+
+    def run_here(self, job: _Job) -> None:
+        """Run a claimed job on this thread, and tell its waiter as the compute thread would."""
+        wake = self._wake_w
+        if wake is None:  # closed before it ran: nobody will wait
+            return
+        self._execute(job, wake)
 
     async def wait(self, job: _Job) -> Any:
         """The result of a started job (or its exception), once it has run."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,7 +28,7 @@ from meshllm.balance import Decision, Observation, StageObservation
 from meshllm.config import OBJECTIVES, Config
 from meshllm.control.protocol import ControlError
 from meshllm.errors import MeshError, PromptTooLong
-from meshllm.mesh.framing import FrameError, FrameReader, frame
+from meshllm.mesh.framing import BlockingFrameReader, FrameError, FrameReader, frame
 from meshllm.mesh.node import LEADER, MeshNode
 from meshllm.mesh.transport import Endpoint, PeerUnreachable, Stream
 from meshllm.model.manifest import Manifest
@@ -96,6 +97,8 @@ class ServingService:
         self.plan: Plan | None = None
         self.state: dict[str, Any] = {"epoch": 0, "state": "idle"}
         self.stage: StageRunner | None = None
+        # One thread per incoming fast link, apart from to_thread's default limit.
+        self._link_readers = trio.CapacityLimiter(1024)
         self.meta_dir: Path | None = None
         self.manifest: Manifest | None = None
         self._tokenizer: ChatTokenizer | None = None
@@ -629,21 +632,75 @@ class ServingService:
             await self.send_frame(peer, f)
 
     async def _on_act_stream(self, stream: Stream) -> None:
+        if getattr(stream, "read_blocking", None) is not None:
+            await self._read_on_thread(stream)
+            return
         reader = FrameReader(stream.read, self.config.limits.max_frame_mb << 20)
         while True:
             try:
                 data = await reader.read_frame()
-            except (EOFError, PeerUnreachable):
+            except (EOFError, PeerUnreachable, FrameError) as exc:
+                self._link_ended(exc, stream.peer_id)
                 return
-            except FrameError as exc:
-                log.warning("act_stream_dropped", other=stream.peer_id, reason=str(exc))
-                return
-            try:
-                f = decode_frame(data)
-            except BadFrame as exc:
-                log.warning("frame_dropped", other=stream.peer_id, reason=str(exc))
-                continue
+            f = self._decode(data, stream.peer_id)
+            if f is not None:
+                self._dispatch(f)
+
+    @staticmethod
+    def _link_ended(exc: Exception, peer_id: str) -> None:
+        if isinstance(exc, FrameError):  # the others are a link's normal ends
+            log.warning("act_stream_dropped", other=peer_id, reason=str(exc))
+
+    @staticmethod
+    def _decode(data: bytes, peer_id: str) -> Frame | None:
+        try:
+            return decode_frame(data)
+        except BadFrame as exc:
+            log.warning("frame_dropped", other=peer_id, reason=str(exc))
+            return None
+
+    async def _read_on_thread(self, stream: Any) -> None:
+        """Read a fast link on a thread of its own (see StageRunner.run_here): a decode
+        frame for an idle stage is run there and then, without the event loop."""
+        token = trio.lowlevel.current_trio_token()
+        stop = threading.Event()
+        try:
+            await trio.to_thread.run_sync(
+                self._read_frames, stream, token, stop,
+                abandon_on_cancel=True, limiter=self._link_readers,
+            )  # fmt: skip
+        finally:
+            stop.set()
+
+    def _read_frames(self, stream: Any, token: trio.lowlevel.TrioToken, stop: Any) -> None:
+        reader = BlockingFrameReader(
+            lambda n: stream.read_blocking(n, stop), self.config.limits.max_frame_mb << 20
+        )
+        try:
+            while True:
+                try:
+                    data = reader.read_frame()
+                except (EOFError, PeerUnreachable, FrameError) as exc:
+                    self._link_ended(exc, stream.peer_id)
+                    return
+                f = self._decode(data, stream.peer_id)
+                if f is None:
+                    continue
+                stage = self.stage
+                if f.kind == FWD and stage is not None and stage.run_here(f, token):
+                    continue
+                try:
+                    token.run_sync_soon(self._dispatch_from_thread, f)
+                except trio.RunFinishedError:
+                    return
+        finally:
+            stream.close_reader()
+
+    def _dispatch_from_thread(self, f: Frame) -> None:
+        try:
             self._dispatch(f)
+        except Exception:  # raised here it would take the whole event loop down
+            log.exception("dispatch_bug", rid=f.rid[:8])
 
     # -- moving KV caches to a new plan (see kvmove) -------------------------------------------
     def _kv_runtime(self, epoch: int) -> Any:
@@ -1010,6 +1067,9 @@ class ServingService:
                 "compute_s": round(self.stage.compute_s, 3),
                 "inner_s": round(self.stage.inner_s, 3),
                 "open_requests": len(self.stage.runtime.open_requests),
+                # Steps started as their frame arrived; of those, run on the link's reader.
+                "early_starts": self.stage.early_starts,
+                "on_reader": self.stage.steps_on_reader,
             },
             "coordinating": self.coordinator.in_flight,
             "profile": None if self.profiler.latest is None else self.profiler.latest.to_obj(),

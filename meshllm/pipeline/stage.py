@@ -8,6 +8,7 @@ same time, which is what pipelines several requests across the mesh.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -62,14 +63,28 @@ def sampling_from(obj: dict) -> SamplingParams:
 
 
 class _Step:
-    """One frame's step, started on the compute thread."""
+    """One frame's step, started on the compute thread (or on the thread that read it)."""
 
-    __slots__ = ("frame", "job", "t0")
+    __slots__ = ("error", "frame", "job", "result", "t0")
 
     def __init__(self, frame: Frame):
         self.frame = frame
         self.job: Any = None
         self.t0 = time.perf_counter()
+        self.result: Any = None
+        self.error: Exception | None = None
+
+    async def outcome(self, compute: ComputeThread) -> Any:
+        """What the step made, once it has run (raises what it raised)."""
+        if self.job is not None:
+            job, self.job = self.job, None
+            try:
+                self.result = await compute.wait(job)
+            except Exception as exc:  # kept for the step's own frame
+                self.error = exc
+        if self.error is not None:
+            raise self.error
+        return self.result
 
 
 class StageRunner:
@@ -100,9 +115,14 @@ class StageRunner:
         self.max_requests = max_requests
         self.fetch_kv = fetch_kv
         self.send_now = send_now
+        # What decides whether a step may start as its frame arrives (see submit and
+        # run_here), shared by the event loop and the threads that read links.
+        self._gate = threading.Lock()
         self._busy = False  # the run loop is processing a frame
-        self._early: _Step | None = None  # a step started as its frame arrived (see submit)
+        self._early: _Step | None = None  # a step started as its frame arrived
+        self._queued = 0  # frames accepted and not yet taken by the run loop
         self.early_starts = 0
+        self.steps_on_reader = 0  # of those, run on the thread that read the frame
         # Set when the plan is replaced: the KV caches outlive this runner, for the new
         # plan's stages to fetch (see kvmove).
         self.keep_caches = False
@@ -166,7 +186,21 @@ class StageRunner:
             self._in.send_nowait(f)
         except trio.WouldBlock:
             return False
-        if (
+        with self._gate:
+            self._queued += 1
+            # An idle stage starts a frame for an open request at once, from the task that
+            # read it: the run loop's turn to wake up then overlaps the step instead of
+            # preceding it. The loop still takes the frame in order and finishes it.
+            if self._queued == 1 and self._may_start(f):
+                with contextlib.suppress(MeshError):  # the loop meets the error and reports it
+                    self._early = self._start(f)
+                    self.early_starts += 1
+        return True
+
+    def _may_start(self, f: Frame) -> bool:
+        """Whether *f*'s step may start before the run loop takes it (gate held): the stage
+        is idle and *f* continues an open request of this plan."""
+        return (
             not self._busy
             and self._early is None
             and not self._compute.closed
@@ -174,22 +208,55 @@ class StageRunner:
             and f.epoch == self.epoch
             and f.kv_from is None
             and self.runtime.cached_length(f.rid) > 0
-            # Handed straight to the idle run loop, not buffered behind other frames:
-            and self._in.statistics().current_buffer_used == 0
-        ):
-            # An idle stage starts a frame for an open request at once, from the task that
-            # read it: the run loop's turn to wake up then overlaps the step instead of
-            # preceding it. The loop still takes the frame in order and finishes it.
-            with contextlib.suppress(MeshError):  # the loop meets the error and reports it
-                self._early = self._start(f)
-                self.early_starts += 1
+        )
+
+    def run_here(self, f: Frame, token: trio.lowlevel.TrioToken) -> bool:
+        """From the thread that read *f* off a link: run its step right here if the stage
+        is idle with nothing queued, instead of waking the event loop and then the compute
+        thread (each wake-up costs a few hundred µs on a small machine, and a token pays
+        them at every stage). The frame then goes to the run loop, which finishes it in
+        order as for any early start. False, having done nothing, when the stage is not
+        free: the caller hands *f* to the event loop as usual.
+        """
+        with self._gate:
+            if self._queued or not self._may_start(f):
+                return False
+            try:
+                step = self._start(f, here=True)
+            except MeshError:  # the run loop meets the error and reports it
+                return False
+            self._early = step
+            self._queued += 1
+            self.early_starts += 1
+            self.steps_on_reader += 1
+        job = step.job  # the run loop's wait takes it off the step
+        try:
+            token.run_sync_soon(self._post, f)
+        except trio.RunFinishedError:
+            return True  # shutting down: nobody will take it
+        self._compute.run_here(job)
         return True
+
+    def _post(self, f: Frame) -> None:
+        """On the event loop: queue a frame whose step started on a reader thread."""
+        try:
+            self._in.send_nowait(f)
+        except trio.WouldBlock:
+            trio.lowlevel.spawn_system_task(self._post_later, f)
+        except trio.ClosedResourceError:
+            pass
+
+    async def _post_later(self, f: Frame) -> None:
+        with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
+            await self._in.send(f)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         try:
             async for f in self._out:
-                self._busy = True
+                with self._gate:
+                    self._queued -= 1
+                    self._busy = True
                 try:
                     await self._process(f)
                 except MeshError as exc:
@@ -204,9 +271,11 @@ class StageRunner:
                         busy=isinstance(exc, StageBusy),
                     )
                 finally:
-                    self._busy = False
+                    with self._gate:
+                        self._busy = False
         finally:
-            self._compute.close()
+            with self._gate:
+                self._compute.close()
             if not self.keep_caches:
                 for rid in list(self.runtime.open_requests):
                     self._drop(rid)
@@ -253,9 +322,15 @@ class StageRunner:
     async def _process(self, f: Frame) -> None:
         early = self._early
         if early is not None and early.frame is f:
-            self._early = None
+            with self._gate:
+                self._early = None
             step = early
         else:
+            if early is not None:
+                # Started on a reader thread just before this frame came in through the
+                # event loop: it must end before another step starts. Its frame is next.
+                with contextlib.suppress(Exception):
+                    await early.outcome(self._compute)
             step = await self._prepare(f)
             if step is None:
                 return
@@ -304,8 +379,9 @@ class StageRunner:
                     self._samplers[rid].skip(f.kv_from.drawn)
         return self._start(f)
 
-    def _start(self, f: Frame) -> _Step:
-        """Start the step of a frame for an open request (raises MeshError on bad input)."""
+    def _start(self, f: Frame, *, here: bool = False) -> _Step:
+        """Start the step of a frame for an open request (raises MeshError on bad input);
+        *here*: the caller runs it on its own thread (see run_here)."""
         if self._mask.shape[1] < f.pos:
             self._mask = np.ones((1, max(f.pos, 2 * self._mask.shape[1])), dtype=np.int64)
         feeds = dict(f.tensors)
@@ -338,15 +414,13 @@ class StageRunner:
             again = self._continue(f, token, [])
             return res, token, again is not None and self.send_now(self.first_peer, again)
 
-        step.job = self._compute.start(run)
+        step.job = self._compute.claim(run) if here else self._compute.start(run)
         return step
 
     async def _finish(self, f: Frame, step: _Step) -> None:
         """Wait for a frame's step and pass on what it made."""
-        assert step.job is not None
         rid = f.rid
-        outs, sampled, sent_on = await self._compute.wait(step.job)
-        step.job = None
+        outs, sampled, sent_on = await step.outcome(self._compute)
         spent = time.perf_counter() - step.t0
         self.steps += 1
         self.compute_s += spent

@@ -95,6 +95,10 @@ def test_query_at_every_peer_equals_monolithic(served_mesh, oracle):
             assert key in res
         stages = [s for s in res["stages"] if "layers" in s]
         assert len(stages) == served_mesh["n"] and all(s["compute_s"] > 0 for s in stages)
+    # One request at a time: every stage was idle when a decode frame arrived, and ran it
+    # on the thread that read it off the fast link.
+    for home in served_mesh["homes"]:
+        assert status(home)["serving"]["stage"]["on_reader"] > 0, home.name
 
 
 def test_concurrent_queries_to_different_peers(served_mesh, oracle):

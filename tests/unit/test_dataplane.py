@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import trio
 
 from meshllm.mesh.dataplane import EncryptedStream
-from meshllm.mesh.framing import FrameReader, frame
+from meshllm.mesh.framing import BlockingFrameReader, FrameReader, frame
 from meshllm.mesh.transport import PeerUnreachable
 
 
@@ -132,3 +133,63 @@ async def test_closed_stream_sends_nothing(pair: tuple[EncryptedStream, Encrypte
     assert a.send_now(frame(b"x")) is False
     with pytest.raises(PeerUnreachable):
         await a.write(frame(b"x"))
+
+
+def _read_on_thread(stream: EncryptedStream, n: int, stop: threading.Event) -> list[Any]:
+    """Read *n* frames with read_blocking on a thread of its own; what ended it last."""
+    out: list[Any] = []
+
+    def run() -> None:
+        reader = BlockingFrameReader(lambda k: stream.read_blocking(k, stop), 64 << 20)
+        try:
+            for _ in range(n):
+                out.append(reader.read_frame())
+        except (EOFError, PeerUnreachable) as exc:
+            out.append(exc)
+        finally:
+            stream.close_reader()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    out.append(t)
+    return out
+
+
+async def test_blocking_reads_on_a_thread(pair: tuple[EncryptedStream, EncryptedStream]) -> None:
+    a, b = pair
+    msgs = [b"", b"x", os.urandom(5000), os.urandom(3 << 20)]  # the last spans records
+    got = _read_on_thread(b, len(msgs) + 1, threading.Event())
+    thread = got.pop()
+    for m in msgs:
+        await a.write(frame(m))
+    await a.close()  # then the end of the stream
+    await trio.to_thread.run_sync(thread.join, 10)
+    assert got[: len(msgs)] == msgs
+    assert isinstance(got[-1], EOFError)
+
+
+async def test_a_blocked_reader_stops_when_told(
+    pair: tuple[EncryptedStream, EncryptedStream],
+) -> None:
+    _, b = pair
+    stop = threading.Event()
+    got = _read_on_thread(b, 1, stop)
+    thread = got.pop()
+    await trio.sleep(0.05)
+    assert thread.is_alive()  # nothing to read yet
+    stop.set()
+    await trio.to_thread.run_sync(thread.join, 2 * EncryptedStream.POLL_S + 1)
+    assert not thread.is_alive() and isinstance(got[-1], EOFError)
+
+
+async def test_a_forged_record_breaks_a_blocking_read(
+    pair: tuple[EncryptedStream, EncryptedStream],
+) -> None:
+    a, b = pair
+    got = _read_on_thread(b, 1, threading.Event())
+    thread = got.pop()
+    record = bytearray(a._seal(frame(b"hello")))
+    record[-1] ^= 1  # the tag no longer matches
+    await a._tcp.send_all(bytes(record))
+    await trio.to_thread.run_sync(thread.join, 10)
+    assert isinstance(got[-1], PeerUnreachable) and "forged" in str(got[-1])

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meshllm.control.protocol import VERSION, ControlError, Request, error, parse_request
-from meshllm.mesh.framing import FrameError, FrameReader, frame
+from meshllm.mesh.framing import BlockingFrameReader, FrameError, FrameReader, frame
 from meshllm.mesh.node import BadMessage, decode_message, encode_message
 from meshllm.pipeline.frames import (
     DTYPES,
@@ -362,6 +362,34 @@ def test_frame_reader_random_stream(stream: bytes, cuts: list[int]) -> None:
     with pytest.raises((EOFError, FrameError)):
         for _ in range(len(stream) + 1):  # every frame eats >= 4 bytes: this must end
             assert len(run_now(reader.read_frame())) <= 64
+
+
+def _sync_reader(read: Any) -> Any:
+    return lambda n: run_now(read(n))
+
+
+def _drain(read_frame: Any) -> tuple[list[bytes], str]:
+    got: list[bytes] = []
+    try:
+        for _ in range(10_000):
+            got.append(read_frame())
+    except (EOFError, FrameError) as exc:
+        return got, type(exc).__name__
+    raise AssertionError("the reader never stopped")
+
+
+@fuzz(1000)
+@given(st.binary(max_size=300), st.lists(st.integers(0, 300), max_size=20), st.data())
+def test_blocking_frame_reader_reads_what_the_async_one_reads(
+    tail: bytes, cuts: list[int], data: st.DataObject
+) -> None:
+    frames_in = data.draw(payloads)
+    stream = b"".join(frame(p) for p in frames_in) + tail
+    async_reader = FrameReader(chunked_reader(stream, cuts), MAX)
+    want = _drain(lambda: run_now(async_reader.read_frame()))
+    blocking = BlockingFrameReader(_sync_reader(chunked_reader(stream, cuts)), MAX)
+    assert _drain(blocking.read_frame) == want
+    assert want[0][: len(frames_in)] == frames_in
 
 
 # -- mesh control messages -----------------------------------------------------------------------
