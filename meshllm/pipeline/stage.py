@@ -229,12 +229,13 @@ class StageRunner:
             self._queued += 1
             self.early_starts += 1
             self.steps_on_reader += 1
-        job = step.job  # the run loop's wait takes it off the step
-        try:
-            token.run_sync_soon(self._post, f)
-        except trio.RunFinishedError:
-            return True  # shutting down: nobody will take it
+            job = step.job  # a wait in the run loop may take it off the step meanwhile
+        # Only once the step is done (its output already on the next link) is the event
+        # loop woken to finish the frame: woken earlier, its Python would hold the GIL
+        # against the step's own.
         self._compute.run_here(job)
+        with contextlib.suppress(trio.RunFinishedError):  # shutting down: nobody will take it
+            token.run_sync_soon(self._post, f)
         return True
 
     def _post(self, f: Frame) -> None:
