@@ -41,7 +41,7 @@ def _stage(k: int, store_dir: str, name: str, ranges: list[tuple[int, int]],
             seg.open(rid, cap)
         feeds["attention_mask"] = ones[:, :pos]
         new = next(iter(feeds.values())).shape[1]
-        outs = {n: v.numpy() for n, v in seg.step(rid, feeds, new).items()}
+        outs = seg.step(rid, feeds, new)
         if last:
             tx.send(int(np.argmax(outs["logits"][0, -1])))
             continue

@@ -51,6 +51,10 @@ class _KVCache:
     # The numpy arrays behind the buffers (ORT reads and writes their memory in place), by
     # past name: a move copies just the positions it needs from them.
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    # The request's binding, its KV buffers bound once; and, for one-token steps, the
+    # buffers its data outputs are written into (see SegmentRuntime.step).
+    binding: ort.IOBinding | None = None
+    decode_outputs: dict[str, tuple[np.ndarray, ort.OrtValue]] | None = None
 
 
 ort.set_default_logger_severity(3)
@@ -208,7 +212,7 @@ class SegmentRuntime:
     # -- compute ------------------------------------------------------------------------------
     def step(
         self, request_id: str, feeds: Mapping[str, Tensor], new_tokens: int
-    ) -> dict[str, ort.OrtValue]:
+    ) -> dict[str, np.ndarray]:
         """Run *new_tokens* positions for a request; returns the segment's data outputs.
 
         *feeds* must hold every data input of the segment (others are ignored).
@@ -221,21 +225,59 @@ class SegmentRuntime:
                 f"request {request_id} needs {cache.length + new_tokens} positions, "
                 f"its cache holds {cache.capacity}"
             )
-        binding = self.session.io_binding()
+        binding = cache.binding
+        if binding is None:
+            # Bound once per request: binding every layer's cache at every step cost a few
+            # hundred µs of Python per step, cold, and a mesh pays it at every stage.
+            binding = cache.binding = self.session.io_binding()
+            for past, present in self._kv_pairs:
+                buf = cache.buffers[past]
+                binding.bind_ortvalue_input(past, buf)
+                binding.bind_ortvalue_output(present, buf)
         for name in self.data_inputs:
             value = feeds[name]
             if isinstance(value, ort.OrtValue):
                 binding.bind_ortvalue_input(name, value)
             else:
                 binding.bind_cpu_input(name, value)
-        for past, present in self._kv_pairs:
-            buf = cache.buffers[past]
-            binding.bind_ortvalue_input(past, buf)
-            binding.bind_ortvalue_output(present, buf)
+        outs = self._decode_outputs(cache) if new_tokens == 1 else None
+        if outs is not None:
+            for name, (_, value) in outs.items():
+                binding.bind_ortvalue_output(name, value)
+            self.session.run_with_iobinding(binding)
+            cache.length += new_tokens
+            # Copies: the buffers are the next step's.
+            return {name: array.copy() for name, (array, _) in outs.items()}
         for name in self.data_outputs:
             binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(binding)
         cache.length += new_tokens
         values = binding.get_outputs()
         # get_outputs follows binding order: the KV buffers first, then the data outputs.
-        return dict(zip(self.data_outputs, values[len(self._kv_pairs) :], strict=True))
+        return {
+            name: value.numpy()
+            for name, value in zip(self.data_outputs, values[len(self._kv_pairs) :], strict=True)
+        }
+
+    def _decode_outputs(self, cache: _KVCache) -> dict[str, tuple[np.ndarray, ort.OrtValue]] | None:
+        """Buffers for a one-token step's data outputs, made on the request's first one; None
+        when an output's shape is not known from the model (then ORT allocates them)."""
+        if cache.decode_outputs is None:
+            outs = {}
+            for meta in self.session.get_outputs():
+                if meta.name not in self.data_outputs:
+                    continue
+                dtype = _ORT_TYPES.get(meta.type)
+                shape = list(meta.shape)
+                # (batch, positions, features...): one sequence, one position.
+                if (
+                    dtype is None
+                    or len(shape) < 2
+                    or not all(isinstance(d, int) for d in shape[2:])
+                ):
+                    cache.decode_outputs = {}
+                    return None
+                array = np.empty([1, 1, *shape[2:]], dtype)
+                outs[meta.name] = (array, ort.OrtValue.ortvalue_from_numpy(array))
+            cache.decode_outputs = outs
+        return cache.decode_outputs or None

@@ -400,8 +400,7 @@ class StageRunner:
 
         def run() -> tuple[dict[str, np.ndarray], int | None, bool]:
             t = time.perf_counter()
-            outs = self.runtime.step(f.rid, feeds, f.new)
-            res = {k: v.numpy() for k, v in outs.items()}
+            res = self.runtime.step(f.rid, feeds, f.new)
             inner = time.perf_counter() - t
             self.inner_s += inner
             if not quick:
