@@ -13,6 +13,7 @@ Links are measured by the serving service over the mesh itself (see ``LinkStats`
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,74 +198,153 @@ class ProbeTiming:
     prefill_s: float  # seconds per prompt token in a prefill
 
 
-def time_probe(
-    seg_path: Path, arch: Any, kv: Any, *, threads: int, budget_s: float = 0.4, prompt: int = 32
-) -> ProbeTiming:
-    """Time a segment: a prefill of *prompt* tokens, then decode steps for ~*budget_s*.
+class _Probe:
+    """One probe segment loaded for timing, serving one request of random inputs."""
 
-    The mean, not the median, of the steps: a device under a CPU quota is throttled in some
-    steps and not others, and the mean is what a generation sees.
-    """
-    from meshllm.model.runtime import _ORT_TYPES, SegmentRuntime
+    def __init__(self, seg_path: Path, arch: Any, kv: Any, *, threads: int, prompt: int):
+        from meshllm.model.runtime import SegmentRuntime
 
-    rt = SegmentRuntime(seg_path, arch, kv, threads=threads)
-    rng = np.random.default_rng(1)
-    # Positions stay within the model's context (its rotary caches end there); timing
-    # stops at the budget or when the context is full, whichever comes first.
-    capacity = min(arch.context_length, prompt + 1024)
-    prompt = min(prompt, capacity // 4)
-    rid = "probe"
-    rt.open(rid, capacity)
-    metas = {m.name: m for m in rt.session.get_inputs()}
+        self.rt = SegmentRuntime(seg_path, arch, kv, threads=threads)
+        self.arch = arch
+        self.rng = np.random.default_rng(1)
+        # Positions stay within the model's context (its rotary caches end there).
+        self.capacity = min(arch.context_length, prompt + 1024)
+        self.prompt = min(prompt, self.capacity // 4)
+        self.metas = {m.name: m for m in self.rt.session.get_inputs()}
+        self.pos = 0
 
-    def feeds(n: int, pos: int) -> dict[str, np.ndarray]:
+    def _feeds(self, n: int, pos: int) -> dict[str, np.ndarray]:
+        from meshllm.model.runtime import _ORT_TYPES
+
         out: dict[str, np.ndarray] = {}
-        for name in rt.data_inputs:
+        for name in self.rt.data_inputs:
             if name == "attention_mask":
                 out[name] = np.ones((1, pos), dtype=np.int64)
             elif name == "input_ids":
-                out[name] = rng.integers(0, arch.vocab_size, size=(1, n), dtype=np.int64)
+                out[name] = self.rng.integers(0, self.arch.vocab_size, size=(1, n), dtype=np.int64)
             else:
-                meta = metas[name]
-                dims = [d if isinstance(d, int) else arch.hidden_size for d in meta.shape[2:]]
+                meta = self.metas[name]
+                dims = [d if isinstance(d, int) else self.arch.hidden_size for d in meta.shape[2:]]
                 dtype = _ORT_TYPES.get(meta.type, np.float32)
-                out[name] = rng.standard_normal((1, n, *dims)).astype(dtype)
+                out[name] = self.rng.standard_normal((1, n, *dims)).astype(dtype)
         return out
 
-    t0 = time.perf_counter()
-    rt.step(rid, feeds(prompt, prompt), prompt)
-    prefill = (time.perf_counter() - t0) / prompt
-    pos = prompt
-    for _ in range(2):  # warm-up: first-run allocations
-        pos += 1
-        rt.step(rid, feeds(1, pos), 1)
-    steps, spent = 0, 0.0
-    while (spent < budget_s or steps < 8) and pos < capacity - 1:
-        pos += 1
-        f = feeds(1, pos)
+    def start(self) -> float:
+        """Open a fresh request and prefill it; seconds per prompt token."""
+        if "probe" in self.rt.open_requests:
+            self.rt.close("probe")
+        self.rt.open("probe", self.capacity)
+        feeds = self._feeds(self.prompt, self.prompt)
+        t0 = time.perf_counter()
+        self.rt.step("probe", feeds, self.prompt)
+        prefill = (time.perf_counter() - t0) / self.prompt
+        self.pos = self.prompt
+        for _ in range(2):  # warm-up: first-run allocations
+            self.step()
+        return prefill
+
+    @property
+    def room(self) -> bool:
+        return self.pos < self.capacity - 1
+
+    def step(self, gap: float = 0.0) -> float:
+        """Seconds of one decode step, after *gap* seconds of idling."""
+        self.pos += 1
+        feeds = self._feeds(1, self.pos)
+        if gap:
+            time.sleep(gap)
         t = time.perf_counter()
-        rt.step(rid, f, 1)
-        spent += time.perf_counter() - t
-        steps += 1
-    sustained = spent / steps
+        self.rt.step("probe", feeds, 1)
+        return time.perf_counter() - t
+
+
+@dataclass(frozen=True)
+class _Pairing:
+    typical: ProbeTiming  # the reference probe's medians
+    mean: ProbeTiming  # and its means
+    ratio: ProbeTiming  # the other probe's figures over the reference's
+
+
+def _time_pair(ref: _Probe, other: _Probe, budget_s: float) -> _Pairing:
+    """Time *ref* and *other* step by step in turn, so that a drift in the machine's speed
+    falls on both alike.
+
+    The other's figure against the reference's is the median of the rounds' ratios: a
+    machine's speed scales both of a round's steps alike, and a hiccup (another process's
+    turn, a CPU quota's throttling) landing on one step of one round does not move it. Such
+    hiccups still count, in time_probes.
+    """
+    pre = (ref.start(), other.start())
+    probes = (ref, other)
+
+    def rounds(n: int, budget: float, gap: float = 0.0) -> tuple[list[float], list[float]]:
+        times: tuple[list[float], list[float]] = ([], [])
+        spent = 0.0
+        while (spent < budget or len(times[0]) < n) and ref.room and other.room:
+            # Which goes first alternates: a step right after the other probe's may differ.
+            for i in (0, 1) if len(times[0]) % 2 == 0 else (1, 0):
+                times[i].append(probes[i].step(gap))
+                spent += times[i][-1]
+        return times
+
+    busy = rounds(8, 2 * budget_s)
+    if not busy[0]:
+        raise ProfileError("the model's context is too short to time decode steps")
     # A stage serving one request idles while the other stages compute. A device with a
     # burst budget (a CPU quota, boost clocks) runs such steps faster than back-to-back ones,
     # so single-request plans are priced with steps that each follow an idle spell.
-    gap = min(max(0.01, 2 * sustained), 0.1)
-    idle: list[float] = []
-    while len(idle) < 8 and pos < capacity - 1:
-        pos += 1
-        f = feeds(1, pos)
-        time.sleep(gap)
-        t = time.perf_counter()
-        rt.step(rid, f, 1)
-        idle.append(time.perf_counter() - t)
-    rt.close(rid)
-    return ProbeTiming(
-        decode_s=sustained,
-        idle_decode_s=sum(idle) / len(idle) if idle else sustained,
-        prefill_s=prefill,
+    gap = min(max(0.01, 2 * max(statistics.fmean(t) for t in busy)), 0.1)
+    idle = rounds(16, 0.0, gap)
+    idle = idle if idle[0] else busy  # no room left in the context for idle steps
+
+    def ratio(t: tuple[list[float], list[float]]) -> float:
+        return statistics.median(o / r for r, o in zip(t[0], t[1], strict=True) if r > 0)
+
+    return _Pairing(
+        typical=ProbeTiming(statistics.median(busy[0]), statistics.median(idle[0]), pre[0]),
+        mean=ProbeTiming(statistics.fmean(busy[0]), statistics.fmean(idle[0]), pre[0]),
+        ratio=ProbeTiming(ratio(busy), ratio(idle), pre[1] / pre[0] if pre[0] > 0 else 1.0),
     )
+
+
+def time_probes(
+    segs: dict[str, Path], arch: Any, kv: Any, *, threads: int, reference: str,
+    budget_s: float = 0.4, prompt: int = 32,
+) -> dict[str, ProbeTiming]:  # fmt: skip
+    """Time every probe segment of *segs* (kind -> segment.onnx), each in turn beside the
+    *reference* probe, which stays loaded throughout (so at most two are in memory).
+
+    The calibration rests on differences of these timings (a longer run against a shorter
+    one, the ends against a middle layer), and on a shared machine timed one after another
+    they swung with its speed: the fixed cost of a run came out anywhere from 0 to 2.3 ms for
+    the same probes. Each figure is therefore the reference's median over all the pairings
+    times the probe's ratio to the reference within its own pairing, scaled by the
+    reference's mean over its median: a device under a CPU quota is throttled in some steps
+    and not others, and the mean is what a generation sees. Scaling spreads that over every
+    figure alike, where adding it would have put it all into the fixed cost of a run.
+    """
+    ref = _Probe(segs[reference], arch, kv, threads=threads, prompt=prompt)
+    pairs: dict[str, _Pairing] = {}
+    for kind, seg in segs.items():
+        if kind != reference:
+            other = _Probe(seg, arch, kv, threads=threads, prompt=prompt)
+            pairs[kind] = _time_pair(ref, other, budget_s)
+            del other  # its session's memory goes before the next probe loads
+    fields = ("decode_s", "idle_decode_s", "prefill_s")
+    if not pairs:  # nothing to pair with: the reference alone
+        prefill = ref.start()
+        steps = statistics.fmean(ref.step() for _ in range(8))
+        return {reference: ProbeTiming(steps, steps, prefill)}
+
+    def over_pairs(which: str, f: str) -> float:
+        return statistics.fmean(getattr(getattr(p, which), f) for p in pairs.values())
+
+    base = {f: over_pairs("typical", f) for f in fields}
+    scale = {f: over_pairs("mean", f) / base[f] if base[f] > 0 else 1.0 for f in fields}
+    out = {reference: ProbeTiming(**{f: base[f] * scale[f] for f in fields})}
+    for kind, p in pairs.items():
+        out[kind] = ProbeTiming(**{f: base[f] * getattr(p.ratio, f) * scale[f] for f in fields})
+    return out
 
 
 PROBE_TARGET_BYTES = 64 * MiB
@@ -300,13 +380,14 @@ def calibrate(
 ) -> tuple[Calibration, Calibration]:  # fmt: skip
     """(sustained, after idle) costs from the probes in *probes* (kind -> directory), whose
     layers are *ranges*."""
-    t: dict[str, ProbeTiming] = {}
-    for kind in ("first", "a", "b", "last"):
-        seg = fill_random_weights(probes[kind])
-        try:
-            t[kind] = time_probe(seg, arch, kv, threads=threads)
-        finally:
-            # The random weights are only for timing; a peer keeps no weights it does not run.
+    segs: dict[str, Path] = {}
+    try:
+        for kind in ("a", "b", "first", "last"):
+            segs[kind] = fill_random_weights(probes[kind])
+        t = time_probes(segs, arch, kv, threads=threads, reference="a")
+    finally:
+        # The random weights are only for timing; a peer keeps no weights it does not run.
+        for seg in segs.values():
             (seg.parent / (seg.name + ".data")).unlink(missing_ok=True)
     return _fit(t, ranges, "decode_s"), _fit(t, ranges, "idle_decode_s")
 

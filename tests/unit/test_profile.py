@@ -102,3 +102,56 @@ def test_partition_request_from_profiles(tiny_fp32):
     assert req.link_s[0][0] == 0.0
     kv = 2 * manifest.architecture.num_key_value_heads * manifest.architecture.head_size * 4
     assert req.layer_bytes[1] == manifest.per_layer_weight_bytes[1] + kv * 128 * 2
+
+
+class _Machine:
+    """A simulated machine for timing probes: its speed drifts, and some steps hiccup."""
+
+    def __init__(self, slow_during: str, hiccup_every: int = 13):
+        self.current = ""
+        self.slow_during = slow_during
+        self.steps = 0
+        self.hiccup_every = hiccup_every
+
+    def step_s(self, cost: float) -> float:
+        self.steps += 1
+        slow = 2.0 if self.current == self.slow_during else 1.0  # another tenant arrives
+        hiccup = 10.0 if self.steps % self.hiccup_every == 0 else 1.0
+        return cost * slow * hiccup
+
+
+def test_probe_timings_keep_their_proportions_on_a_drifting_machine(monkeypatch):
+    from meshllm.plan import profile as prof
+
+    costs = {"a": 1e-3, "b": 2e-3, "first": 1.2e-3, "last": 1.5e-3}
+    machine = _Machine(slow_during="b")
+
+    class FakeProbe:
+        def __init__(self, seg_path, arch, kv, *, threads, prompt):
+            self.kind, self.pos = str(seg_path), 0
+
+        def start(self) -> float:
+            self.pos = 0
+            if self.kind != "a":
+                machine.current = self.kind  # the pairing with this probe begins
+            return machine.step_s(costs[self.kind]) / 8
+
+        @property
+        def room(self) -> bool:
+            return self.pos < 2000
+
+        def step(self, gap: float = 0.0) -> float:
+            self.pos += 1
+            return machine.step_s(costs[self.kind])
+
+    monkeypatch.setattr(prof, "_Probe", FakeProbe)
+    t = prof.time_probes({k: k for k in costs}, None, None, threads=1, reference="a")
+    # Timed one after another, "b" would have come out four times "a" (its own cost twice
+    # over, times the slower machine). Paired, each keeps its proportion to the reference,
+    # and every figure carries the hiccups alike (the mean is what a generation sees).
+    for kind, cost in costs.items():
+        for field in ("decode_s", "idle_decode_s"):
+            ratio = getattr(t[kind], field) / getattr(t["a"], field)
+            assert ratio == pytest.approx(cost / costs["a"], rel=0.05), (kind, field)
+    hiccups = 1 + 9 / machine.hiccup_every
+    assert t["a"].decode_s > costs["a"] * hiccups * 0.95  # not the median's 1 ms
