@@ -294,7 +294,7 @@ def _time_pair(ref: _Probe, other: _Probe, budget_s: float) -> _Pairing:
     # burst budget (a CPU quota, boost clocks) runs such steps faster than back-to-back ones,
     # so single-request plans are priced with steps that each follow an idle spell.
     gap = min(max(0.01, 2 * max(statistics.fmean(t) for t in busy)), 0.1)
-    idle = rounds(16, 0.0, gap)
+    idle = rounds(12, 0.0, gap)
     idle = idle if idle[0] else busy  # no room left in the context for idle steps
 
     def ratio(t: tuple[list[float], list[float]]) -> float:
@@ -309,7 +309,7 @@ def _time_pair(ref: _Probe, other: _Probe, budget_s: float) -> _Pairing:
 
 def time_probes(
     segs: dict[str, Path], arch: Any, kv: Any, *, threads: int, reference: str,
-    budget_s: float = 0.4, prompt: int = 32,
+    budget_s: float = 0.2, prompt: int = 32,
 ) -> dict[str, ProbeTiming]:  # fmt: skip
     """Time every probe segment of *segs* (kind -> segment.onnx), each in turn beside the
     *reference* probe, which stays loaded throughout (so at most two are in memory).
