@@ -46,6 +46,17 @@ def gguf_to_hf(gguf: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+def builder_env() -> dict[str, str]:
+    """The builder's environment. The builder stamps the graph with the git commit of the
+    checkout its own files sit in, and a virtual environment inside a git checkout (this
+    repository's own, say) made that the checkout's HEAD: the same source then converted to
+    a different model.onnx, and a different model hash, after every commit. With git kept
+    out it falls back to the installed package's own commit."""
+    return dict(
+        os.environ, PYTHONWARNINGS="ignore", GIT_DIR=os.devnull, GIT_CEILING_DIRECTORIES="/"
+    )
+
+
 def run_builder(
     hf_dir: Path, out_dir: Path, precision: str, cache_dir: Path, log_path: Path
 ) -> None:
@@ -55,9 +66,10 @@ def run_builder(
         "-i", str(hf_dir), "-o", str(out_dir), "-p", precision, "-e", "cpu",
         "-c", str(cache_dir),
     ]  # fmt: skip
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
     with log_path.open("w") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
+        proc = subprocess.run(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=builder_env(), check=False
+        )
     if proc.returncode != 0:
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
         raise ConversionFailed(
