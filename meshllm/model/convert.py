@@ -52,9 +52,7 @@ def builder_env() -> dict[str, str]:
     repository's own, say) made that the checkout's HEAD: the same source then converted to
     a different model.onnx, and a different model hash, after every commit. With git kept
     out it falls back to the installed package's own commit."""
-    return dict(
-        os.environ, PYTHONWARNINGS="ignore", GIT_DIR=os.devnull, GIT_CEILING_DIRECTORIES="/"
-    )
+    return dict(os.environ, PYTHONWARNINGS="ignore", GIT_DIR=os.devnull)
 
 
 def run_builder(

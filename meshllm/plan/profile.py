@@ -331,10 +331,6 @@ def time_probes(
             pairs[kind] = _time_pair(ref, other, budget_s)
             del other  # its session's memory goes before the next probe loads
     fields = ("decode_s", "idle_decode_s", "prefill_s")
-    if not pairs:  # nothing to pair with: the reference alone
-        prefill = ref.start()
-        steps = statistics.fmean(ref.step() for _ in range(8))
-        return {reference: ProbeTiming(steps, steps, prefill)}
 
     def over_pairs(which: str, f: str) -> float:
         return statistics.fmean(getattr(getattr(p, which), f) for p in pairs.values())
