@@ -402,6 +402,17 @@ def down(root: Path, grace: float = 5.0) -> int:
     return len(running)
 
 
+def exit_on_sigterm() -> None:
+    """Let SIGTERM end this process through SystemExit, so that its ``finally`` blocks (a
+    ``down`` among them) run. Python's default ends the process at once: a benchmark stopped
+    by ``timeout`` left its testbed's daemons running, each one holding a core."""
+    signal.signal(signal.SIGTERM, _raise_exit)
+
+
+def _raise_exit(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _reap(pid: int) -> None:
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)

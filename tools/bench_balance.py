@@ -254,6 +254,7 @@ def main() -> None:
         "--plot-only", action="store_true", help="Only redraw the chart from --out's JSON."
     )
     args = ap.parse_args()
+    testbed.exit_on_sigterm()  # stopped by `timeout`, it still takes its testbed down
     if args.plot_only:
         if plot(runs_from_json(Path(args.out)), Path(args.chart)):
             print(f"chart written to {args.chart}")

@@ -69,6 +69,7 @@ def main() -> None:
     ap.add_argument("--idle", type=float, default=5.0, help="seconds idle before sampling memory")
     ap.add_argument("--out", default=REPO / "bench-results" / "mesh.json")
     args = ap.parse_args()
+    testbed.exit_on_sigterm()  # stopped by `timeout`, it still takes its testbed down
     trials = [trial(args.peers, args.idle) for _ in range(args.trials)]
     rss = [x for t in trials for x in t["idle_rss_mib"]]
     summary = {

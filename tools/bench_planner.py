@@ -125,6 +125,7 @@ def main() -> None:
     )
     ap.add_argument("--out", default=REPO / "bench-results" / "planner.json")
     args = ap.parse_args()
+    testbed.exit_on_sigterm()  # stopped by `timeout`, it still takes its testbed down
     if os.geteuid() != 0:
         raise SystemExit("this benchmark puts peers in network namespaces and cgroups: run as root")
     store = ModelStore(Path(args.home) / "models")

@@ -230,6 +230,7 @@ def main() -> int:
     )
     ap.add_argument("--out", type=Path, default=REPO / "bench-results" / "load_test.json")
     args = ap.parse_args()
+    testbed.exit_on_sigterm()  # stopped by `timeout`, it still takes its testbed down
     if args.queries < 1 or args.peers < 1 or args.max_tokens < 1:
         ap.error("--queries, --peers and --max-tokens must be >= 1")
 
