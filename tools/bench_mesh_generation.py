@@ -89,10 +89,11 @@ def bench_precision(
     rounds: int,
     partitioner: str,
     floor: bool = False,
+    source: str | None = None,
 ) -> dict:
-    name = f"smollm2-135m-instruct-{precision}"
-    import_model(store.dir, None, precision=precision, name=name,
-                 report=lambda m: print(m, file=sys.stderr))  # fmt: skip
+    manifest, _ = import_model(store.dir, source, precision=precision,
+                               report=lambda m: print(m, file=sys.stderr))  # fmt: skip
+    name = manifest.name
     model = store.get(name)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -150,6 +151,7 @@ def bench_precision(
     mesh_rates = [r["decode_tokens_per_s"] for r in singles]
     single = statistics.median(mesh_rates)
     return {
+        "model": name,
         "precision": precision,
         "peers": n,
         "partitioner": partitioner,
@@ -200,6 +202,12 @@ def main() -> None:
         "--home", default=os.environ.get("MESHLLM_HOME", REPO / ".cache" / "bench-home")
     )
     ap.add_argument(
+        "--source",
+        default=None,
+        help="model to benchmark: a GGUF file or a Hugging Face directory, imported once per "
+        "precision (default: the bundled SmolLM2-135M-Instruct)",
+    )
+    ap.add_argument(
         "--floor",
         action="store_true",
         help="also time the plan's segments as plain processes joined by pipes, in the same "
@@ -207,9 +215,11 @@ def main() -> None:
     )
     ap.add_argument("--out", default=REPO / "bench-results" / "mesh_generation.json")
     args = ap.parse_args()
+    testbed.exit_on_sigterm()  # stopped by `timeout`, it still takes its testbed down
     store = ModelStore(Path(args.home) / "models")
     results = [bench_precision(store, p, args.peers, args.tokens, args.rounds, args.partitioner,
-                               args.floor) for p in args.precisions.split(",")]  # fmt: skip
+                               args.floor, args.source)
+               for p in args.precisions.split(",")]  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": "mesh_generation", "results": results}, indent=2))
