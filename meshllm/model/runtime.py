@@ -240,44 +240,60 @@ class SegmentRuntime:
                 binding.bind_ortvalue_input(name, value)
             else:
                 binding.bind_cpu_input(name, value)
-        outs = self._decode_outputs(cache) if new_tokens == 1 else None
-        if outs is not None:
+        outs = self._decode_outputs(cache)
+        if new_tokens == 1 and outs is not None:
             for name, (_, value) in outs.items():
                 binding.bind_ortvalue_output(name, value)
             self.session.run_with_iobinding(binding)
             cache.length += new_tokens
             # Copies: the buffers are the next step's.
             return {name: array.copy() for name, (array, _) in outs.items()}
+        # A prompt step: outputs of its own size. The binding lives as long as the request,
+        # so it must not keep them: a prompt's logits are several MB, and a stage with dozens
+        # of prompts waiting for their first decode step grew by hundreds of MB.
+        fresh = self._output_buffers(new_tokens) if outs is not None else None
+        if fresh is not None:
+            for name, (_, value) in fresh.items():
+                binding.bind_ortvalue_output(name, value)
+            self.session.run_with_iobinding(binding)
+            cache.length += new_tokens
+            for name, (_, value) in (outs or {}).items():
+                binding.bind_ortvalue_output(name, value)
+            return {name: array for name, (array, _) in fresh.items()}
         for name in self.data_outputs:
             binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(binding)
         cache.length += new_tokens
         values = binding.get_outputs()
         # get_outputs follows binding order: the KV buffers first, then the data outputs.
-        return {
+        result = {
             name: value.numpy()
             for name, value in zip(self.data_outputs, values[len(self._kv_pairs) :], strict=True)
         }
+        # ORT allocated these outputs; unbound, they go back to its arena (see above).
+        binding.clear_binding_outputs()
+        for past, present in self._kv_pairs:
+            binding.bind_ortvalue_output(present, cache.buffers[past])
+        return result
+
+    def _output_buffers(self, positions: int) -> dict[str, tuple[np.ndarray, ort.OrtValue]] | None:
+        """Fresh buffers for the data outputs of a step of *positions* positions, or None
+        where an output's shape is not known from the model."""
+        outs = {}
+        for meta in self.session.get_outputs():
+            if meta.name not in self.data_outputs:
+                continue
+            dtype = _ORT_TYPES.get(meta.type)
+            shape = list(meta.shape)  # (batch, positions, features...)
+            if dtype is None or len(shape) < 2 or not all(isinstance(d, int) for d in shape[2:]):
+                return None
+            array = np.empty([1, positions, *shape[2:]], dtype)
+            outs[meta.name] = (array, ort.OrtValue.ortvalue_from_numpy(array))
+        return outs
 
     def _decode_outputs(self, cache: _KVCache) -> dict[str, tuple[np.ndarray, ort.OrtValue]] | None:
-        """Buffers for a one-token step's data outputs, made on the request's first one; None
-        when an output's shape is not known from the model (then ORT allocates them)."""
+        """Buffers for a one-token step's data outputs, made once per request; None when an
+        output's shape is not known from the model (then ORT allocates them)."""
         if cache.decode_outputs is None:
-            outs = {}
-            for meta in self.session.get_outputs():
-                if meta.name not in self.data_outputs:
-                    continue
-                dtype = _ORT_TYPES.get(meta.type)
-                shape = list(meta.shape)
-                # (batch, positions, features...): one sequence, one position.
-                if (
-                    dtype is None
-                    or len(shape) < 2
-                    or not all(isinstance(d, int) for d in shape[2:])
-                ):
-                    cache.decode_outputs = {}
-                    return None
-                array = np.empty([1, 1, *shape[2:]], dtype)
-                outs[meta.name] = (array, ort.OrtValue.ortvalue_from_numpy(array))
-            cache.decode_outputs = outs
+            cache.decode_outputs = self._output_buffers(1) or {}
         return cache.decode_outputs or None

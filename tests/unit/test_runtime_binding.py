@@ -3,6 +3,9 @@ the outputs must not change by it, nor be overwritten by the next step."""
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import numpy as np
 
 from meshllm.model.chain import LocalChain
@@ -56,3 +59,33 @@ def test_decode_outputs_are_kept_per_request(tiny_model) -> None:
     x, y = (first._caches[r].decode_outputs for r in ("x", "y"))
     assert x and y and x.keys() == y.keys() == set(first.data_outputs)
     assert all(not np.shares_memory(x[k][0], y[k][0]) for k in x)
+
+
+def test_a_prompt_steps_outputs_are_not_kept_by_the_request(tiny_model) -> None:
+    """A request's binding lives as long as the request; a prompt's outputs (logits for every
+    position) must not: a stage with many prompts waiting for their first decode step grew
+    by hundreds of MB when the binding kept them."""
+    chain = LocalChain.load(tiny_model, None)
+    seg = chain.segments[0]
+    feeds = {"input_ids": np.asarray([PROMPT]), "attention_mask": np.ones((1, 8), np.int64)}
+    refs = []
+    for rid in ("a", "b", "allocated"):
+        seg.open(rid, 16)
+        if rid == "allocated":  # ORT allocates the outputs (shapes the model leaves open)
+            seg._caches[rid].decode_outputs = {}
+        out = seg.step(rid, feeds, len(PROMPT))
+        assert out["logits"].shape[:2] == (1, len(PROMPT))
+        refs.append(weakref.ref(out["logits"]))
+        del out
+        binding = seg._caches[rid].binding
+        assert binding is not None
+        # What the binding holds now: the KV buffers, and the one-token buffers if any.
+        kept = binding.get_outputs()[2 * len(seg.layers) :]
+        assert all(v.shape()[1] == 1 for v in kept), [v.shape() for v in kept]
+    gc.collect()
+    assert [r() for r in refs] == [None, None, None]
+    # The requests decode on from there, the same on either path.
+    step = {"input_ids": np.asarray([[7]]), "attention_mask": np.ones((1, 9), np.int64)}
+    a, b, allocated = (seg.step(rid, step, 1)["logits"] for rid in ("a", "b", "allocated"))
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, allocated)
