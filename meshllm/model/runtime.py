@@ -230,14 +230,16 @@ class SegmentRuntime:
             # Bound once per request: binding every layer's cache at every step cost a few
             # hundred µs of Python per step, cold, and a mesh pays it at every stage.
             binding = cache.binding = self.session.io_binding()
-            for past, present in self._kv_pairs:
-                buf = cache.buffers[past]
-                binding.bind_ortvalue_input(past, buf)
-                binding.bind_ortvalue_output(present, buf)
+            self._bind_kv(binding, cache)
         for name in self.data_inputs:
             value = feeds[name]
             if isinstance(value, ort.OrtValue):
                 binding.bind_ortvalue_input(name, value)
+            elif new_tokens > 1:
+                # As an OrtValue, which clear_binding_inputs lets go of (see below); what
+                # bind_cpu_input keeps stays until the name is bound again.
+                arr = np.ascontiguousarray(value)
+                binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(arr))
             else:
                 binding.bind_cpu_input(name, value)
         outs = self._decode_outputs(cache)
@@ -248,33 +250,41 @@ class SegmentRuntime:
             cache.length += new_tokens
             # Copies: the buffers are the next step's.
             return {name: array.copy() for name, (array, _) in outs.items()}
-        # A prompt step: outputs of its own size. The binding lives as long as the request,
-        # so it must not keep them: a prompt's logits are several MB, and a stage with dozens
-        # of prompts waiting for their first decode step grew by hundreds of MB.
+        # A prompt step: inputs and outputs of its own size. The binding lives as long as the
+        # request, so it must let go of them after the step: a prompt's logits are several MB,
+        # and a stage with dozens of prompts waiting for their first decode step grew by
+        # hundreds of MB.
         fresh = self._output_buffers(new_tokens) if outs is not None else None
         if fresh is not None:
             for name, (_, value) in fresh.items():
                 binding.bind_ortvalue_output(name, value)
             self.session.run_with_iobinding(binding)
-            cache.length += new_tokens
-            for name, (_, value) in (outs or {}).items():
-                binding.bind_ortvalue_output(name, value)
-            return {name: array for name, (array, _) in fresh.items()}
-        for name in self.data_outputs:
-            binding.bind_output(name, "cpu")
-        self.session.run_with_iobinding(binding)
+            result = {name: array for name, (array, _) in fresh.items()}
+        else:
+            for name in self.data_outputs:
+                binding.bind_output(name, "cpu")
+            self.session.run_with_iobinding(binding)
+            values = binding.get_outputs()
+            # get_outputs follows binding order: the KV buffers first, then the data outputs.
+            result = {
+                name: value.numpy()
+                for name, value in zip(
+                    self.data_outputs, values[len(self._kv_pairs) :], strict=True
+                )
+            }
         cache.length += new_tokens
-        values = binding.get_outputs()
-        # get_outputs follows binding order: the KV buffers first, then the data outputs.
-        result = {
-            name: value.numpy()
-            for name, value in zip(self.data_outputs, values[len(self._kv_pairs) :], strict=True)
-        }
-        # ORT allocated these outputs; unbound, they go back to its arena (see above).
+        binding.clear_binding_inputs()
         binding.clear_binding_outputs()
-        for past, present in self._kv_pairs:
-            binding.bind_ortvalue_output(present, cache.buffers[past])
+        self._bind_kv(binding, cache)
+        for name, (_, value) in (outs or {}).items():
+            binding.bind_ortvalue_output(name, value)
         return result
+
+    def _bind_kv(self, binding: ort.IOBinding, cache: _KVCache) -> None:
+        for past, present in self._kv_pairs:
+            buf = cache.buffers[past]
+            binding.bind_ortvalue_input(past, buf)
+            binding.bind_ortvalue_output(present, buf)
 
     def _output_buffers(self, positions: int) -> dict[str, tuple[np.ndarray, ort.OrtValue]] | None:
         """Fresh buffers for the data outputs of a step of *positions* positions, or None

@@ -61,10 +61,10 @@ def test_decode_outputs_are_kept_per_request(tiny_model) -> None:
     assert all(not np.shares_memory(x[k][0], y[k][0]) for k in x)
 
 
-def test_a_prompt_steps_outputs_are_not_kept_by_the_request(tiny_model) -> None:
-    """A request's binding lives as long as the request; a prompt's outputs (logits for every
-    position) must not: a stage with many prompts waiting for their first decode step grew
-    by hundreds of MB when the binding kept them."""
+def test_a_prompt_steps_tensors_are_not_kept_by_the_request(tiny_model) -> None:
+    """A request's binding lives as long as the request; a prompt step's inputs and outputs
+    (logits for every position) must not: a stage with many prompts waiting for their first
+    decode step grew by hundreds of MB when the binding kept them."""
     chain = LocalChain.load(tiny_model, None)
     seg = chain.segments[0]
     feeds = {"input_ids": np.asarray([PROMPT]), "attention_mask": np.ones((1, 8), np.int64)}
@@ -73,15 +73,20 @@ def test_a_prompt_steps_outputs_are_not_kept_by_the_request(tiny_model) -> None:
         seg.open(rid, 16)
         if rid == "allocated":  # ORT allocates the outputs (shapes the model leaves open)
             seg._caches[rid].decode_outputs = {}
-        out = seg.step(rid, feeds, len(PROMPT))
+        ids = np.asarray([PROMPT])
+        feeds_ref = weakref.ref(ids)
+        out = seg.step(rid, {**feeds, "input_ids": ids}, len(PROMPT))
+        del ids
         assert out["logits"].shape[:2] == (1, len(PROMPT))
         refs.append(weakref.ref(out["logits"]))
         del out
         binding = seg._caches[rid].binding
         assert binding is not None
-        # What the binding holds now: the KV buffers, and the one-token buffers if any.
+        # What the binding holds now: the KV buffers, and the one-token buffers if any; the
+        # prompt's input ids went too (a middle stage's hidden states are MBs).
         kept = binding.get_outputs()[2 * len(seg.layers) :]
         assert all(v.shape()[1] == 1 for v in kept), [v.shape() for v in kept]
+        assert feeds_ref() is None
     gc.collect()
     assert [r() for r in refs] == [None, None, None]
     # The requests decode on from there, the same on either path.
