@@ -140,10 +140,16 @@ def bench_precision(
                 for conc in LEVELS:
                     agg_rounds[conc].append(aggregate_round(homes, conc, tokens, shift=r))
             plan_stages = [f"{a}-{b}" for _, a, b in plan["stages"]]
-            rss = []
-            for p in peers:
+            rss, memory = [], []
+            for p, home in zip(peers, homes, strict=True):
                 status = Path(f"/proc/{p.pid}/status").read_text().splitlines()
                 rss.append(int(next(x.split()[1] for x in status if x.startswith("VmRSS:"))) / 1024)
+                view = call(home, "status")
+                own = view["serving"]["states"].get(view["self"]["id"], {})
+                memory.append({
+                    "peer": p.index, "layers": own.get("layers"), "rss_mib": round(rss[-1], 1),
+                    "segment_mib": round(own.get("segment_bytes", 0) / 2**20, 1),
+                })  # fmt: skip
         finally:
             testbed.down(root)
     mono = statistics.median(monos)
@@ -178,6 +184,8 @@ def bench_precision(
         "aggregate_ratio_vs_1": {str(k): round(v / aggregate[1], 3) for k, v in aggregate.items()},
         "stage_breakdown_s": singles[0]["stages"],
         "daemon_rss_mib": [round(x, 1) for x in rss],
+        # Each daemon's resident memory beside the size of the segment it runs.
+        "peer_memory": memory,
     }
 
 
@@ -239,6 +247,12 @@ def main() -> None:
             f"{r['mesh_ttft_s'] * 1000:>8.0f} {a['1']:>7.1f} {a['2']:>7.1f} {a['4']:>7.1f} "
             f"{r['aggregate_ratio_vs_1']['4']:>5.2f}"
         )
+    for r in results:
+        print(f"\n{r['precision']}: {'peer':>4} {'layers':>7} {'segment MiB':>11} {'RSS MiB':>8}")
+        for m in r["peer_memory"]:
+            layers, seg, rss = m["layers"] or "-", m["segment_mib"], m["rss_mib"]
+            pad = " " * (len(r["precision"]) + 1)
+            print(f"{pad} {m['peer']:>4} {layers:>7} {seg:>11.1f} {rss:>8.1f}")
     print(f"\nwritten to {out}")
 
 
