@@ -140,14 +140,14 @@ def bench_precision(
                 for conc in LEVELS:
                     agg_rounds[conc].append(aggregate_round(homes, conc, tokens, shift=r))
             plan_stages = [f"{a}-{b}" for _, a, b in plan["stages"]]
-            rss, memory = [], []
+            memory = []
             for p, home in zip(peers, homes, strict=True):
                 status = Path(f"/proc/{p.pid}/status").read_text().splitlines()
-                rss.append(int(next(x.split()[1] for x in status if x.startswith("VmRSS:"))) / 1024)
+                rss = int(next(x.split()[1] for x in status if x.startswith("VmRSS:"))) / 1024
                 view = call(home, "status")
                 own = view["serving"]["states"].get(view["self"]["id"], {})
                 memory.append({
-                    "peer": p.index, "layers": own.get("layers"), "rss_mib": round(rss[-1], 1),
+                    "peer": p.index, "layers": own.get("layers"), "rss_mib": round(rss, 1),
                     "segment_mib": round(own.get("segment_bytes", 0) / 2**20, 1),
                 })  # fmt: skip
         finally:
@@ -183,7 +183,7 @@ def bench_precision(
         "aggregate_rounds_tok_s": {str(k): [round(x, 2) for x in v] for k, v in agg_rounds.items()},
         "aggregate_ratio_vs_1": {str(k): round(v / aggregate[1], 3) for k, v in aggregate.items()},
         "stage_breakdown_s": singles[0]["stages"],
-        "daemon_rss_mib": [round(x, 1) for x in rss],
+        "daemon_rss_mib": [m["rss_mib"] for m in memory],
         # Each daemon's resident memory beside the size of the segment it runs.
         "peer_memory": memory,
     }

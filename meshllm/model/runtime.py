@@ -250,10 +250,10 @@ class SegmentRuntime:
             cache.length += new_tokens
             # Copies: the buffers are the next step's.
             return {name: array.copy() for name, (array, _) in outs.items()}
-        # A prompt step: inputs and outputs of its own size. The binding lives as long as the
-        # request, so it must let go of them after the step: a prompt's logits are several MB,
-        # and a stage with dozens of prompts waiting for their first decode step grew by
-        # hundreds of MB.
+        # A prompt step (or one whose outputs ORT must allocate): tensors of its own size. The
+        # binding lives as long as the request, so it must let go of them after the step: a
+        # prompt's logits are several MB, and a stage with dozens of prompts waiting for their
+        # first decode step grew by hundreds of MB.
         fresh = self._output_buffers(new_tokens) if outs is not None else None
         if fresh is not None:
             for name, (_, value) in fresh.items():
