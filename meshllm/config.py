@@ -122,10 +122,14 @@ class LimitsSection:
     max_new_tokens: int = 2048  # tokens one query may ask to generate
     max_concurrent_requests: int = 16  # queries coordinated here, and requests per stage
     max_frame_mb: int = 64  # largest activation frame read from another peer
+    # Decode steps of different requests a stage runs as one ONNX Runtime call (1: never
+    # batch). A batch streams the weights once for all its rows: more tokens per second
+    # in all while several requests are in flight, the same tokens for each.
+    max_batch: int = 8
 
     def __post_init__(self) -> None:
         for key in ("max_prompt_tokens", "max_new_tokens", "max_concurrent_requests",
-                    "max_frame_mb"):  # fmt: skip
+                    "max_frame_mb", "max_batch"):  # fmt: skip
             if getattr(self, key) < 1:
                 raise ConfigError(f"[limits] {key} must be >= 1")
 

@@ -108,6 +108,9 @@ class Frame:
     fed: bool = False
     # On a request's first frame on a new plan: where to fetch its KV cache from (no replay).
     kv_from: KVSource | None = None
+    # Frames sent on together from one batched step: the next stage runs a frame with a group
+    # as a batch with the rest of its group rather than alone as it arrives.
+    group: int = 0
 
 
 def encode_tensor(a: np.ndarray) -> list[Any]:
@@ -154,6 +157,8 @@ def encode_frame(f: Frame) -> bytes:
             obj["fd"] = True
         if f.kv_from is not None:
             obj["kv"] = f.kv_from.to_obj()
+        if f.group > 1:
+            obj["g"] = f.group
     elif f.kind == TOKEN:
         obj["tok"] = f.token
     elif f.kind == ERROR:
@@ -238,6 +243,7 @@ def decode_frame(data: bytes) -> Frame:
             raise BadFrame("bad forced tokens")
         f.force = force
         f.fed = obj.get("fd") is True
+        f.group = _int(obj, "g", 0)
         if f.fed and not force:
             raise BadFrame("a fed step without its forced token")
         if "kv" in obj:

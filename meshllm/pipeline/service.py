@@ -471,7 +471,7 @@ class ServingService:
             context_length=manifest.architecture.context_length,
             eos_token_ids=manifest.architecture.eos_token_ids, send=self.send_frame,
             max_requests=self.config.limits.max_concurrent_requests, fetch_kv=self._fetch_kv,
-            send_now=self._send_now,
+            send_now=self._send_now, max_batch=self.config.limits.max_batch,
         )  # fmt: skip
         assert self._nursery is not None
         self._stage_scope = trio.CancelScope()

@@ -103,6 +103,7 @@ class StageRunner:
         max_requests: int = 16,
         fetch_kv: FetchKV | None = None,
         send_now: SendNow | None = None,
+        max_batch: int = 8,
     ):
         self.runtime = runtime
         self.epoch = epoch
@@ -115,6 +116,13 @@ class StageRunner:
         self.max_requests = max_requests
         self.fetch_kv = fetch_kv
         self.send_now = send_now
+        self.max_batch = max(1, max_batch)
+        # Frames taken off the queue while gathering a batch that could not join it: the run
+        # loop takes them before the queue (they still count in _queued, so that no frame
+        # starts early ahead of them).
+        self._held: deque[Frame] = deque()
+        self.batches = 0  # batched steps run, and the decode steps they held
+        self.batched_steps = 0
         # What decides whether a step may start as its frame arrives (see submit and
         # run_here), shared by the event loop and the threads that read links.
         self._gate = threading.Lock()
@@ -174,7 +182,8 @@ class StageRunner:
         measured = max(0, self.decode_steps - self.WARMUP_STEPS - self.BASELINE_STEPS)
         return {"epoch": self.epoch, "steps": measured, "baseline_s": self.baseline_s,
                 "recent_s": self.recent_s, "steps_per_s": round(self.recent_rate(), 2),
-                "open_requests": len(self.runtime.open_requests)}  # fmt: skip
+                "open_requests": len(self.runtime.open_requests),
+                "batches": self.batches, "batched_steps": self.batched_steps}  # fmt: skip
 
     @property
     def is_last(self) -> bool:
@@ -207,6 +216,7 @@ class StageRunner:
             and f.kind == FWD
             and f.epoch == self.epoch
             and f.kv_from is None
+            and f.group < 2  # waits for its group, to run with it
             and self.runtime.cached_length(f.rid) > 0
         )
 
@@ -254,23 +264,23 @@ class StageRunner:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         try:
-            async for f in self._out:
+            while True:
+                if self._held:
+                    f = self._held.popleft()
+                else:
+                    try:
+                        f = await self._out.receive()
+                    except (trio.EndOfChannel, trio.ClosedResourceError):
+                        break
                 with self._gate:
                     self._queued -= 1
                     self._busy = True
                 try:
-                    await self._process(f)
-                except MeshError as exc:
-                    self._drop(f.rid)
-                    log.warning("request_failed", rid=f.rid, stage=self.index, reason=str(exc))
-                    # A lost peer or a replaced plan: the coordinator may replay the request
-                    # on the next plan. Anything else is the request's own fault.
-                    await self._fail(
-                        f,
-                        str(exc),
-                        retry=isinstance(exc, PeerUnreachable | StaleEpoch | KVMoveFailed),
-                        busy=isinstance(exc, StageBusy),
-                    )
+                    batch = await self._gather(f)
+                    if len(batch) > 1:
+                        await self._process_batch(batch)
+                    else:
+                        await self._process_one(f)
                 finally:
                     with self._gate:
                         self._busy = False
@@ -280,6 +290,125 @@ class StageRunner:
             if not self.keep_caches:
                 for rid in list(self.runtime.open_requests):
                     self._drop(rid)
+
+    async def _process_one(self, f: Frame) -> None:
+        try:
+            await self._process(f)
+        except MeshError as exc:
+            self._drop(f.rid)
+            log.warning("request_failed", rid=f.rid, stage=self.index, reason=str(exc))
+            # A lost peer or a replaced plan: the coordinator may replay the request on the
+            # next plan. Anything else is the request's own fault.
+            await self._fail(
+                f,
+                str(exc),
+                retry=isinstance(exc, PeerUnreachable | StaleEpoch | KVMoveFailed),
+                busy=isinstance(exc, StageBusy),
+            )
+
+    # -- batches --------------------------------------------------------------------------
+    # Most a batch's buffer may hold of KV cache (a copy of its rows' caches): long requests
+    # then run one at a time, where attention rather than the weights dominates anyway.
+    BATCH_BUDGET_BYTES = 64 << 20
+
+    def _batchable(self, f: Frame) -> bool:
+        """Whether *f* is a plain decode step that may run in a batch with others."""
+        if not (
+            f.kind == FWD and f.new == 1 and not f.force and not f.fed and f.kv_from is None
+            and f.epoch == self.epoch
+        ):  # fmt: skip
+            return False
+        length = self.runtime.cached_length(f.rid)
+        if length == 0 or f.pos != length + 1:
+            return False
+        try:
+            self.runtime.check_feeds(f.tensors, 1)
+        except MeshError:  # run alone, it fails on its own
+            return False
+        return True
+
+    # How long a frame sent on from a batch waits for the rest of its group (they left the
+    # previous stage together, microseconds apart).
+    GROUP_WAIT_S = 0.003
+
+    async def _gather(self, f: Frame) -> list[Frame]:
+        """*f*, and the decode steps of other requests queued behind it (or, for a frame of
+        a group, about to arrive) that can run with it as one batch. The run loop is busy
+        meanwhile, so nothing starts early."""
+        if self.max_batch < 2 or self._early is not None or not self._batchable(f):
+            return [f]
+        batch, rids = [f], {f.rid}
+        width = self.runtime.cached_length(f.rid) + 1
+        want = min(self.max_batch, f.group)
+        deadline = trio.current_time() + self.GROUP_WAIT_S
+        while len(batch) < self.max_batch and not self._held:
+            g = await self._next_queued(deadline if len(batch) < want else None)
+            if g is None:
+                break
+            wider = max(width, self.runtime.cached_length(g.rid) + 1)
+            fits = self.runtime.batch_bytes(len(batch) + 1, wider) <= self.BATCH_BUDGET_BYTES
+            if g.rid in rids or not fits or not self._batchable(g):
+                self._held.append(g)  # in order, before anything else queued
+                break
+            with self._gate:
+                self._queued -= 1
+            batch.append(g)
+            rids.add(g.rid)
+            width = wider
+        return batch
+
+    async def _next_queued(self, wait_until: float | None) -> Frame | None:
+        """The next queued frame; if none, None, or with *wait_until* the next to arrive
+        before then."""
+        try:
+            try:
+                return self._out.receive_nowait()
+            except trio.WouldBlock:
+                if wait_until is None:
+                    return None
+            with trio.move_on_at(wait_until):
+                return await self._out.receive()
+            return None
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            return None
+
+    async def _process_batch(self, frames: list[Frame]) -> None:
+        """Decode steps of several requests as one ONNX Runtime call; then each frame goes
+        on as its own step would have."""
+        t0 = time.perf_counter()
+        rids = [f.rid for f in frames]
+        feeds = [f.tensors for f in frames]
+        quick = self.send_now is not None
+
+        def run() -> list[tuple[Any, Exception | None]] | Exception:
+            t = time.perf_counter()
+            try:
+                results = self.runtime.step_batch(rids, feeds)
+            except Exception as exc:  # it changed no request's cache: each can run alone
+                return exc
+            inner = time.perf_counter() - t
+            self.inner_s += inner
+            if quick:
+                return self._pass_on_batch(frames, results, inner)
+            return [((res, None, False), None) for res in results]
+
+        done = await self._compute.run(run)
+        if isinstance(done, Exception):
+            log.warning("batch_failed", stage=self.index, rows=len(frames), reason=str(done))
+            for f in frames:
+                await self._process_one(f)
+            return
+        self.batches += 1
+        self.batched_steps += len(frames)
+        for f, (result, error) in zip(frames, done, strict=True):
+            step = _Step(f)
+            step.t0, step.result, step.error = t0, result, error
+            try:
+                await self._finish(f, step, share=len(frames))
+            except MeshError as exc:
+                self._drop(f.rid)
+                log.warning("request_failed", rid=f.rid, stage=self.index, reason=str(exc))
+                await self._fail(f, str(exc), retry=isinstance(exc, PeerUnreachable))
 
     def _drop(self, rid: str) -> None:
         self.runtime.close(rid)
@@ -403,21 +532,60 @@ class StageRunner:
             res = self.runtime.step(f.rid, feeds, f.new)
             inner = time.perf_counter() - t
             self.inner_s += inner
-            if not quick:
-                return res, None, False
-            assert self.send_now is not None
-            if not self.is_last:
-                nxt = self._onward(f, res, [*f.compute_s, inner], [], False)
-                assert self.next_peer is not None
-                return res, None, self.send_now(self.next_peer, nxt)
-            token = self._samplers[f.rid](res["logits"][0, -1])
-            again = self._continue(f, token, [])
-            return res, token, again is not None and self.send_now(self.first_peer, again)
+            return self._pass_on(f, res, inner) if quick else (res, None, False)
 
         step.job = self._compute.claim(run) if here else self._compute.start(run)
         return step
 
-    async def _finish(self, f: Frame, step: _Step) -> None:
+    def _pass_on(
+        self, f: Frame, res: dict[str, np.ndarray], inner: float
+    ) -> tuple[dict[str, np.ndarray], int | None, bool]:
+        """On the compute thread, right after a plain decode step: put its output on the
+        wire if that needs no event loop. (outputs, the token sampled or None, sent)."""
+        assert self.send_now is not None
+        if not self.is_last:
+            nxt = self._onward(f, res, [*f.compute_s, inner], [], False)
+            assert self.next_peer is not None
+            return res, None, self.send_now(self.next_peer, nxt)
+        token = self._samplers[f.rid](res["logits"][0, -1])
+        again = self._continue(f, token, [])
+        return res, token, again is not None and self.send_now(self.first_peer, again)
+
+    def _pass_on_batch(
+        self, frames: list[Frame], results: list[dict[str, np.ndarray]], inner: float
+    ) -> list[tuple[Any, Exception | None]]:
+        """``_pass_on`` for a batch's rows, each with its own failure if it failed. What goes
+        on to the next peer goes as a group, for it to run as one batch again."""
+        assert self.send_now is not None
+        peer = self.first_peer if self.is_last else self.next_peer
+        assert peer is not None
+        rows: list[tuple[dict[str, np.ndarray], int | None, Frame | None]] = []
+        errors: list[Exception | None] = []
+        for f, res in zip(frames, results, strict=True):
+            try:
+                if self.is_last:
+                    token = self._samplers[f.rid](res["logits"][0, -1])
+                    rows.append((res, token, self._continue(f, token, [])))
+                else:
+                    rows.append((res, None, self._onward(f, res, [*f.compute_s, inner], [], False)))
+                errors.append(None)
+            except Exception as exc:  # the row's own failure, as for a single step
+                rows.append(({}, None, None))
+                errors.append(exc)
+        group = sum(nxt is not None for _, _, nxt in rows)
+        done: list[tuple[Any, Exception | None]] = []
+        for (res, token, nxt), error in zip(rows, errors, strict=True):
+            if error is None and nxt is not None:
+                nxt.group = group
+                try:
+                    done.append(((res, token, self.send_now(peer, nxt)), None))
+                except Exception as exc:
+                    done.append((None, exc))
+                continue
+            done.append(((res, token, False), None) if error is None else (None, error))
+        return done
+
+    async def _finish(self, f: Frame, step: _Step, share: int = 1) -> None:
         """Wait for a frame's step and pass on what it made."""
         rid = f.rid
         outs, sampled, sent_on = await step.outcome(self._compute)
@@ -425,8 +593,9 @@ class StageRunner:
         self.steps += 1
         self.compute_s += spent
         if f.new == 1 and not f.force:
-            # Replayed steps come in a burst right after a plan change: not typical load.
-            self._note_decode_step(spent)
+            # Replayed steps come in a burst right after a plan change: not typical load. A
+            # batch's time is shared by its rows: what the stage costs a token.
+            self._note_decode_step(spent / share)
         timings = [*f.compute_s, spent]
         if self.is_last:
             force, sent = f.force, sent_on
