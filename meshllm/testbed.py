@@ -138,12 +138,14 @@ def up(
     *,
     profile: Path | None = None,
     transport: str | None = None,
+    config: dict[str, dict[str, str]] | None = None,
     report: Callable[[str], None] = lambda _m: None,
 ) -> list[TestbedPeer]:
     """Start *n* peers (default 3) on loopback, or with *profile* one per ``[[peer]]`` of it,
     each in its own namespace and cgroup (needs root); returns once they form one mesh.
 
-    *transport* sets ``[mesh] transport`` of every peer (a plugin's, say) before it starts.
+    *transport* sets ``[mesh] transport`` of every peer (a plugin's, say) before it starts;
+    *config* sets other keys, by section (values TOML-encoded, as ``set_config_keys``).
     """
     from meshllm import netbed
     from meshllm.commands.peer import init_home
@@ -192,6 +194,8 @@ def up(
                 set_peer_config(home, listen=np.listen, memory_limit_mb=np.memory_mb)
             if transport is not None:
                 set_config_keys(home, "mesh", {"transport": json.dumps(transport)})
+            for section, values in (config or {}).items():
+                set_config_keys(home, section, values)
             if secret is None:
                 secret = MeshSecret.load(home)
             wrap = netbed.peer_command(np, []) if np is not None else ()

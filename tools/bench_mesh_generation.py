@@ -90,6 +90,7 @@ def bench_precision(
     partitioner: str,
     floor: bool = False,
     source: str | None = None,
+    max_batch: int | None = None,
 ) -> dict:
     manifest, _ = import_model(store.dir, source, precision=precision,
                                report=lambda m: print(m, file=sys.stderr))  # fmt: skip
@@ -97,7 +98,8 @@ def bench_precision(
     model = store.get(name)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        peers = testbed.up(root, n)
+        config = {"limits": {"max_batch": str(max_batch)}} if max_batch is not None else None
+        peers = testbed.up(root, n, config=config)
         homes = [Path(p.home) for p in peers]
         try:
             dest = homes[0] / "models" / name
@@ -145,10 +147,15 @@ def bench_precision(
                 status = Path(f"/proc/{p.pid}/status").read_text().splitlines()
                 rss = int(next(x.split()[1] for x in status if x.startswith("VmRSS:"))) / 1024
                 view = call(home, "status")
-                own = view["serving"]["states"].get(view["self"]["id"], {})
+                me = view["self"]["id"]
+                own = view["serving"]["states"].get(me, {})
+                stats = (view["serving"].get("runtime", {}).get(me) or {}).get("stage_stats", {})
                 memory.append({
                     "peer": p.index, "layers": own.get("layers"), "rss_mib": round(rss, 1),
                     "segment_mib": round(own.get("segment_bytes", 0) / 2**20, 1),
+                    # Decode steps this stage ran in batches with other requests' steps.
+                    "batches": stats.get("batches", 0),
+                    "batched_steps": stats.get("batched_steps", 0),
                 })  # fmt: skip
         finally:
             testbed.down(root)
@@ -161,6 +168,7 @@ def bench_precision(
         "precision": precision,
         "peers": n,
         "partitioner": partitioner,
+        "max_batch": max_batch,
         "stages": [str(s) for s in plan_stages],
         "tokens": tokens,
         "monolithic_decode_tok_s": round(mono, 2),
@@ -221,12 +229,19 @@ def main() -> None:
         help="also time the plan's segments as plain processes joined by pipes, in the same "
         "alternating rounds: what splitting into processes costs on this machine by itself",
     )
+    ap.add_argument(
+        "--max-batch",
+        type=int,
+        default=None,
+        help="[limits] max_batch of every peer (default: the daemon's; 1 turns off running "
+        "several requests' decode steps as one batch)",
+    )
     ap.add_argument("--out", default=REPO / "bench-results" / "mesh_generation.json")
     args = ap.parse_args()
     testbed.exit_on_sigterm()  # stopped by `timeout`, it still takes its testbed down
     store = ModelStore(Path(args.home) / "models")
     results = [bench_precision(store, p, args.peers, args.tokens, args.rounds, args.partitioner,
-                               args.floor, args.source)
+                               args.floor, args.source, args.max_batch)
                for p in args.precisions.split(",")]  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -248,11 +263,14 @@ def main() -> None:
             f"{r['aggregate_ratio_vs_1']['4']:>5.2f}"
         )
     for r in results:
-        print(f"\n{r['precision']}: {'peer':>4} {'layers':>7} {'segment MiB':>11} {'RSS MiB':>8}")
+        print(f"\n{r['precision']}: {'peer':>4} {'layers':>7} {'segment MiB':>11} {'RSS MiB':>8} "
+              f"{'batched steps':>13} {'rows/batch':>10}")  # fmt: skip
         for m in r["peer_memory"]:
             layers, seg, rss = m["layers"] or "-", m["segment_mib"], m["rss_mib"]
             pad = " " * (len(r["precision"]) + 1)
-            print(f"{pad} {m['peer']:>4} {layers:>7} {seg:>11.1f} {rss:>8.1f}")
+            rows = m["batched_steps"] / m["batches"] if m["batches"] else 0.0
+            print(f"{pad} {m['peer']:>4} {layers:>7} {seg:>11.1f} {rss:>8.1f} "
+                  f"{m['batched_steps']:>13} {rows:>10.2f}")  # fmt: skip
     print(f"\nwritten to {out}")
 
 
