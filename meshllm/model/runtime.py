@@ -132,6 +132,7 @@ class SegmentRuntime:
         self._kv = kv
         self._caches: dict[str, _KVCache] = {}
         self._slab: _BatchSlab | None = None
+        self._slab_memory: dict[str, np.ndarray] = {}  # past name -> the batch buffer's memory
 
     def check_feeds(self, feeds: Mapping[str, Tensor], new_tokens: int) -> None:
         """Validate names, dtypes and shapes of data inputs from the network (raises BadInput)."""
@@ -368,15 +369,22 @@ class SegmentRuntime:
         slab = self._slab
         if slab is not None and slab.rids == rids and slab.width >= width:
             return slab
-        self._slab = None  # let the old one go before allocating the new one
+        self._slab = None
         shape = (len(rids), self.arch.num_key_value_heads, width + self.BATCH_HEADROOM,
                  self.arch.head_size)  # fmt: skip
+        size = int(np.prod(shape))
+        if self._slab_memory and next(iter(self._slab_memory.values())).size < size:
+            self._slab_memory = {}  # let the old memory go before allocating more
+        if not self._slab_memory:
+            # Kept across batches and grown only when too small: a fresh buffer for every new
+            # mix of requests left the allocator holding on to freed ones.
+            self._slab_memory = {past: np.empty(size, self._kv_dtype) for past, _ in self._kv_pairs}
         binding = self.session.io_binding()
         arrays = {}
         for past, present in self._kv_pairs:
-            # Past a row's length the buffer is left as it is: GroupQueryAttention reads only
-            # each row's own positions.
-            array = np.empty(shape, self._kv_dtype)
+            # Past a row's length the buffer holds what it held: GroupQueryAttention reads
+            # only each row's own positions.
+            array = self._slab_memory[past][:size].reshape(shape)
             value = ort.OrtValue.ortvalue_from_numpy(array)
             binding.bind_ortvalue_input(past, value)
             binding.bind_ortvalue_output(present, value)
