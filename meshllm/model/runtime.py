@@ -357,12 +357,16 @@ class SegmentRuntime:
         values = binding.get_outputs()[len(self._kv_pairs) :]
         return {n: v.numpy() for n, v in zip(self.data_outputs, values, strict=True)}
 
-    # Room a new batch buffer leaves for the positions its requests will add.
+    # Room a new batch buffer leaves for the positions its requests will add: at least this,
+    # or half its width, so that a growing batch needs a bigger buffer only now and then.
     BATCH_HEADROOM = 64
+
+    def _batch_width(self, width: int) -> int:
+        return width + max(self.BATCH_HEADROOM, width // 2)
 
     def batch_bytes(self, rows: int, width: int) -> int:
         """Bytes of a batch buffer for *rows* requests of up to *width* positions."""
-        per = rows * (width + self.BATCH_HEADROOM) * self.arch.num_key_value_heads
+        per = rows * self._batch_width(width) * self.arch.num_key_value_heads
         return 2 * len(self.layers) * per * self.arch.head_size * self._kv_dtype.itemsize
 
     def _batch_slab(self, rids: tuple[str, ...], width: int) -> _BatchSlab:
@@ -370,7 +374,7 @@ class SegmentRuntime:
         if slab is not None and slab.rids == rids and slab.width >= width:
             return slab
         self._slab = None
-        shape = (len(rids), self.arch.num_key_value_heads, width + self.BATCH_HEADROOM,
+        shape = (len(rids), self.arch.num_key_value_heads, self._batch_width(width),
                  self.arch.head_size)  # fmt: skip
         size = int(np.prod(shape))
         if self._slab_memory and next(iter(self._slab_memory.values())).size < size:
