@@ -295,16 +295,19 @@ class StageRunner:
         try:
             await self._process(f)
         except MeshError as exc:
-            self._drop(f.rid)
-            log.warning("request_failed", rid=f.rid, stage=self.index, reason=str(exc))
-            # A lost peer or a replaced plan: the coordinator may replay the request on the
-            # next plan. Anything else is the request's own fault.
-            await self._fail(
-                f,
-                str(exc),
-                retry=isinstance(exc, PeerUnreachable | StaleEpoch | KVMoveFailed),
-                busy=isinstance(exc, StageBusy),
-            )
+            await self._failed(f, exc)
+
+    async def _failed(self, f: Frame, exc: MeshError) -> None:
+        self._drop(f.rid)
+        log.warning("request_failed", rid=f.rid, stage=self.index, reason=str(exc))
+        # A lost peer or a replaced plan: the coordinator may replay the request on the next
+        # plan. Anything else is the request's own fault.
+        await self._fail(
+            f,
+            str(exc),
+            retry=isinstance(exc, PeerUnreachable | StaleEpoch | KVMoveFailed),
+            busy=isinstance(exc, StageBusy),
+        )
 
     # -- batches --------------------------------------------------------------------------
     # Most a batch's buffer may hold of KV cache (a copy of its rows' caches): long requests
@@ -335,7 +338,8 @@ class StageRunner:
         """*f*, and the decode steps of other requests queued behind it (or, for a frame of
         a group, about to arrive) that can run with it as one batch. The run loop is busy
         meanwhile, so nothing starts early."""
-        if self.max_batch < 2 or self._early is not None or not self._batchable(f):
+        alone = f.group < 2 and not self._out.statistics().current_buffer_used
+        if self.max_batch < 2 or self._early is not None or alone or not self._batchable(f):
             return [f]
         batch, rids = [f], {f.rid}
         width = self.runtime.cached_length(f.rid) + 1
@@ -406,9 +410,7 @@ class StageRunner:
             try:
                 await self._finish(f, step, share=len(frames))
             except MeshError as exc:
-                self._drop(f.rid)
-                log.warning("request_failed", rid=f.rid, stage=self.index, reason=str(exc))
-                await self._fail(f, str(exc), retry=isinstance(exc, PeerUnreachable))
+                await self._failed(f, exc)
 
     def _drop(self, rid: str) -> None:
         self.runtime.close(rid)
@@ -537,19 +539,30 @@ class StageRunner:
         step.job = self._compute.claim(run) if here else self._compute.start(run)
         return step
 
+    def _next_frame(
+        self, f: Frame, res: dict[str, np.ndarray], inner: float
+    ) -> tuple[int | None, Frame | None]:
+        """After a plain decode step: the token it sampled (last stage) and the frame to send
+        on (None: the request stops here)."""
+        if not self.is_last:
+            return None, self._onward(f, res, [*f.compute_s, inner], [], False)
+        token = self._samplers[f.rid](res["logits"][0, -1])
+        return token, self._continue(f, token, [])
+
+    @property
+    def _onward_peer(self) -> str:
+        peer = self.first_peer if self.is_last else self.next_peer
+        assert peer is not None
+        return peer
+
     def _pass_on(
         self, f: Frame, res: dict[str, np.ndarray], inner: float
     ) -> tuple[dict[str, np.ndarray], int | None, bool]:
         """On the compute thread, right after a plain decode step: put its output on the
         wire if that needs no event loop. (outputs, the token sampled or None, sent)."""
         assert self.send_now is not None
-        if not self.is_last:
-            nxt = self._onward(f, res, [*f.compute_s, inner], [], False)
-            assert self.next_peer is not None
-            return res, None, self.send_now(self.next_peer, nxt)
-        token = self._samplers[f.rid](res["logits"][0, -1])
-        again = self._continue(f, token, [])
-        return res, token, again is not None and self.send_now(self.first_peer, again)
+        token, nxt = self._next_frame(f, res, inner)
+        return res, token, nxt is not None and self.send_now(self._onward_peer, nxt)
 
     def _pass_on_batch(
         self, frames: list[Frame], results: list[dict[str, np.ndarray]], inner: float
@@ -557,32 +570,23 @@ class StageRunner:
         """``_pass_on`` for a batch's rows, each with its own failure if it failed. What goes
         on to the next peer goes as a group, for it to run as one batch again."""
         assert self.send_now is not None
-        peer = self.first_peer if self.is_last else self.next_peer
-        assert peer is not None
-        rows: list[tuple[dict[str, np.ndarray], int | None, Frame | None]] = []
-        errors: list[Exception | None] = []
+        rows: list[tuple[int | None, Frame | None, Exception | None]] = []
         for f, res in zip(frames, results, strict=True):
             try:
-                if self.is_last:
-                    token = self._samplers[f.rid](res["logits"][0, -1])
-                    rows.append((res, token, self._continue(f, token, [])))
-                else:
-                    rows.append((res, None, self._onward(f, res, [*f.compute_s, inner], [], False)))
-                errors.append(None)
+                rows.append((*self._next_frame(f, res, inner), None))
             except Exception as exc:  # the row's own failure, as for a single step
-                rows.append(({}, None, None))
-                errors.append(exc)
-        group = sum(nxt is not None for _, _, nxt in rows)
+                rows.append((None, None, exc))
+        group = sum(nxt is not None for _, nxt, _ in rows)
         done: list[tuple[Any, Exception | None]] = []
-        for (res, token, nxt), error in zip(rows, errors, strict=True):
+        for res, (token, nxt, error) in zip(results, rows, strict=True):
+            sent = False
             if error is None and nxt is not None:
                 nxt.group = group
                 try:
-                    done.append(((res, token, self.send_now(peer, nxt)), None))
+                    sent = self.send_now(self._onward_peer, nxt)
                 except Exception as exc:
-                    done.append((None, exc))
-                continue
-            done.append(((res, token, False), None) if error is None else (None, error))
+                    error = exc
+            done.append((None, error) if error is not None else ((res, token, sent), None))
         return done
 
     async def _finish(self, f: Frame, step: _Step, share: int = 1) -> None:
