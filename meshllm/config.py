@@ -142,6 +142,13 @@ class ApiSection:
     enabled: bool = False
     host: str = "127.0.0.1"  # an IP address or a host name to listen on
     port: int = 8080  # 0: any free port (the bound one is in `status --json` under "api")
+    # Host headers accepted besides the listening address itself ("name" or "name:port"; no
+    # port: any port), e.g. the name a reverse proxy forwards. Any other name is refused, so
+    # that a web page whose name was re-pointed at this machine (DNS rebinding) cannot read.
+    allowed_hosts: tuple[str, ...] = ()
+    # Web pages ("scheme://host[:port]") whose browser requests are served; a request with
+    # any other Origin header is refused (no Origin: not a browser's cross-site request).
+    allowed_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not _is_host(self.host):
@@ -151,9 +158,38 @@ class ApiSection:
             )
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"[api] port must be 0-65535 (0: any free port), not {self.port}")
+        for entry in self.allowed_hosts:
+            if not _is_host_port(_HOST_PORT.fullmatch(entry)):
+                raise ConfigError(
+                    f"[api] allowed_hosts: {entry!r} is not HOST or HOST:PORT "
+                    f"(e.g. my-box.local, localhost:3000, [::1]:8080)"
+                )
+        for entry in self.allowed_origins:
+            if not _is_host_port(_ORIGIN.fullmatch(entry)):
+                raise ConfigError(
+                    f"[api] allowed_origins: {entry!r} is not SCHEME://HOST[:PORT] "
+                    f"(e.g. http://localhost:3000, with no path)"
+                )
 
 
 _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+_HOST_PORT = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[^\[\]/:]+)(?::(?P<port>[0-9]{1,5}))?")
+_ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://" + _HOST_PORT.pattern)
+
+
+def _is_host_port(match: re.Match[str] | None) -> bool:
+    """Whether a match of _HOST_PORT (or _ORIGIN) names a valid host and port."""
+    if match is None:
+        return False
+    host, port = match["host"], match["port"]
+    if port is not None and not 0 < int(port) <= 65535:
+        return False
+    if host.startswith("["):
+        try:
+            return ipaddress.ip_address(host[1:-1]).version == 6
+        except ValueError:
+            return False
+    return _is_host(host)
 
 
 def _is_host(host: str) -> bool:

@@ -74,7 +74,9 @@ class Daemon:
         from meshllm.api.openai import OpenAIApi
 
         handler = OpenAIApi(self.serving, max_new_tokens=self.config.limits.max_new_tokens)
-        return HttpServer(handler, self.config.api.host, self.config.api.port)
+        api = self.config.api
+        return HttpServer(handler, api.host, api.port, allowed_hosts=api.allowed_hosts,
+                          allowed_origins=api.allowed_origins)  # fmt: skip
 
     def _save_members(self, members: dict[str, list[str]]) -> None:
         peers = load_peers(self.home)
@@ -217,8 +219,9 @@ def _is_loopback(host: str) -> bool:
 def run_daemon(home: Path, api: ApiSection | None = None) -> None:
     """Run the daemon of *home* until stopped; *api* replaces the config's ``[api]``."""
     config = load_config(home / CONFIG_FILE)
-    if api is not None:
-        config = replace(config, api=api)
+    if api is not None:  # --api: where to listen; the config's browser rules still apply
+        config = replace(config, api=replace(config.api, enabled=api.enabled, host=api.host,
+                                             port=api.port))  # fmt: skip
     configure(config.log.level)
     daemon = Daemon(home, config)
     try:

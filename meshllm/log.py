@@ -6,6 +6,7 @@ import logging
 import sys
 
 import structlog
+from structlog.typing import ExceptionRenderer
 
 
 class _CurrentStderr:
@@ -20,6 +21,20 @@ class _CurrentStderr:
         sys.stderr.flush()
 
 
+def traceback_formatter() -> ExceptionRenderer:
+    """How the console shows a logged exception's traceback: never with local variables.
+
+    structlog's default, when rich is installed (it comes with other packages), prints every
+    frame's locals; a frame holding the mesh secret, a key seed, a data-plane key or ticket
+    as a local would put it on the terminal and in whatever captures it.
+    """
+    try:
+        import rich  # noqa: F401
+    except ImportError:
+        return structlog.dev.plain_traceback
+    return structlog.dev.RichTracebackFormatter(show_locals=False)
+
+
 _configured: str | None = None  # "explicit" once a level was asked for on the command line
 
 
@@ -32,7 +47,7 @@ def configure(level: str = "warning", *, explicit: bool = False) -> None:
     _configured = "explicit" if explicit else level
     lvl = getattr(logging, level.upper(), logging.WARNING)
     renderer = (
-        structlog.dev.ConsoleRenderer()
+        structlog.dev.ConsoleRenderer(exception_formatter=traceback_formatter())
         if sys.stderr.isatty()
         else structlog.processors.JSONRenderer()
     )

@@ -4,12 +4,20 @@ server-sent events out, keep-alive, and an error object for whatever a client ge
 It knows nothing of OpenAI: a handler gets each :class:`Request` with a :class:`Responder`
 and either answers through it or raises :class:`ApiError`. A handler's bug becomes a 500 and
 is logged; the server itself keeps serving whatever clients send.
+
+It keeps to the rules that stop a web page from using it through a visitor's browser
+(:class:`BrowserRules`): a ``Host`` it does not listen as (DNS rebinding) is refused, and so
+is an ``Origin`` it was not told to trust (cross-site requests), and a POST that is not
+``application/json`` (a form's or ``text/plain`` body, which browsers send cross-site without
+asking first). A connection holds one of the MAX_CONNECTIONS slots only from a complete
+request head to the end of its response: a silent, slow or idle client costs no slot.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -25,8 +33,10 @@ from meshllm.errors import MeshError
 
 MAX_BODY = 1 << 20  # as large as a control-socket request line
 MAX_HEADERS = 16 << 10
-MAX_CONNECTIONS = 64
-REQUEST_TIMEOUT_S = 30.0  # a request, once begun, must arrive whole within this
+MAX_CONNECTIONS = 64  # requests served at once; more wait for a slot once their head is in
+HEAD_TIMEOUT_S = 10.0  # a request head must arrive whole within this (of connecting, or of
+# its first byte on a kept-alive connection), before it may wait for a slot
+REQUEST_TIMEOUT_S = 30.0  # a request's body, once its head is in, must arrive within this
 IDLE_TIMEOUT_S = 60.0  # a kept-alive connection with no new request is closed after this
 SEND_TIMEOUT_S = 30.0  # a client that reads nothing for this long is dropped
 RECEIVE_SIZE = 64 << 10
@@ -59,6 +69,8 @@ class Responder:
         self._stream = stream
         self._head = method == "HEAD"
         self.state = "new"  # then "events" (a stream is open) or "done"
+        # Added to whatever response is sent: the CORS headers of an allowed Origin.
+        self.headers: list[tuple[str, str]] = []
 
     @property
     def started(self) -> bool:
@@ -88,6 +100,11 @@ class Responder:
     async def close_events(self) -> None:
         await self._end()
 
+    async def no_content(self, headers: list[tuple[str, str]]) -> None:
+        """A 204: headers only."""
+        await self._start(204, None, headers)
+        await self._end()
+
     async def fail(self, err: ApiError) -> None:
         """Tell the client *err*: as the response, or as the last event of an open stream."""
         if self.state == "new":
@@ -100,13 +117,16 @@ class Responder:
             await self.event(json.dumps(err.body(), separators=(",", ":")))
             await self._end()
 
-    async def _start(self, status: int, content_type: str, headers: list[tuple[str, str]]) -> None:
+    async def _start(
+        self, status: int, content_type: str | None, headers: list[tuple[str, str]]
+    ) -> None:
         if self.state != "new":
             raise RuntimeError("a response was already started")
         self.state = "started"
         all_headers = [
-            ("content-type", content_type),
+            *([("content-type", content_type)] if content_type else []),
             ("server", f"meshllm/{__version__}"),
+            *self.headers,
             *headers,
         ]
         reason = HTTPStatus(status).phrase.encode()
@@ -137,14 +157,31 @@ Handler = Callable[[Request, Responder], Awaitable[None]]
 class _Timeout(Exception):
     """Nothing, or not the whole request, arrived in time."""
 
+    def __init__(self, limit_s: float):
+        super().__init__(limit_s)
+        self.limit_s = limit_s
+
 
 class HttpServer:
-    """Serves *handler* on *host*:*port* (0: any free port), one task per connection."""
+    """Serves *handler* on *host*:*port* (0: any free port), one task per connection.
 
-    def __init__(self, handler: Handler, host: str = "127.0.0.1", port: int = 0):
+    Requests must name this server in ``Host`` (or a name in *allowed_hosts*) and may come
+    from web pages only at *allowed_origins* (see :class:`BrowserRules`).
+    """
+
+    def __init__(
+        self,
+        handler: Handler,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        allowed_hosts: tuple[str, ...] = (),
+        allowed_origins: tuple[str, ...] = (),
+    ):
         self.handler = handler
         self.host = host
         self.port = port
+        self.rules = BrowserRules(host, port, allowed_hosts, allowed_origins)
         self._slots = trio.CapacityLimiter(MAX_CONNECTIONS)
 
     async def run(
@@ -165,6 +202,8 @@ class HttpServer:
                 await extra.aclose()
             listeners = listeners[:1]
         port = listeners[0].socket.getsockname()[1]
+        # Clients name the port really bound (port 0 picks one) in their Host header.
+        self.rules = self.rules.on_port(port)
         try:
             task_status.started((self.host, port))
             await trio.serve_listeners(self.serve_connection, listeners)
@@ -175,77 +214,106 @@ class HttpServer:
 
     async def serve_connection(self, stream: trio.abc.Stream) -> None:
         """Answer requests on *stream* until either side closes it; closes it at the end."""
-        async with self._slots:
-            try:
-                async with stream:
-                    await self._serve(stream)
-            except (ClientGone, trio.BrokenResourceError, trio.ClosedResourceError):
-                return
-            except Exception as exc:  # a bug in answering: this connection ends, not the server
-                log.exception("api_connection_failed", error=repr(exc))
+        try:
+            async with stream:
+                await self._serve(stream)
+        except (ClientGone, trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+        except Exception as exc:  # a bug in answering: this connection ends, not the server
+            log.exception("api_connection_failed", error=repr(exc))
 
     async def _serve(self, stream: trio.abc.Stream) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADERS)
+        idle_until: float | None = None  # the first request gets no idle allowance
         while True:
-            responder = Responder(conn, stream, "GET")
-            err: ApiError | None = None
-            try:
-                request = await self._read_request(conn, stream)
-                if request is None:
-                    return
-                responder = Responder(conn, stream, request.method)
-                await self.handler(request, responder)
-                if not responder.started:
-                    raise RuntimeError(f"no response to {request.method} {request.path}")
-            except h11.RemoteProtocolError as exc:
-                err = ApiError(exc.error_status_hint, f"malformed HTTP request: {exc}",
-                               code="bad_http")  # fmt: skip
-            except _Timeout:
-                if conn.their_state is h11.IDLE and not conn.trailing_data[0]:
-                    return  # an idle kept-alive connection: just close it
-                err = ApiError(408, f"the request did not arrive within {REQUEST_TIMEOUT_S:g} s",
-                               code="request_timeout")  # fmt: skip
-            except ApiError as exc:
-                err = exc
-            except ClientGone:
-                raise
-            except Exception as exc:  # a bug: logged, answered, and the server goes on
-                log.exception("api_handler_failed", error=repr(exc))
-                err = ApiError(500, f"internal error: {type(exc).__name__}: {exc}", SERVER,
-                               "internal_error")  # fmt: skip
-            if err is not None:
-                if conn.their_state is not h11.DONE:
-                    log.info("api_request_refused", status=err.status, reason=err.message)
-                await responder.fail(err)
+            responder = await self._exchange(conn, stream, idle_until)
+            if responder is None:
+                return
             if (responder.state != "done" or conn.our_state is h11.MUST_CLOSE
                     or conn.their_state is not h11.DONE):  # fmt: skip
                 # The request was not read to its end (or could not be): nothing after it can.
                 await self._hang_up(stream)
                 return
             conn.start_next_cycle()
+            idle_until = trio.current_time() + IDLE_TIMEOUT_S
 
-    async def _read_request(self, conn: h11.Connection, stream: trio.abc.Stream) -> Request | None:
-        """The next request, body and all; None when the client closed the connection."""
-        event = await self._next_event(conn, stream, trio.current_time() + IDLE_TIMEOUT_S)
-        if isinstance(event, h11.ConnectionClosed):
-            return None
-        assert isinstance(event, h11.Request), event
+    async def _exchange(
+        self, conn: h11.Connection, stream: trio.abc.Stream, idle_until: float | None
+    ) -> Responder | None:
+        """One request and its response; None when the connection ended without a request.
+
+        Only a request whose head arrived whole and passed the browser rules waits for a
+        slot, and holds it until its response ends: waiting clients, silent or slow ones
+        included, hold none (each costs a task and at most MAX_HEADERS bytes, for at most
+        HEAD_TIMEOUT_S).
+        """
+        responder = Responder(conn, stream, "GET")
+        err: ApiError | None = None
+        try:
+            head = await self._read_head(conn, stream, idle_until)
+            if isinstance(head, h11.ConnectionClosed):
+                return None
+            responder = Responder(conn, stream, head.method.decode("ascii", "replace"))
+            responder.headers = self.rules.admit(head)
+            _check_body_head(head)
+            async with self._slots:
+                request = await self._read_body(conn, stream, head)
+                if request is None:
+                    return None
+                if _is_preflight(request):
+                    await responder.no_content(self.rules.preflight_headers(request))
+                else:
+                    await self.handler(request, responder)
+                if not responder.started:
+                    raise RuntimeError(f"no response to {request.method} {request.path}")
+        except h11.RemoteProtocolError as exc:
+            err = ApiError(exc.error_status_hint, f"malformed HTTP request: {exc}",
+                           code="bad_http")  # fmt: skip
+        except _Timeout as exc:
+            if conn.their_state is h11.IDLE and not conn.trailing_data[0]:
+                return None  # nothing was sent (or an idle kept-alive connection): just close
+            err = ApiError(408, f"the request did not arrive within {exc.limit_s:g} s",
+                           code="request_timeout")  # fmt: skip
+        except ApiError as exc:
+            err = exc
+        except ClientGone:
+            raise
+        except Exception as exc:  # a bug: logged, answered, and the server goes on
+            log.exception("api_handler_failed", error=repr(exc))
+            err = ApiError(500, f"internal error: {type(exc).__name__}: {exc}", SERVER,
+                           "internal_error")  # fmt: skip
+        if err is not None:
+            if conn.their_state is not h11.DONE:
+                log.info("api_request_refused", status=err.status, reason=err.message)
+            await responder.fail(err)
+        return responder
+
+    async def _read_head(
+        self, conn: h11.Connection, stream: trio.abc.Stream, idle_until: float | None
+    ) -> h11.Request | h11.ConnectionClosed:
+        """The next request's head, within HEAD_TIMEOUT_S of connecting; a kept-alive
+        connection (*idle_until* set) may first wait until then for the next request's
+        first byte, and has HEAD_TIMEOUT_S from there."""
+        if idle_until is not None and not conn.trailing_data[0]:
+            with trio.move_on_at(idle_until):
+                conn.receive_data(await stream.receive_some(RECEIVE_SIZE))  # b"": closed
+            if not conn.trailing_data[0] and not conn.trailing_data[1]:
+                raise _Timeout(IDLE_TIMEOUT_S)
+        deadline = trio.current_time() + HEAD_TIMEOUT_S
+        event = await self._next_event(conn, stream, deadline, HEAD_TIMEOUT_S)
+        assert isinstance(event, h11.Request | h11.ConnectionClosed), event
+        return event
+
+    async def _read_body(
+        self, conn: h11.Connection, stream: trio.abc.Stream, head: h11.Request
+    ) -> Request | None:
+        """The request of *head*, body and all; None when the client closed the connection."""
         deadline = trio.current_time() + REQUEST_TIMEOUT_S
-        method = event.method.decode("ascii", "replace")
-        target = event.target.decode("ascii", "replace")
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in event.headers}
-        declared = headers.get("content-length")
-        if declared is not None and int(declared) > MAX_BODY:  # h11 checked it is a number
-            raise ApiError(
-                413,
-                f"the request body is {declared} bytes; at most {MAX_BODY} are accepted",
-                code="body_too_large",
-            )
         if conn.they_are_waiting_for_100_continue:
             await _send(conn, stream, h11.InformationalResponse(status_code=100, headers=[]))
         body = bytearray()
         while True:
-            event = await self._next_event(conn, stream, deadline)
+            event = await self._next_event(conn, stream, deadline, REQUEST_TIMEOUT_S)
             if isinstance(event, h11.Data):
                 body += event.data
                 if len(body) > MAX_BODY:
@@ -256,11 +324,15 @@ class HttpServer:
                 break
             else:  # ConnectionClosed mid-body
                 return None
+        target = head.target.decode("ascii", "replace")
         path, _, query = target.partition("?")
-        return Request(method, path, query, headers, bytes(body))
+        method = head.method.decode("ascii", "replace")
+        return Request(method, path, query, _header_map(head), bytes(body))
 
     @staticmethod
-    async def _next_event(conn: h11.Connection, stream: trio.abc.Stream, deadline: float) -> Any:
+    async def _next_event(
+        conn: h11.Connection, stream: trio.abc.Stream, deadline: float, limit_s: float
+    ) -> Any:
         while True:
             event = conn.next_event()
             if event is not h11.NEED_DATA:
@@ -269,7 +341,7 @@ class HttpServer:
                 data = await stream.receive_some(RECEIVE_SIZE)
                 conn.receive_data(data)  # b"": the client closed its side
                 continue
-            raise _Timeout()
+            raise _Timeout(limit_s)
 
     @staticmethod
     async def _hang_up(stream: trio.abc.Stream) -> None:
@@ -291,3 +363,189 @@ def url_host(host: str) -> str:
         return f"[{host}]" if ipaddress.ip_address(host).version == 6 else host
     except ValueError:
         return host
+
+
+# -- browser rules ----------------------------------------------------------------------------
+_LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+_HOST_HEADER = re.compile(
+    r"(?:\[(?P<v6>[0-9a-f:.]+)\]|(?P<name>[a-z0-9._-]+))(?::(?P<port>[0-9]{1,5}))?"
+)
+PREFLIGHT_MAX_AGE_S = 600  # how long a browser may keep an allowed preflight's answer
+
+
+class BrowserRules:
+    """What keeps a web page from using the API through a visitor's browser.
+
+    - ``Host`` must name the server as it listens (its address and port; for a loopback
+      address also ``localhost``, ``127.0.0.1`` and ``[::1]``; for a wildcard address any IP
+      address) or be in *allowed_hosts*. A page on a name the attacker re-points at this
+      machine (DNS rebinding) sends that name: refused. A request with no Host (HTTP/1.0)
+      is refused too, since the name it was sent to cannot be checked.
+    - A request with an ``Origin`` (a browser's, from a page) is refused unless the origin is
+      in *allowed_origins*; its responses then carry ``Access-Control-Allow-Origin``.
+      No Origin: not a page's cross-site request (curl, SDKs, servers).
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        allowed_hosts: tuple[str, ...] = (),
+        allowed_origins: tuple[str, ...] = (),
+    ):
+        self.host = host
+        self.port = port
+        self._config = (allowed_hosts, allowed_origins)
+        self._names, self._any_ip = _own_names(host)
+        self._extra: set[tuple[str, int | None]] = set()  # port None: any port
+        for entry in allowed_hosts:
+            parsed = split_host(entry)
+            if parsed is None:
+                raise ValueError(f"not HOST or HOST:PORT: {entry!r}")
+            self._extra.add(parsed)
+        self._origins = {origin_key(o) for o in allowed_origins}
+
+    def on_port(self, port: int) -> BrowserRules:
+        """The same rules for a server bound to *port* (asked for port 0)."""
+        return BrowserRules(self.host, port, *self._config)
+
+    def host_allowed(self, value: str) -> bool:
+        parsed = split_host(value)
+        if parsed is None:
+            return False
+        name, given = parsed
+        port = 80 if given is None else given  # the port a Host without one means
+        if (name, None) in self._extra or (name, port) in self._extra:
+            return True
+        return port == self.port and (name in self._names or (self._any_ip and _is_ip(name)))
+
+    def admit(self, head: h11.Request) -> list[tuple[str, str]]:
+        """Refuse (ApiError) a request a web page may have made behind the visitor's back;
+        otherwise the CORS headers its response must carry."""
+        host = _single_header(head, b"host")
+        if host is None:
+            raise ApiError(
+                421, "a Host header is required (HTTP/1.0 requests too)", code="invalid_host"
+            )
+        if not self.host_allowed(host):
+            raise ApiError(
+                421,
+                f"this server does not answer for Host {host[:100]!r}: use "
+                f"{url_host(self.host)}:{self.port}, or add the name to [api] allowed_hosts",
+                code="invalid_host",
+            )
+        origin = _single_header(head, b"origin")
+        if origin is None:
+            return []
+        if origin_key(origin) not in self._origins:
+            raise ApiError(
+                403,
+                f"requests from web pages at {origin[:100]!r} are refused: add it to "
+                f"[api] allowed_origins to allow them",
+                code="origin_not_allowed",
+            )
+        return [("access-control-allow-origin", origin), ("vary", "origin")]
+
+    @staticmethod
+    def preflight_headers(request: Request) -> list[tuple[str, str]]:
+        """The answer to an allowed origin's preflight (the origin headers come from admit):
+        the request headers it asks for are allowed, since the origin is trusted."""
+        asked = request.headers.get("access-control-request-headers")
+        return [
+            ("access-control-allow-methods", "GET, HEAD, POST"),
+            *([("access-control-allow-headers", asked)] if asked else []),
+            ("access-control-max-age", str(PREFLIGHT_MAX_AGE_S)),
+        ]
+
+
+def _is_preflight(request: Request) -> bool:
+    return (
+        request.method == "OPTIONS"
+        and "origin" in request.headers
+        and "access-control-request-method" in request.headers
+    )
+
+
+def _check_body_head(head: h11.Request) -> None:
+    """Refuse a body before reading it: one that is not JSON, or too large."""
+    headers = _header_map(head)
+    if head.method == b"POST":
+        # Browsers send a form's or a text/plain body cross-site without a preflight; a
+        # JSON body from a page needs one, which only allowed origins pass.
+        content_type = headers.get("content-type", "")
+        if content_type.partition(";")[0].strip().lower() != "application/json":
+            raise ApiError(
+                415,
+                f"a POST body must be sent as Content-Type: application/json, "
+                f"not {content_type[:100] or 'without one'}",
+                code="unsupported_media_type",
+            )
+    declared = headers.get("content-length")
+    if declared is not None and int(declared) > MAX_BODY:  # h11 checked it is a number
+        raise ApiError(
+            413,
+            f"the request body is {declared} bytes; at most {MAX_BODY} are accepted",
+            code="body_too_large",
+        )
+
+
+def _header_map(head: h11.Request) -> dict[str, str]:
+    """Header names (h11 gives them in lower case) to values; the last of repeated ones."""
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in head.headers}
+
+
+def _single_header(head: h11.Request, name: bytes) -> str | None:
+    values = [v.decode("latin-1") for k, v in head.headers if k == name]
+    if len(values) > 1:
+        raise ApiError(400, f"more than one {name.decode()} header", code="bad_http")
+    return values[0] if values else None
+
+
+def split_host(value: str) -> tuple[str, int | None] | None:
+    """The name (lower case, IPv6 without brackets, no final dot) and port (None if not
+    given) of a ``Host`` header or an ``allowed_hosts`` entry; None for anything else."""
+    match = _HOST_HEADER.fullmatch(value.strip().lower())
+    if match is None:
+        return None
+    if match["v6"] is not None and not (_is_ip(match["v6"]) and ":" in match["v6"]):
+        return None  # brackets hold an IPv6 address only
+    name = _canonical(match["v6"] or match["name"].rstrip("."))
+    port = None if match["port"] is None else int(match["port"])
+    if port is not None and not 0 < port <= 65535:
+        return None
+    return name, port
+
+
+def origin_key(origin: str) -> str:
+    """*origin* as compared: lower case, without its scheme's default port (browsers leave
+    it out)."""
+    key = origin.strip().lower()
+    for scheme, port in (("http://", ":80"), ("https://", ":443")):
+        if key.startswith(scheme) and key.endswith(port):
+            return key.removesuffix(port)
+    return key
+
+
+def _own_names(host: str) -> tuple[frozenset[str], bool]:
+    """The names a Host header may give for a server listening on *host*, and whether any
+    IP address is one (a wildcard address listens on all of this machine's)."""
+    name = _canonical(host.lower().rstrip("."))
+    if not _is_ip(name):
+        return frozenset({name} | (_LOOPBACK_NAMES if name == "localhost" else set())), False
+    ip = ipaddress.ip_address(name)
+    if ip.is_unspecified:
+        return _LOOPBACK_NAMES, True
+    return frozenset({name} | (_LOOPBACK_NAMES if ip.is_loopback else set())), False
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _canonical(name: str) -> str:
+    """An IP address in one spelling (``0:0::1`` is ``::1``); a name as it is."""
+    return str(ipaddress.ip_address(name)) if _is_ip(name) else name

@@ -1,6 +1,9 @@
 """A peer's key seed, the mesh secret, and join tokens.
 
 Files in the peer home are written owner-only: whoever reads ``secret`` can join the mesh.
+Nothing here prints a secret: ``repr`` and ``str`` of a secret, and of a token holding one,
+show the public ``mesh_id`` fingerprint only, so that a log line, an error message or a
+traceback that shows values cannot leak it.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import hashlib
 import hmac
 import os
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cbor2
@@ -58,11 +61,17 @@ def load_identity(home: Path) -> bytes:
     return _read_hex(home / IDENTITY_FILE, "the key seed", 32)
 
 
+REDACTED = "<redacted>"
+
+
 @dataclass(frozen=True)
 class MeshSecret:
     """The shared secret every member holds; keys for each purpose are derived from it."""
 
-    raw: bytes
+    raw: bytes = field(repr=False)
+
+    def __repr__(self) -> str:
+        return f"MeshSecret({REDACTED}, id={self.mesh_id})"
 
     @classmethod
     def generate(cls) -> MeshSecret:
@@ -98,8 +107,12 @@ class MeshSecret:
 class JoinToken:
     """What a new peer needs to join: the secret and where to reach a member."""
 
-    secret: MeshSecret
+    secret: MeshSecret = field(repr=False)
     addrs: tuple[str, ...]
+
+    def __repr__(self) -> str:
+        # The encoded token *is* the secret: only its fingerprint and the addresses show.
+        return f"JoinToken({REDACTED}, id={self.secret.mesh_id}, addrs={self.addrs!r})"
 
     def encode(self) -> str:
         body = cbor2.dumps({"s": self.secret.raw, "a": list(self.addrs)})

@@ -9,7 +9,7 @@ fire-and-forget delivery of small control messages to connected peers. Built-ins
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import trio
@@ -53,9 +53,10 @@ StreamHandler = Callable[[Stream], Awaitable[None]]
 
 @dataclass(frozen=True)
 class EndpointOptions:
-    """What every transport gets to build an endpoint."""
+    """What every transport gets to build an endpoint. Its repr leaves the key seed out and
+    shows the secret's fingerprint only (see :class:`MeshSecret`)."""
 
-    key_seed: bytes
+    key_seed: bytes = field(repr=False)  # the peer's private key: never printed
     secret: MeshSecret
     listen: tuple[str, ...]
     handshake_timeout_s: float = 2.0

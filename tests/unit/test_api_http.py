@@ -3,6 +3,8 @@ and an OpenAI error object with the right status for everything a client can get
 
 The server runs in-process on trio's in-memory streams (and once on a loopback socket);
 the client side speaks HTTP with h11, or sends raw bytes where the request is malformed.
+The browser rules (Host, Origin, Content-Type) and the slots that silent or slow clients
+must not take are at the end.
 """
 
 from __future__ import annotations
@@ -18,8 +20,16 @@ import pytest
 import trio
 import trio.testing
 
-from meshllm.api.http import IDLE_TIMEOUT_S, MAX_BODY, HttpServer
+from meshllm.api.http import (
+    HEAD_TIMEOUT_S,
+    IDLE_TIMEOUT_S,
+    MAX_BODY,
+    MAX_CONNECTIONS,
+    BrowserRules,
+    HttpServer,
+)
 from meshllm.api.openai import OpenAIApi
+from meshllm.config import ConfigError, parse_config
 from meshllm.control.protocol import ControlError
 from meshllm.model.sampling import SamplingParams
 from meshllm.model.tokenizer import ChatTemplateError
@@ -27,6 +37,8 @@ from meshllm.pipeline.coordinator import QueryResult
 from meshllm.pipeline.service import ReadyModel
 
 EOS = 0
+PORT = 8080  # the port the in-memory server believes it listens on
+HOST = f"127.0.0.1:{PORT}"  # what a client that dialled it sends as Host
 MODEL = "fake-model"
 ANSWER = "Hello there, world!"
 MAX_NEW = 64
@@ -152,9 +164,14 @@ class Client:
     ) -> Reply:
         if body is not None and not isinstance(body, bytes):
             body = json.dumps(body).encode()
-        hdrs = [("host", "test"), *(headers or [])]
+        hdrs = list(headers or [])
+        names = {name.lower() for name, _ in hdrs}
+        if "host" not in names:
+            hdrs.insert(0, ("host", HOST))
         if body is not None:
             hdrs.append(("content-length", str(len(body))))
+            if "content-type" not in names:
+                hdrs.append(("content-type", "application/json"))
         await self.send(h11.Request(method=method, target=path, headers=hdrs))
         if body:
             await self.send(h11.Data(data=body))
@@ -181,9 +198,11 @@ class Client:
 
 
 @asynccontextmanager
-async def api(mesh: FakeMesh | None = None) -> AsyncIterator[Any]:
-    """A server with its own connections: ``connect()`` gives a new client stream."""
-    server = HttpServer(OpenAIApi(mesh or FakeMesh(), max_new_tokens=MAX_NEW))
+async def api(mesh: FakeMesh | None = None, **rules: Any) -> AsyncIterator[Any]:
+    """A server with its own connections: ``connect()`` gives a new client stream.
+    *rules*: allowed_hosts, allowed_origins."""
+    server = HttpServer(OpenAIApi(mesh or FakeMesh(), max_new_tokens=MAX_NEW), "127.0.0.1",
+                        PORT, **rules)  # fmt: skip
     async with trio.open_nursery() as nursery:
 
         def connect() -> trio.abc.Stream:
@@ -201,8 +220,9 @@ async def call(
     body: Any = None,
     mesh: FakeMesh | None = None,
     headers: list[tuple[str, str]] | None = None,
+    **rules: Any,
 ) -> Reply:
-    async with api(mesh) as connect:
+    async with api(mesh, **rules) as connect:
         return await Client(connect()).request(method, path, body, headers)
 
 
@@ -377,8 +397,12 @@ async def test_loopback_socket_reports_the_bound_port():
         assert host == "127.0.0.1" and port > 0
         stream = await trio.open_tcp_stream(host, port)
         async with stream:
-            reply = await Client(stream).request("GET", "/v1/models")
-        assert reply.status == 200 and reply.json()["data"][0]["id"] == MODEL
+            # The port really bound is the one clients name in Host.
+            client = Client(stream)
+            reply = await client.request("GET", "/v1/models", headers=[("host", f"{host}:{port}")])
+            assert reply.status == 200 and reply.json()["data"][0]["id"] == MODEL
+            asked_for = await client.request("GET", "/v1/models", headers=[("host", "127.0.0.1:0")])
+            assert asked_for.status == 421
         nursery.cancel_scope.cancel()
 
 
@@ -617,12 +641,16 @@ async def test_failure_mid_stream_ends_the_stream_with_an_error_event():
 
 async def test_body_too_large_is_413_and_the_connection_closes():
     head = (
-        f"POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\ncontent-length: {MAX_BODY + 1}\r\n\r\n"
+        f"POST /v1/chat/completions HTTP/1.1\r\nhost: {HOST}\r\ncontent-type: application/json\r\n"
+        f"content-length: {MAX_BODY + 1}\r\n\r\n"
     ).encode()
     status, body = raw_json(await raw(head + b"x" * 1000))
     assert status == 413 and body["error"]["code"] == "body_too_large"
     # Chunked, so the size is only known while reading.
-    head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n"
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nhost: {HOST}\r\ncontent-type: application/json"
+        f"\r\ntransfer-encoding: chunked\r\n\r\n"
+    ).encode()
     chunk = b"%x\r\n%s\r\n" % (1 << 16, b"x" * (1 << 16))
     status, body = raw_json(await raw(head + chunk * 17 + b"0\r\n\r\n"))
     assert status == 413 and body["error"]["code"] == "body_too_large"
@@ -633,7 +661,8 @@ async def test_body_too_large_is_413_and_the_connection_closes():
     [
         b"GARBAGE\r\n\r\n",
         b"GET /v1/models HTTP/1.1\r\nno colon here\r\n\r\n",
-        b"POST /v1/completions HTTP/1.1\r\nhost: t\r\ncontent-length: nope\r\n\r\n",
+        b"POST /v1/completions HTTP/1.1\r\nhost: " + HOST.encode() + b"\r\n"
+        b"content-type: application/json\r\ncontent-length: nope\r\n\r\n",
         b"GET /v1/models HTTP/1.1\r\n" + b"x-long: " + b"a" * 70000 + b"\r\n\r\n",
     ],
 )
@@ -646,7 +675,7 @@ async def test_slow_or_idle_clients_are_dropped(autojump_clock):
     # Half a request, then nothing: 408. An idle kept-alive connection just closes.
     patience = 2 * IDLE_TIMEOUT_S  # on the virtual clock: past every server deadline
     status, body = raw_json(
-        await raw(b"POST /v1/completions HTTP/1.1\r\nhost: t\r\n", patience=patience)
+        await raw(b"POST /v1/completions HTTP/1.1\r\nhost: 127.0.0.1\r\n", patience=patience)
     )
     assert status == 408 and body["error"]["code"] == "request_timeout"
     assert await raw(b"", patience=patience) == b""
@@ -662,7 +691,11 @@ async def test_a_client_that_goes_away_mid_stream_stops_generation():
             h11.Request(
                 method="POST",
                 target="/v1/chat/completions",
-                headers=[("host", "t"), ("content-length", str(len(body)))],
+                headers=[
+                    ("host", HOST),
+                    ("content-type", "application/json"),
+                    ("content-length", str(len(body))),
+                ],
             )
         )
         await client.send(h11.Data(data=body))
@@ -675,3 +708,236 @@ async def test_a_client_that_goes_away_mid_stream_stops_generation():
         assert mesh.calls[0]["generated"] < 50
         # The server goes on serving others.
         assert (await Client(connect()).request("GET", "/v1/models")).status == 200
+
+
+# -- browser rules: what a web page can make a visitor's browser do -------------------------
+async def test_a_rebound_host_name_is_refused():
+    # DNS rebinding: a page at http://evil.example:8080 re-points its name at 127.0.0.1; the
+    # browser then sends Host: evil.example:8080 and would let the page read the answer.
+    mesh = FakeMesh()
+    refused = ("evil.example:8080", "evil.example", "localhost:9999", "127.0.0.1", "10.0.0.1:8080")
+    for host in refused:
+        reply = await call("POST", "/v1/chat/completions", CHAT, mesh, [("host", host)])
+        assert reply.status == 421, host
+        assert reply.error()["code"] == "invalid_host" and reply.headers["connection"] == "close"
+    assert mesh.calls == []
+    for host in ("127.0.0.1:8080", "localhost:8080", "LocalHost.:8080", "[::1]:8080"):
+        assert (await call("GET", "/v1/models", headers=[("host", host)])).status == 200, host
+
+
+async def test_a_request_without_host_is_refused():
+    # HTTP/1.0 allows leaving Host out; the name the client used then cannot be checked.
+    status, body = raw_json(await raw(b"GET /v1/models HTTP/1.0\r\n\r\n"))
+    assert status == 421 and body["error"]["code"] == "invalid_host"
+
+
+async def test_allowed_hosts_are_accepted():
+    rules = {"allowed_hosts": ("my-box.local", "proxy.example:9000")}
+    for host in ("my-box.local:8080", "my-box.local:1234", "MY-BOX.local", "proxy.example:9000"):
+        reply = await call("GET", "/v1/models", headers=[("host", host)], **rules)
+        assert reply.status == 200, host
+    reply = await call("GET", "/v1/models", headers=[("host", "proxy.example:9001")], **rules)
+    assert reply.status == 421
+
+
+@pytest.mark.parametrize(
+    ("listen", "host", "allowed"),
+    [
+        ("127.0.0.1", "127.0.0.1:8080", True),
+        ("127.0.0.1", "[0:0::1]:8080", True),  # one address, several spellings
+        ("127.0.0.1", "127.0.0.1:80", False),
+        ("::1", "localhost:8080", True),
+        ("localhost", "127.0.0.1:8080", True),
+        ("192.168.1.5", "192.168.1.5:8080", True),
+        ("192.168.1.5", "localhost:8080", False),  # not listening there
+        ("my-box.local", "my-box.local:8080", True),
+        ("my-box.local", "other.local:8080", False),
+        ("0.0.0.0", "192.168.1.5:8080", True),  # every address of the machine
+        ("::", "[fe80::1]:8080", True),
+        ("0.0.0.0", "evil.example:8080", False),  # but no name a page's owner controls
+        ("127.0.0.1", "127.0.0.1:8080:1", False),
+        ("127.0.0.1", "[127.0.0.1]:8080", False),
+        ("127.0.0.1", "user@127.0.0.1:8080", False),
+        ("127.0.0.1", "", False),
+    ],
+)
+def test_host_rules(listen, host, allowed):
+    assert BrowserRules(listen, PORT).host_allowed(host) is allowed
+
+
+async def test_a_cross_site_origin_is_refused():
+    mesh = FakeMesh()
+    for origin in ("http://evil.example", "null", "http://localhost:3000"):
+        reply = await call("POST", "/v1/chat/completions", CHAT, mesh, [("origin", origin)])
+        assert reply.status == 403, origin
+        assert reply.error()["code"] == "origin_not_allowed"
+        assert "access-control-allow-origin" not in reply.headers
+    assert mesh.calls == []
+    # Reading is refused too: a page cannot list the models.
+    reply = await call("GET", "/v1/models", headers=[("origin", "http://evil.example")])
+    assert reply.status == 403
+
+
+async def test_an_allowed_origin_gets_cors_headers():
+    page = "http://localhost:3000"
+    async with api(allowed_origins=(page, "https://chat.example")) as connect:
+        client = Client(connect())
+        for origin in (page, "https://chat.example:443"):  # the default port is implied
+            reply = await client.request("POST", "/v1/chat/completions", CHAT, [("origin", origin)])
+            assert reply.status == 200 and reply.json()["choices"][0]["message"]["content"]
+            assert reply.headers["access-control-allow-origin"] == origin
+            assert reply.headers["vary"] == "origin"
+        # Errors too, so that the page can show them.
+        reply = await client.request("GET", "/v1/nope", headers=[("origin", page)])
+        assert reply.status == 404 and reply.headers["access-control-allow-origin"] == page
+        other = await call("GET", "/v1/models", headers=[("origin", "http://localhost:3001")],
+                           allowed_origins=(page,))  # fmt: skip
+        assert other.status == 403
+
+
+async def test_preflight_is_answered_for_allowed_origins_only():
+    page = "http://localhost:3000"
+    preflight = [
+        ("access-control-request-method", "POST"),
+        ("access-control-request-headers", "authorization, content-type"),
+    ]
+    async with api(allowed_origins=(page,)) as connect:
+        client = Client(connect())
+        reply = await client.request(
+            "OPTIONS", "/v1/chat/completions", headers=[("origin", page), *preflight]
+        )
+        assert reply.status == 204 and reply.body == b""
+        assert reply.headers["access-control-allow-origin"] == page
+        assert "POST" in reply.headers["access-control-allow-methods"]
+        assert reply.headers["access-control-allow-headers"] == "authorization, content-type"
+        # The request it cleared follows on the same connection.
+        reply = await client.request("POST", "/v1/chat/completions", CHAT, [("origin", page)])
+        assert reply.status == 200
+        cross_site = [("origin", "http://evil.example"), *preflight]
+        refused = await Client(connect()).request("OPTIONS", "/v1/models", None, cross_site)
+        assert refused.status == 403 and "access-control-allow-origin" not in refused.headers
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "text/plain",  # what a cross-site form or fetch sends without a preflight
+        "text/plain; charset=utf-8",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+        "application/jsonp",
+        None,
+    ],
+)
+async def test_a_post_that_is_not_json_is_refused(content_type):
+    mesh = FakeMesh()
+    headers = [("content-type", content_type)] if content_type else []
+    async with api(mesh) as connect:
+        stream = connect()
+        body = json.dumps(CHAT).encode()
+        head = [("host", HOST), *headers, ("content-length", str(len(body)))]
+        client = Client(stream)
+        await client.send(h11.Request(method="POST", target="/v1/chat/completions", headers=head))
+        await client.send(h11.Data(data=body))
+        await client.send(h11.EndOfMessage())
+        reply = await client.read_reply()
+    assert reply.status == 415 and reply.error()["code"] == "unsupported_media_type"
+    assert mesh.calls == []
+
+
+@pytest.mark.parametrize("content_type", ["application/json; charset=utf-8", "Application/JSON"])
+async def test_json_with_parameters_is_accepted(content_type):
+    headers = [("content-type", content_type)]
+    reply = await call("POST", "/v1/chat/completions", CHAT, headers=headers)
+    assert reply.status == 200
+
+
+# -- silent, slow and idle clients take no slot ---------------------------------------------
+async def _dribble(stream: trio.abc.Stream, data: bytes) -> None:
+    """Send *data* a byte a second, as a slow-loris client does; stop when cut off."""
+    try:
+        for i in range(len(data)):
+            await stream.send_all(data[i : i + 1])
+            await trio.sleep(1)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+
+
+ENDLESS_HEAD = b"GET /v1/models HTTP/1.1\r\nhost: " + HOST.encode() + b"\r\n" + b"x-pad: a" * 1000
+
+
+async def _read_to_end(stream: trio.abc.Stream) -> bytes:
+    out = b""
+    while chunk := await stream.receive_some(65536):
+        out += chunk
+    return out
+
+
+@pytest.mark.parametrize("kind", ["silent", "dribbling", "kept_alive"])
+async def test_idle_clients_do_not_starve_a_real_one(kind, autojump_clock):
+    async with api() as connect, trio.open_nursery() as clients:
+        idle = [connect() for _ in range(MAX_CONNECTIONS + 6)]
+        for stream in idle:
+            if kind == "dribbling":
+                clients.start_soon(_dribble, stream, ENDLESS_HEAD)
+            elif kind == "kept_alive":  # one answered request, then nothing
+                with trio.fail_after(1):
+                    assert (await Client(stream).request("GET", "/v1/models")).status == 200
+        await trio.testing.wait_all_tasks_blocked()  # each idle connection is being served
+        with trio.fail_after(1):  # virtual seconds: answered at once, not after a timeout
+            reply = await Client(connect()).request("POST", "/v1/chat/completions", CHAT)
+        assert reply.status == 200
+        # And the idle ones are closed in time (a head that never ends gets a 408).
+        limit = IDLE_TIMEOUT_S if kind == "kept_alive" else 0
+        with trio.fail_after(limit + HEAD_TIMEOUT_S + 1):
+            for stream in idle:
+                said = await _read_to_end(stream)
+                assert said.startswith(b"HTTP/1.1 408 ") if kind == "dribbling" else said == b""
+        clients.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("kept_alive", [False, True])
+async def test_a_slow_loris_head_is_cut_off(kept_alive, autojump_clock):
+    async with api() as connect, trio.open_nursery() as clients:
+        stream = connect()
+        if kept_alive:
+            with trio.fail_after(1):
+                assert (await Client(stream).request("GET", "/v1/models")).status == 200
+        start = trio.current_time()
+        clients.start_soon(_dribble, stream, ENDLESS_HEAD)
+        with trio.fail_after(HEAD_TIMEOUT_S + 1):
+            said = await _read_to_end(stream)
+        status, body = raw_json(said)
+        assert status == 408 and body["error"]["code"] == "request_timeout"
+        assert trio.current_time() - start == pytest.approx(HEAD_TIMEOUT_S, abs=1)
+        clients.cancel_scope.cancel()
+
+
+# -- [api] in config.toml -------------------------------------------------------------------
+def test_api_section_takes_allowed_hosts_and_origins():
+    api = parse_config(
+        '[api]\nallowed_hosts = ["my-box.local", "localhost:3000", "[::1]:8080"]\n'
+        'allowed_origins = ["http://localhost:3000", "https://[::1]", "chrome-extension://abc"]'
+    ).api
+    assert api.allowed_hosts == ("my-box.local", "localhost:3000", "[::1]:8080")
+    assert api.allowed_origins[0] == "http://localhost:3000"
+    assert parse_config("").api.allowed_hosts == parse_config("").api.allowed_origins == ()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('allowed_hosts = ["a b"]', "allowed_hosts: 'a b' is not HOST"),
+        ('allowed_hosts = ["x:0"]', "is not HOST"),
+        ('allowed_hosts = ["http://x"]', "is not HOST"),
+        ('allowed_hosts = "x"', "expected a list"),
+        ('allowed_origins = ["http://x/"]', "allowed_origins: 'http://x/' is not SCHEME"),
+        ('allowed_origins = ["null"]', "is not SCHEME"),
+        ('allowed_origins = ["*"]', "is not SCHEME"),
+        ('allowed_origins = ["localhost:3000"]', "is not SCHEME"),
+        ('allowed_origin = ["http://x"]', "unknown key 'allowed_origin'"),
+    ],
+)
+def test_api_section_refuses_bad_allowed_lists(text, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(f"[api]\n{text}")
