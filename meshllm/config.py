@@ -37,6 +37,9 @@ class PeerSection:
             raise ConfigError("[peer] threads must be between 1 and 256")
         if self.memory_limit_mb < 0:
             raise ConfigError("[peer] memory_limit_mb must be >= 0 (0: no limit)")
+        # Others refuse a heartbeat whose name breaks these rules (see meshllm.mesh.node).
+        if len(self.name) > 128 or "\0" in self.name:
+            raise ConfigError("[peer] name must be at most 128 characters, without NUL")
 
 
 @dataclass(frozen=True)

@@ -21,13 +21,16 @@ import struct
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 import trio
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
+from meshllm import wire
+from meshllm.mesh.contain import contain
 from meshllm.mesh.transport import PeerUnreachable
 
 TICKET_BYTES = 32
@@ -254,8 +257,38 @@ class EncryptedStream:
 class _Expected:
     peer_id: str
     protocol: str
-    key: bytes
+    key: bytes = field(repr=False)  # the connection's AEAD key: never printed
     expires: float
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """The listener's answer to a data-plane request (negotiated over an admitted libp2p
+    stream): the port to connect to, the single-use ticket to present and the link's key."""
+
+    port: int
+    ticket: bytes = field(repr=False)
+    key: bytes = field(repr=False)
+
+    def to_obj(self) -> dict[str, Any]:
+        return {"port": self.port, "ticket": self.ticket, "key": self.key}
+
+    @classmethod
+    def from_obj(cls, raw: Any) -> Ticket:
+        """The listener's reply (raises :class:`~meshllm.wire.BadMessage`, with the listener's
+        own error text when it refused)."""
+        obj = wire.mapping(raw, "data-plane reply", 8)
+        ticket, key = obj.get("ticket"), obj.get("key")
+        if not (isinstance(ticket, bytes) and len(ticket) == TICKET_BYTES):
+            raise wire.BadMessage(f"no data-plane ticket: {wire.show(obj.get('error'), 200)}")
+        if not (isinstance(key, bytes) and len(key) == 32):
+            raise wire.BadMessage("the data-plane key is not 32 bytes")
+        return cls(wire.integer(obj.get("port"), "data port", 1, 65536), ticket, key)
+
+
+def ticket_request(raw: Any) -> str:
+    """The protocol a data-plane request ``{protocol}`` asks for (raises BadMessage)."""
+    return wire.text(wire.mapping(raw, "data-plane request", 8).get("protocol"), "protocol", 16)
 
 
 class DataPlaneListener:
@@ -290,17 +323,28 @@ class DataPlaneListener:
             await trio.serve_listeners(self._accept, listeners, handler_nursery=nursery)
 
     async def _accept(self, tcp: trio.SocketStream) -> None:
+        # Anyone who can reach the port gets here, before any proof of the secret: a reset
+        # or garbage must cost this connection only, never the listener's nursery.
+        try:
+            await contain("data_link", None, self._serve_connection, tcp)
+        finally:
+            with contextlib.suppress(Exception):
+                await tcp.aclose()
+
+    async def _serve_connection(self, tcp: trio.SocketStream) -> None:
         ticket = b""
         with trio.move_on_after(2):
             while len(ticket) < TICKET_BYTES:
-                chunk = await tcp.receive_some(TICKET_BYTES - len(ticket))
+                try:
+                    chunk = await tcp.receive_some(TICKET_BYTES - len(ticket))
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    chunk = b""
                 if not chunk:
                     break
                 ticket += chunk
         expected = self._expected.pop(ticket, None)
         if expected is None or expected.expires < time.monotonic():
             log.warning("data_link_refused", reason="no valid ticket")
-            await tcp.aclose()
             return
         stream = EncryptedStream(expected.peer_id, tcp, expected.key, dialer=False)
         try:

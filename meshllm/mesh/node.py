@@ -44,20 +44,19 @@ import cbor2
 import structlog
 import trio
 
+from meshllm import wire
 from meshllm.config import MeshSection
-from meshllm.errors import MeshError
+from meshllm.mesh.contain import contain_sync
 from meshllm.mesh.transport import AdmissionRefused, Endpoint, Message, PeerUnreachable
+from meshllm.wire import BadMessage
 
 FOLLOWER, CANDIDATE, LEADER = "follower", "candidate", "leader"
 PROTOCOL_VERSION = 1
 _MAX_MEMBERS = 256
 _MAX_ADDRS = 16
+FORGET_AFTER_MIN_S = 60.0
 
 log = structlog.get_logger("meshllm.mesh")
-
-
-class BadMessage(MeshError):
-    """A control message that does not decode to something we understand."""
 
 
 @dataclass
@@ -69,62 +68,51 @@ class PeerRecord:
     term: int = 0
     leader: str | None = None
     last_seen: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: Any = None  # what the peer last published on its heartbeats (see decode_extra)
     next_dial: float = 0.0
     dial_backoff: float = 0.5
     refused: str | None = None
+    learned_at: float = 0.0  # when this record was made (see MeshNode._forget_stale)
 
 
-def _str_list(value: Any, limit: int) -> list[str]:
-    if not isinstance(value, list) or len(value) > limit:
-        raise BadMessage("expected a short list of strings")
-    if not all(isinstance(v, str) and len(v) < 512 for v in value):
-        raise BadMessage("expected a short list of strings")
-    return list(value)
+def _addrs(value: Any, what: str) -> list[str]:
+    return wire.seq_of(value, what, _MAX_ADDRS, lambda v, w: wire.text(v, w, 512, empty=False))
 
 
-def decode_message(payload: bytes) -> dict[str, Any]:
-    """Decode and validate one control message; raises BadMessage."""
-    try:
-        msg = cbor2.loads(payload)
-    except Exception:
-        raise BadMessage("not CBOR") from None
-    if not isinstance(msg, dict) or msg.get("v") != PROTOCOL_VERSION:
+def decode_message(
+    payload: bytes, decode_extra: Callable[[Any], Any] | None = None
+) -> dict[str, Any]:
+    """Decode and validate one control message; raises BadMessage.
+
+    *decode_extra* turns a heartbeat's ``x`` (the state the layer above publishes) into its
+    typed value; without it ``x`` must still be a map.
+    """
+    msg = wire.mapping(wire.loads(payload), "control message")
+    if msg.get("v") != PROTOCOL_VERSION:
         raise BadMessage("not a version-1 control message")
     kind = msg.get("t")
-    term = msg.get("term")
-    if not isinstance(term, int) or isinstance(term, bool) or not 0 <= term < 2**62:
-        raise BadMessage("bad term")
+    out: dict[str, Any] = {"t": kind, "term": wire.integer(msg.get("term"), "term")}
     if kind == "hb":
-        if msg.get("role") not in (FOLLOWER, CANDIDATE, LEADER):
-            raise BadMessage("bad role")
-        leader = msg.get("leader")
-        if leader is not None and not isinstance(leader, str):
-            raise BadMessage("bad leader")
-        if not isinstance(msg.get("name"), str):
-            raise BadMessage("bad name")
-        msg["addrs"] = _str_list(msg.get("addrs"), _MAX_ADDRS)
-        members = msg.get("members")
-        if not isinstance(members, dict) or len(members) > _MAX_MEMBERS:
-            raise BadMessage("bad members")
-        msg["members"] = {
-            str(k): _str_list(v, _MAX_ADDRS) for k, v in members.items() if isinstance(k, str)
+        role = msg.get("role")
+        if role not in (FOLLOWER, CANDIDATE, LEADER):
+            raise BadMessage(f"bad role {wire.show(role)}")
+        out["role"] = role
+        out["leader"] = wire.optional(msg.get("leader"), "leader", wire.peer_id)
+        out["name"] = wire.text(msg.get("name"), "name", 128)
+        out["addrs"] = _addrs(msg.get("addrs"), "addrs")
+        members = wire.mapping(msg.get("members"), "members", _MAX_MEMBERS)
+        out["members"] = {
+            wire.peer_id(k, "member"): _addrs(v, "member addrs") for k, v in members.items()
         }
         extra = msg.get("x", {})
-        if not isinstance(extra, dict):
-            raise BadMessage("bad extra state")
-        msg["x"] = extra
+        out["x"] = decode_extra(extra) if decode_extra else wire.mapping(extra, "state")
     elif kind == "vres":
-        if not isinstance(msg.get("granted"), bool):
-            raise BadMessage("bad vote response")
+        out["granted"] = wire.flag(msg.get("granted"), "granted")
     elif kind == "app":
-        if not isinstance(msg.get("body"), dict):
-            raise BadMessage("bad app message")
+        out["body"] = wire.mapping(msg.get("body"), "app message")
     elif kind != "vreq":
-        # Not repr(kind): it raises ValueError for an int of over 4300 digits (a CBOR bignum).
-        shown = repr(kind[:40]) if isinstance(kind, str) else f"of type {type(kind).__name__}"
-        raise BadMessage(f"unknown message type {shown}")
-    return msg
+        raise BadMessage(f"unknown message type {wire.show(kind)}")
+    return out
 
 
 def encode_message(kind: str, term: int, **fields: Any) -> bytes:
@@ -148,6 +136,8 @@ class MeshNode:
         self.extra_provider: Callable[[], dict[str, Any]] | None = None
         self.on_peer_extra: Callable[[str, dict[str, Any]], None] | None = None
         self.on_app_message: Callable[[str, dict[str, Any]], None] | None = None
+        # Turns a heartbeat's published state into its typed value (raises BadMessage).
+        self.decode_extra: Callable[[Any], Any] | None = None
         self.endpoint = endpoint
         self.config = config
         self.name = name
@@ -188,10 +178,11 @@ class MeshNode:
     def alive_peers(self) -> list[str]:
         return sorted(p for p, r in self.peers.items() if self.is_alive(r))
 
-    def extra_of(self, peer: str | None, key: str) -> Any:
-        """What *peer* last published under *key* on its heartbeats (None if nothing)."""
+    def state_of(self, peer: str | None) -> Any:
+        """What *peer* last published on its heartbeats, as ``decode_extra`` made it (None if
+        nothing yet)."""
         rec = self.peers.get(peer) if peer else None
-        return rec.extra.get(key) if rec is not None else None
+        return rec.extra if rec is not None else None
 
     def current_leader(self) -> str | None:
         """The leader this peer recognises now (None during an election)."""
@@ -259,9 +250,30 @@ class MeshNode:
     def _record(self, peer_id: str) -> PeerRecord:
         rec = self.peers.get(peer_id)
         if rec is None:
-            rec = self.peers[peer_id] = PeerRecord(peer_id)
+            rec = self.peers[peer_id] = PeerRecord(peer_id, learned_at=self.now())
             self.log.info("peer_discovered", other=peer_id)
         return rec
+
+    @property
+    def forget_after_s(self) -> float:
+        """How long a member that is not heard from is remembered (and redialled)."""
+        return max(FORGET_AFTER_MIN_S, 40 * self.config.dead_after_s)
+
+    def _forget_stale(self) -> None:
+        """Drop members not heard from directly for :attr:`forget_after_s`: ones a heartbeat
+        named that never answered (a peer can name any ids it likes), and ones long gone."""
+        now = self.now()
+        limit = self.forget_after_s
+        stale = [
+            pid for pid, rec in self.peers.items()
+            if not self.endpoint.is_connected(pid)
+            and now - (rec.last_seen if rec.last_seen is not None else rec.learned_at) > limit
+        ]  # fmt: skip
+        for pid in stale:
+            del self.peers[pid]
+            self.log.info("peer_forgotten", other=pid)
+        if stale:
+            self._members_changed()
 
     def _members_changed(self) -> None:
         if self.on_members_changed is not None:
@@ -269,13 +281,12 @@ class MeshNode:
 
     async def _receive_loop(self) -> None:
         async for msg in self.endpoint.messages:
-            try:
-                self._handle(msg)
-            except BadMessage as exc:
-                self.log.warning("message_dropped", sender=msg.sender, reason=str(exc))
+            # One message that fails (to decode, or in the layer above's callbacks) is
+            # dropped and logged; the next one is handled as usual.
+            contain_sync("control_message", msg.sender, self._handle, msg)
 
     def _handle(self, msg: Message) -> None:
-        body = decode_message(msg.payload)
+        body = decode_message(msg.payload, self.decode_extra)
         sender = msg.sender
         if sender == self.peer_id:
             raise BadMessage("message claims to come from ourselves")
@@ -329,6 +340,8 @@ class MeshNode:
             if pid == self.peer_id or not addrs:
                 continue
             known = self.peers.get(pid)
+            if known is None and len(self.peers) >= _MAX_MEMBERS:
+                continue  # full: members named by others wait until stale ones are forgotten
             if known is None or (addrs != known.addrs and not self.endpoint.is_connected(pid)):
                 # New member, or one we cannot reach at the addresses we had (it restarted on
                 # new ports): take the addresses a live member sees it at, and dial soon.
@@ -448,6 +461,7 @@ class MeshNode:
         nursery = self._nursery
         assert nursery is not None
         while True:
+            self._forget_stale()
             payload = self._heartbeat()
             now = self.now()
             for pid, rec in list(self.peers.items()):

@@ -39,8 +39,10 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from multiaddr import Multiaddr
 
+from meshllm import wire
 from meshllm.mesh import dataplane
 from meshllm.mesh.addrs import expand_wildcards
+from meshllm.mesh.contain import contain, contained
 from meshllm.mesh.dataplane import DataPlaneListener
 from meshllm.mesh.framing import FrameError, FrameReader, frame
 from meshllm.mesh.transport import (
@@ -161,7 +163,7 @@ class Libp2pEndpoint:
                 return
             wrapped = _P2PStream(pid, stream)
             try:
-                await handler(wrapped)
+                await contain(protocol, pid, handler, wrapped)
             finally:
                 await wrapped.close()
 
@@ -192,9 +194,10 @@ class Libp2pEndpoint:
             await network.auto_connector.stop()
             self._guard_inbound(network)
             network.register_notifee(_Watcher(self))
-            self._host.set_stream_handler(AUTH_PROTOCOL, self._on_auth_stream)
-            self._host.set_stream_handler(CTL_PROTOCOL, self._on_ctl_stream)
-            self._host.set_stream_handler(DATAPLANE_PROTOCOL, self._on_dataplane_request)
+            for proto, handler in ((AUTH_PROTOCOL, self._on_auth_stream),
+                                   (CTL_PROTOCOL, self._on_ctl_stream),
+                                   (DATAPLANE_PROTOCOL, self._on_dataplane_request)):
+                self._host.set_stream_handler(proto, contained(proto, handler, _remote_peer))
             try:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
@@ -282,17 +285,18 @@ class Libp2pEndpoint:
         raw = await self._host.new_stream(ID.from_base58(peer_id), [DATAPLANE_PROTOCOL])
         try:
             await raw.write(frame(cbor2.dumps({"protocol": protocol})))
-            reply = _as_dict(cbor2.loads(await FrameReader(raw.read, 4096).read_frame()))
+            raw_reply = wire.loads(await FrameReader(raw.read, 4096).read_frame())
             remote = raw.get_remote_address()
         finally:
             with suppress(Exception):
                 await raw.close()
-        port, ticket, key = reply.get("port"), reply.get("ticket"), reply.get("key")
-        if not (isinstance(port, int) and isinstance(ticket, bytes) and isinstance(key, bytes)):
-            raise PeerUnreachable(f"{peer_id} offers no data plane: {reply.get('error')}")
+        try:
+            reply = dataplane.Ticket.from_obj(raw_reply)
+        except wire.BadMessage as exc:
+            raise PeerUnreachable(f"{peer_id} offers no data plane: {exc}") from None
         if not remote:
             raise PeerUnreachable("remote address unknown")
-        return await dataplane.connect(remote[0], port, peer_id, ticket, key)
+        return await dataplane.connect(remote[0], reply.port, peer_id, reply.ticket, reply.key)
 
     async def _on_dataplane_request(self, stream: Any) -> None:
         pid = str(stream.muxed_conn.peer_id)
@@ -300,13 +304,14 @@ class Libp2pEndpoint:
             if pid not in self._admitted or self._dataplane is None:
                 raise ValueError("not admitted" if pid not in self._admitted else "no data plane")
             with trio.fail_after(self._timeout):
-                req = _as_dict(cbor2.loads(await FrameReader(stream.read, 4096).read_frame()))
-                protocol = req.get("protocol")
+                protocol = dataplane.ticket_request(
+                    wire.loads(await FrameReader(stream.read, 4096).read_frame())
+                )
                 if protocol not in FAST_PROTOCOLS or protocol not in self._handlers:
                     raise ValueError(f"no fast path for {protocol!r}")
-                ticket, key = self._dataplane.issue(pid, str(protocol))
-                await stream.write(frame(cbor2.dumps(
-                    {"port": self._dataplane.port, "ticket": ticket, "key": key})))  # fmt: skip
+                ticket, key = self._dataplane.issue(pid, protocol)
+                reply = dataplane.Ticket(self._dataplane.port, ticket, key)
+                await stream.write(frame(cbor2.dumps(reply.to_obj())))
         except Exception as exc:
             with suppress(Exception):
                 await stream.write(frame(cbor2.dumps({"error": str(exc)})))
@@ -317,13 +322,9 @@ class Libp2pEndpoint:
     async def _dispatch_fast(self, protocol: str, stream: Stream) -> None:
         handler = self._handlers.get(protocol)
         if handler is not None and stream.peer_id in self._admitted:
-            try:
-                await handler(stream)
-            except Exception:
-                # Handlers run in the data plane's nursery: one that fails must cost its
-                # stream only, never the listener (and with it the daemon).
-                self.log.exception("fast_stream_handler_failed", other=stream.peer_id,
-                                   protocol=protocol)  # fmt: skip
+            # Handlers run in the data plane's nursery: one that fails must cost its stream
+            # only, never the listener (and with it the daemon).
+            await contain(protocol, stream.peer_id, handler, stream)
 
     # -- admission ----------------------------------------------------------------------------
     def _mac(self, role: bytes, dialer: str, listener: str, nd: bytes, nl: bytes) -> bytes:
@@ -338,7 +339,7 @@ class Libp2pEndpoint:
         try:
             nd = secrets.token_bytes(32)
             await stream.write(frame(cbor2.dumps({"v": 1, "nonce": nd})))
-            reply = _as_dict(cbor2.loads(await reader.read_frame()))
+            reply = auth_message(wire.loads(await reader.read_frame()))
             nl, ml = reply.get("nonce"), reply.get("mac")
             good = isinstance(nl, bytes) and isinstance(ml, bytes)
             if not good or not hmac.compare_digest(ml, self._mac(b"L", self.peer_id, pid, nd, nl)):
@@ -350,7 +351,7 @@ class Libp2pEndpoint:
             await stream.write(
                 frame(cbor2.dumps({"mac": self._mac(b"D", self.peer_id, pid, nd, nl)}))
             )
-            verdict = _as_dict(cbor2.loads(await reader.read_frame()))
+            verdict = auth_message(wire.loads(await reader.read_frame()))
             if verdict.get("ok") is not True:
                 self._admitted.discard(pid)
                 raise AdmissionRefused(f"peer {pid} refused us: {verdict.get('error', 'refused')}")
@@ -358,7 +359,7 @@ class Libp2pEndpoint:
         except AdmissionRefused:
             await self._drop(pid)
             raise
-        except (EOFError, FrameError, ValueError, cbor2.CBORDecodeError) as exc:
+        except (EOFError, FrameError, ValueError, wire.BadMessage) as exc:
             self._admitted.discard(pid)
             await self._drop(pid)
             raise AdmissionRefused(f"peer {pid} broke off the mesh challenge: {exc}") from None
@@ -372,14 +373,14 @@ class Libp2pEndpoint:
         reader = FrameReader(stream.read, 4096)
         try:
             with trio.fail_after(self._timeout):
-                hello = _as_dict(cbor2.loads(await reader.read_frame()))
+                hello = auth_message(wire.loads(await reader.read_frame()))
                 nd = hello.get("nonce")
                 if not isinstance(nd, bytes) or len(nd) != 32:
                     raise ValueError("bad challenge")
                 nl = secrets.token_bytes(32)
                 ml = self._mac(b"L", pid, self.peer_id, nd, nl)
                 await stream.write(frame(cbor2.dumps({"nonce": nl, "mac": ml})))
-                answer = _as_dict(cbor2.loads(await reader.read_frame()))
+                answer = auth_message(wire.loads(await reader.read_frame()))
                 md = answer.get("mac")
                 expected = self._mac(b"D", pid, self.peer_id, nd, nl)
                 if not isinstance(md, bytes) or not hmac.compare_digest(md, expected):
@@ -392,7 +393,7 @@ class Libp2pEndpoint:
                 self._admitted.add(pid)
                 await stream.write(frame(cbor2.dumps({"ok": True})))
                 self.log.info("peer_admitted", other=pid, direction="inbound")
-        except (trio.TooSlowError, EOFError, FrameError, ValueError, cbor2.CBORDecodeError) as exc:
+        except (trio.TooSlowError, EOFError, FrameError, ValueError, wire.BadMessage) as exc:
             self.log.warning("admission_refused", other=pid, reason=f"bad challenge: {exc}")
             await self._drop(pid)
         except Exception as exc:  # stream reset and the like: the dialer gave up
@@ -512,7 +513,10 @@ class _P2PStream:
                 await self._raw.close()
 
 
-def _as_dict(obj: Any) -> dict[str, Any]:
-    if not isinstance(obj, dict):
-        raise ValueError("expected a map")
-    return obj
+def _remote_peer(stream: Any) -> str:
+    return str(stream.muxed_conn.peer_id)
+
+
+def auth_message(obj: Any) -> dict[str, Any]:
+    """One message of the mesh challenge, a small map (its fields are checked where read)."""
+    return wire.mapping(obj, "message", 8)

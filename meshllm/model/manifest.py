@@ -6,9 +6,16 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from meshllm.errors import MeshError
 from meshllm.model.graph import KVNames
+from meshllm.wire import is_sha256_hex
 
 MANIFEST = "manifest.json"
+
+
+class BadManifest(MeshError):
+    """A manifest that cannot be read or does not describe a model."""
+
 MANIFEST_VERSION = 1
 
 
@@ -58,6 +65,27 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str) -> Manifest:
+        """The manifest *text* holds; raises :class:`BadManifest` (a manifest may have come
+        from another peer, so nothing in it is taken on trust)."""
+        try:
+            manifest = cls._from_json(text)
+            arch = manifest.architecture
+            checks = (
+                isinstance(arch.num_layers, int) and 0 < arch.num_layers <= 4096,
+                len(manifest.per_layer_weight_bytes) == arch.num_layers,
+                all(isinstance(b, int) and b >= 0 for b in manifest.per_layer_weight_bytes),
+                is_sha256_hex(manifest.model_sha256),
+                isinstance(arch.context_length, int) and 0 < arch.context_length <= 1 << 24,
+                all(isinstance(t, int) for t in arch.eos_token_ids),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as exc:
+            raise BadManifest(f"malformed manifest: {type(exc).__name__}: {exc}"[:300]) from None
+        if not all(checks):
+            raise BadManifest("malformed manifest: its figures are out of range")
+        return manifest
+
+    @classmethod
+    def _from_json(cls, text: str) -> Manifest:
         raw = json.loads(text)
         arch = dict(raw.pop("architecture"))
         arch["eos_token_ids"] = tuple(arch["eos_token_ids"])
@@ -72,4 +100,8 @@ class Manifest:
 
     @classmethod
     def read(cls, model_dir: Path) -> Manifest:
-        return cls.from_json((model_dir / MANIFEST).read_text())
+        try:
+            text = (model_dir / MANIFEST).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise BadManifest(f"cannot read {MANIFEST}: {exc}") from None
+        return cls.from_json(text)

@@ -154,6 +154,13 @@ class SegmentRuntime:
             for got, dim in zip(value.shape[2:], meta.shape[2:], strict=True):
                 if isinstance(dim, int) and got != dim:
                     raise BadInput(f"{meta.name}: shape {value.shape} does not fit {meta.shape}")
+            if meta.name == "input_ids" and value.size and not (
+                int(value.min()) >= 0 and int(value.max()) < self.arch.vocab_size
+            ):
+                # Some embedding kernels (the int4 GatherBlockQuantized) read past their table
+                # for an id out of range instead of failing.
+                raise BadInput(f"input_ids: a token id outside the vocabulary of "
+                               f"{self.arch.vocab_size}")  # fmt: skip
 
     # -- request lifecycle --------------------------------------------------------------------
     def open(self, request_id: str, capacity: int, kv: Mapping[int, KVLayer] | None = None) -> None:

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from meshllm import wire
 from meshllm.errors import MeshError
+
+# A temperature past this makes every token equally likely already; larger ones only overflow.
+MAX_TEMP = 1e6
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,31 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    def to_wire(self) -> dict[str, Any]:
+        """The parameters as frames and control requests carry them."""
+        return {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p,
+                "seed": self.seed}  # fmt: skip
+
+    @classmethod
+    def from_wire(cls, obj: Any) -> SamplingParams:
+        """Parameters from another process (a frame, a control request); absent ones take
+        their defaults. Raises :class:`~meshllm.wire.BadMessage` with the reason."""
+        obj = wire.mapping(obj, "sampling parameters")
+        seed = obj.get("seed")
+        return cls(
+            temperature=wire.number(obj.get("temperature", 0.0), "temperature", 0.0, MAX_TEMP),
+            top_k=wire.integer(obj.get("top_k", 0), "top_k", 0, 2**31),
+            top_p=_top_p(obj.get("top_p", 1.0)),
+            seed=None if seed is None else wire.integer(seed, "seed", 0, 2**63),
+        )
+
+
+def _top_p(value: Any) -> float:
+    p = wire.number(value, "top_p", 0.0, 1.0)
+    if p <= 0:
+        raise wire.BadMessage("top_p must be in (0, 1]")
+    return p
 
 
 class Sampler:

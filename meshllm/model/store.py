@@ -9,7 +9,7 @@ from pathlib import Path
 
 from meshllm.errors import BadRanges, ModelNotFound
 from meshllm.model.graph import ModelGraph, load_graph
-from meshllm.model.manifest import MANIFEST, Manifest
+from meshllm.model.manifest import MANIFEST, BadManifest, Manifest
 from meshllm.model.ranges import LayerRange, validate_ranges
 from meshllm.model.segment_files import (
     SEGMENT_MODEL,
@@ -100,7 +100,7 @@ class ModelStore:
             if d.is_dir() and not d.name.startswith(".") and (d / MANIFEST).is_file():
                 try:
                     found.append(ImportedModel(d, Manifest.read(d)))
-                except (OSError, ValueError, TypeError, KeyError):
+                except (OSError, ValueError, TypeError, KeyError, BadManifest):
                     continue  # a damaged manifest is reported by `get`, not by listing
         return found
 

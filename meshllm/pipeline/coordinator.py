@@ -138,8 +138,7 @@ class Coordinator:
         run = _Run(
             rid=uuid.uuid4().hex, prompt_ids=list(prompt_ids), capacity=capacity,
             budget=capacity - len(prompt_ids),
-            sampling={"temperature": sampling.temperature, "top_k": sampling.top_k,
-                      "top_p": sampling.top_p, "seed": sampling.seed},
+            sampling=sampling.to_wire(),
         )  # fmt: skip
         eos = set(arch.eos_token_ids)
         send_ch, recv_ch = trio.open_memory_channel[Frame](64)

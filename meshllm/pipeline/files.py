@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,11 @@ import cbor2
 import structlog
 import trio
 
+from meshllm import wire
 from meshllm.errors import MeshError
 from meshllm.mesh.framing import FrameReader, frame
 from meshllm.mesh.transport import Endpoint, PeerUnreachable, Stream
+from meshllm.model.manifest import Manifest
 from meshllm.model.ranges import LayerRange
 from meshllm.model.store import ModelStore
 
@@ -56,7 +59,64 @@ def file_sha256(path: Path) -> str:
 
 
 def cache_dir(home: Path, model_sha: str) -> Path:
-    return home / "cache" / model_sha
+    """Where *home* caches files of model *model_sha*. The hash is checked here, where it
+    becomes a path: it may have come from another peer (a plan, a request)."""
+    return home / "cache" / wire.sha256_hex(model_sha, "model sha")
+
+
+FILE_KINDS = {"meta": META_FILES, "segment": SEGMENT_FILES, "probe": PROBE_FILES}
+MAX_FILE_BYTES = 1 << 46
+
+
+@dataclass(frozen=True)
+class FileRequest:
+    """``{sha, what, file, start?, stop?, offset}``: one file of one model, from *offset*."""
+
+    sha: str
+    what: str
+    file: str
+    start: int = 0
+    stop: int = 0
+    offset: int = 0
+
+    def to_obj(self) -> dict[str, Any]:
+        obj: dict[str, Any] = {"sha": self.sha, "what": self.what, "file": self.file,
+                               "offset": self.offset}  # fmt: skip
+        if self.what != "meta":
+            obj.update(start=self.start, stop=self.stop)
+        return obj
+
+    @classmethod
+    def from_obj(cls, raw: Any) -> FileRequest:
+        obj = wire.mapping(raw, "file request")
+        what = wire.choice(obj.get("what"), "what", FILE_KINDS)
+        name = obj.get("file")
+        if not isinstance(name, str) or name not in FILE_KINDS[what]:
+            raise wire.BadMessage(f"not a {what} file: {wire.show(name)}")
+        start = stop = 0
+        if what != "meta":
+            start = wire.integer(obj.get("start"), "start", 0, 4096)
+            stop = wire.integer(obj.get("stop"), "stop", start + 1, 4097)
+        return cls(wire.sha256_hex(obj.get("sha"), "sha"), what, name, start, stop,
+                   wire.integer(obj.get("offset", 0), "offset"))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class FileHeader:
+    """The server's answer before the bytes: ``{ok, size, sha256}`` or ``{ok: false, error}``."""
+
+    size: int
+    sha256: str
+
+    @classmethod
+    def from_obj(cls, raw: Any, source: str, name: str) -> FileHeader:
+        obj = wire.mapping(raw, "file header")
+        if obj.get("ok") is not True:
+            error = obj.get("error")
+            shown = error[:300] if isinstance(error, str) else "bad answer"
+            raise TransferError(f"{source} refused {name}: {shown}")
+        return cls(wire.integer(obj.get("size"), "size", 0, MAX_FILE_BYTES),
+                   wire.sha256_hex(obj.get("sha256"), "sha256"))  # fmt: skip
 
 
 class FileServer:
@@ -65,36 +125,30 @@ class FileServer:
     def __init__(self, store: ModelStore):
         self.store = store
 
-    def _locate(self, req: dict[str, Any]) -> Path:
-        sha, what, name = req.get("sha"), req.get("what"), req.get("file")
-        model = self.store.by_sha(str(sha))
+    def _locate(self, req: FileRequest) -> Path:
+        model = self.store.by_sha(req.sha)
         if model is None:
-            raise TransferError(f"no model with sha {sha!r} here")
-        if what == "meta" and name in META_FILES:
-            path = model.path / str(name)
+            raise TransferError(f"no model with sha {req.sha} here")
+        if req.what == "meta":
+            path = model.path / req.file
             if not path.exists():
-                raise TransferError(f"{name} missing from {model.name}")
+                raise TransferError(f"{req.file} missing from {model.name}")
             return path
-        if (what == "segment" and name in SEGMENT_FILES) or (
-            what == "probe" and name in PROBE_FILES
-        ):
-            r = LayerRange(int(req["start"]), int(req["stop"]))
-            ((seg_path, _info),) = model.segment_files([r])
-            return seg_path.parent / str(name)
-        raise TransferError(f"not a servable file: {what!r} {name!r}")
+        if req.stop > model.manifest.architecture.num_layers:
+            raise TransferError(f"{model.name} has no layer {req.stop - 1}")
+        ((seg_path, _info),) = model.segment_files([LayerRange(req.start, req.stop)])
+        return seg_path.parent / req.file
 
     async def handle(self, stream: Stream) -> None:
         reader = FrameReader(stream.read, 4096)
         try:
             with trio.fail_after(30):
-                req = cbor2.loads(await reader.read_frame())
-            if not isinstance(req, dict):
-                raise TransferError("bad request")
+                req = FileRequest.from_obj(wire.loads(await reader.read_frame()))
             path = await trio.to_thread.run_sync(self._locate, req)
             size = path.stat().st_size
             sha = await trio.to_thread.run_sync(file_sha256, path)
-            offset = req.get("offset", 0)
-            if not isinstance(offset, int) or not 0 <= offset <= size:
+            offset = req.offset
+            if offset > size:
                 offset = size + 1  # tell the fetcher to start over
             await stream.write(frame(cbor2.dumps({"ok": True, "size": size, "sha256": sha})))
             if offset > size:
@@ -103,8 +157,7 @@ class FileServer:
                 fh.seek(offset)
                 while block := await trio.to_thread.run_sync(fh.read, CHUNK):
                     await stream.write(block)
-        except (MeshError, ValueError, KeyError, TypeError, EOFError, cbor2.CBORDecodeError,
-                trio.TooSlowError) as exc:  # fmt: skip
+        except (MeshError, ValueError, EOFError, trio.TooSlowError) as exc:
             log.warning("file_request_refused", other=stream.peer_id, reason=str(exc))
             with trio.move_on_after(5):
                 await stream.write(frame(cbor2.dumps({"ok": False, "error": str(exc)})))
@@ -120,15 +173,24 @@ async def meta_dir(
         return local.path
     meta = cache_dir(home, sha) / "meta"
     for name in META_FILES:
-        req = {"sha": sha, "what": "meta", "file": name}
-        await fetch_file(endpoint, source, req, meta / name)
+        await fetch_file(endpoint, source, FileRequest(sha, "meta", name), meta / name)
+    # The source chose these bytes: they count as model *sha*'s only if its manifest says so.
+    try:
+        claimed = Manifest.read(meta).model_sha256
+        if claimed != sha:
+            raise TransferError(f"{source} sent the manifest of model {claimed[:12]}, not "
+                                f"{sha[:12]}")  # fmt: skip
+    except MeshError:
+        for name in META_FILES:
+            (meta / name).unlink(missing_ok=True)
+        raise
     return meta
 
 
 async def fetch_file(
     endpoint: Endpoint,
     source: str,
-    request: dict[str, Any],
+    request: FileRequest,
     dest: Path,
     on_bytes: Callable[[int, int], None] = lambda _d, _t: None,
 ) -> None:
@@ -141,13 +203,11 @@ async def fetch_file(
         offset = dest.stat().st_size if have else (part.stat().st_size if part.exists() else 0)
         stream = await endpoint.open_stream(source, PROTOCOL)
         try:
-            await stream.write(frame(cbor2.dumps({**request, "offset": offset})))
+            await stream.write(frame(cbor2.dumps(replace(request, offset=offset).to_obj())))
             reader = FrameReader(stream.read, 4096)
-            header = cbor2.loads(await reader.read_frame())
-            if not isinstance(header, dict) or not header.get("ok"):
-                err = header.get("error") if isinstance(header, dict) else "bad answer"
-                raise TransferError(f"{source} refused {request.get('file')}: {err}")
-            size, sha = int(header["size"]), str(header["sha256"])
+            header = FileHeader.from_obj(wire.loads(await reader.read_frame()), source,
+                                         request.file)  # fmt: skip
+            size, sha = header.size, header.sha256
             if have:
                 if sidecar.read_text().strip() == sha and offset == size:
                     on_bytes(size, size)
@@ -179,13 +239,11 @@ async def fetch_file(
             os.replace(part, dest)
             sidecar.write_text(sha + "\n")
             return
-        except (EOFError, KeyError, ValueError, cbor2.CBORDecodeError) as exc:
-            raise TransferError(
-                f"bad transfer of {request.get('file')} from {source}: {exc}"
-            ) from None
+        except (EOFError, ValueError, wire.BadMessage) as exc:
+            raise TransferError(f"bad transfer of {request.file} from {source}: {exc}") from None
         finally:
             await stream.close()
-    raise TransferError(f"could not fetch {request.get('file')} from {source}")
+    raise TransferError(f"could not fetch {request.file} from {source}")
 
 
 __all__ = ["FileServer", "PeerUnreachable", "TransferError", "cache_dir", "fetch_file"]

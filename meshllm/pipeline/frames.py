@@ -8,14 +8,14 @@ a reason, never a crash.
 from __future__ import annotations
 
 import math
-import reprlib
 from dataclasses import dataclass, field
 from typing import Any
 
 import cbor2
 import numpy as np
 
-from meshllm.errors import MeshError
+from meshllm import wire
+from meshllm.model.sampling import SamplingParams
 
 FWD, TOKEN, END, ERROR = "fwd", "tok", "end", "err"
 KINDS = (FWD, TOKEN, END, ERROR)
@@ -25,17 +25,11 @@ MAX_TENSORS = 16
 MAX_FORCED = 1 << 16
 
 
-class BadFrame(MeshError):
+class BadFrame(wire.BadMessage):
     """A frame that does not decode to a valid activation message."""
 
 
-def _show(v: Any) -> str:
-    """A short repr for error messages: repr() itself raises on an int of over 4300 digits,
-    which a CBOR bignum can carry."""
-    try:
-        return reprlib.repr(v)
-    except ValueError:
-        return f"<{type(v).__name__}>"
+_show = wire.show
 
 
 @dataclass(frozen=True)
@@ -64,7 +58,7 @@ class KVSource:
             if not (
                 isinstance(s, list)
                 and len(s) == 3
-                and isinstance(s[0], str)
+                and wire.peer_id(s[0], "stage peer")
                 and all(is_int(x) and 0 <= x < 1 << 20 for x in s[1:])
                 and s[1] < s[2]
             ):
@@ -76,6 +70,10 @@ class KVSource:
         if not (0 <= e < 1 << 62 and 0 < n < 1 << 31 and 0 <= d < 1 << 31):
             raise ValueError("numbers out of range")
         return cls(e, tuple(parsed), n, d)
+
+
+def _seconds(value: Any, what: str) -> float:
+    return wire.number(value, what, 0.0)
 
 
 def is_int(x: Any) -> bool:
@@ -184,10 +182,17 @@ def _int(obj: dict[str, Any], key: str, default: int | None = None, lo: int = 0)
 
 
 def decode_frame(data: bytes) -> Frame:
+    """The frame *data* encodes (raises :class:`BadFrame` with the reason)."""
     try:
-        obj = cbor2.loads(data)
-    except Exception:
-        raise BadFrame("not CBOR") from None
+        return _decode_frame(data)
+    except BadFrame:
+        raise
+    except wire.BadMessage as exc:
+        raise BadFrame(str(exc)) from None
+
+
+def _decode_frame(data: bytes) -> Frame:
+    obj = wire.loads(data)
     if not isinstance(obj, dict):
         raise BadFrame("frame is not a map")
     kind = obj.get("k")
@@ -197,33 +202,17 @@ def decode_frame(data: bytes) -> Frame:
     if not isinstance(rid, str) or not 0 < len(rid) <= 64:
         raise BadFrame("bad request id")
     f = Frame(kind=kind, rid=rid, epoch=_int(obj, "e"), step=_int(obj, "s"))
-    cs = obj.get("cs", [])
-    if not isinstance(cs, list) or len(cs) > 64 or not all(isinstance(x, float | int) for x in cs):
-        raise BadFrame("bad stage timings")
-    try:  # float() of a CBOR bignum over ~1e308 raises OverflowError
-        f.compute_s = [float(x) for x in cs]
-    except OverflowError:
-        raise BadFrame("bad stage timings") from None
-    at = obj.get("at", 0.0)
-    if not isinstance(at, float | int):
-        raise BadFrame("bad timestamp")
-    try:
-        f.sent_at = float(at)
-    except OverflowError:
-        raise BadFrame("bad timestamp") from None
+    f.compute_s = wire.seq_of(obj.get("cs", []), "stage timings", 64, _seconds)
+    f.sent_at = wire.number(obj.get("at", 0.0), "timestamp", 0.0)
     if kind == FWD:
         f.pos, f.new = _int(obj, "p", lo=1), _int(obj, "n", lo=1)
         if f.new > f.pos:
             raise BadFrame("more new tokens than positions")
         f.cap = _int(obj, "cap", 0)
-        coord = obj.get("c")
-        if not isinstance(coord, str) or not coord:
-            raise BadFrame("missing coordinator")
-        f.coord = coord
-        sm = obj.get("sm", {})
-        if not isinstance(sm, dict):
-            raise BadFrame("bad sampling parameters")
-        f.sampling = sm
+        f.coord = wire.peer_id(obj.get("c"), "coordinator")
+        # Checked here, on arrival, rather than when the last stage first samples.
+        sm = obj.get("sm")
+        f.sampling = {} if sm is None else SamplingParams.from_wire(sm).to_wire()
         tensors = obj.get("t")
         # Names must be strings (as encoded): str() of a bignum name would raise ValueError.
         if (
@@ -264,5 +253,5 @@ def decode_frame(data: bytes) -> Frame:
         f.busy = obj.get("bz") is True
     elif kind == END:
         coord = obj.get("c", "")
-        f.coord = coord if isinstance(coord, str) else ""
+        f.coord = coord if isinstance(coord, str) and len(coord) <= 128 else ""
     return f

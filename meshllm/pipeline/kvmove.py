@@ -29,6 +29,7 @@ import numpy as np
 import structlog
 import trio
 
+from meshllm import wire
 from meshllm.errors import MeshError
 from meshllm.mesh.framing import FrameError, FrameReader, frame
 from meshllm.mesh.transport import Endpoint, PeerUnreachable, Stream
@@ -78,20 +79,19 @@ async def serve(stream: Stream, lookup: Lookup) -> None:
         await stream.close()
 
 
-def _parse_request(req: Any) -> tuple[int, list[int], str | None, int]:
-    if not isinstance(req, dict):
-        raise ValueError("not a map")
-    epoch, layers, rid, length = req.get("e"), req.get("l"), req.get("r"), req.get("n", 0)
-    if not (
-        is_int(epoch)
-        and is_int(length)
-        and isinstance(layers, list)
-        and len(layers) <= 1024
-        and all(is_int(x) for x in layers)
-        and (rid is None or isinstance(rid, str))
-    ):
-        raise ValueError("malformed request")  # fmt: skip
-    return epoch, layers, rid, length
+def _layer(value: Any, what: str) -> int:
+    return wire.integer(value, what, 0, 4096)
+
+
+def parse_request(req: Any) -> tuple[int, list[int], str | None, int]:
+    """``{e, l, r?, n?}`` checked (raises :class:`~meshllm.wire.BadMessage`)."""
+    req = wire.mapping(req, "KV request")
+    return (
+        wire.integer(req.get("e"), "epoch"),
+        wire.seq_of(req.get("l"), "layers", 1024, _layer),
+        wire.optional(req.get("r"), "request id", lambda v, w: wire.text(v, w, 64)),
+        wire.integer(req.get("n", 0), "positions", 0, 2**31),
+    )
 
 
 def _export(runtime: SegmentRuntime, layers: list[int], rid: str | None, length: int) -> Caches:
@@ -107,10 +107,11 @@ async def _serve(stream: Stream, lookup: Lookup) -> None:
     reader = FrameReader(stream.read, MAX_REQUEST)
     try:
         with trio.fail_after(FETCH_TIMEOUT_S):
-            epoch, layers, rid, length = _parse_request(cbor2.loads(await reader.read_frame()))
+            epoch, layers, rid, length = parse_request(wire.loads(await reader.read_frame()))
     except (EOFError, FrameError, PeerUnreachable, trio.TooSlowError):
         return
-    except Exception:  # bad CBOR or fields: a confused or hostile peer gets nothing
+    except wire.BadMessage as exc:  # a confused or hostile peer gets nothing
+        log.warning("kv_request_refused", other=stream.peer_id, reason=str(exc))
         return
     runtime = lookup(epoch)
     try:
@@ -209,20 +210,20 @@ async def _pull(endpoint: Endpoint, peer: str, req: dict[str, Any], layout: Layo
         got: Caches = {}
         while True:
             try:
-                msg = cbor2.loads(await reader.read_frame())
+                msg = wire.mapping(wire.loads(await reader.read_frame()), "KV message")
             except (EOFError, FrameError) as exc:
                 raise KVMoveFailed(f"{peer} broke off the KV transfer: {exc}") from None
-            except Exception:
-                raise KVMoveFailed(f"{peer} sent a malformed KV message") from None
-            if not isinstance(msg, dict):
-                raise KVMoveFailed(f"{peer} sent a malformed KV message")
+            except wire.BadMessage as exc:
+                raise KVMoveFailed(f"{peer} sent a malformed KV message: {exc}") from None
             if "err" in msg:
-                raise KVMoveFailed(f"{peer}: {str(msg['err'])[:500]}")
+                err = msg["err"]
+                raise KVMoveFailed(f"{peer}: {err[:500] if isinstance(err, str) else 'failed'}")
             if msg.get("done") is True:
                 return got
             rid, n, layer, k, v = (msg.get(x) for x in ("r", "n", "l", "k", "v"))
             if not (
                 isinstance(rid, str)
+                and len(rid) <= 64
                 and is_int(n)
                 and 0 < n <= layout.max_positions
                 and layer in req["l"]

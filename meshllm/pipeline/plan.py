@@ -5,12 +5,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from meshllm import wire
 from meshllm.errors import MeshError
 from meshllm.model.ranges import LayerRange, validate_ranges
+
+MAX_LAYERS = 4096
+MAX_STAGES = 64
 
 
 class PlanError(MeshError):
     """A plan that cannot be made or does not decode."""
+
+
+class BadPlan(PlanError, wire.BadMessage):
+    """A plan from another peer that does not decode."""
 
 
 @dataclass(frozen=True)
@@ -62,32 +70,55 @@ class Plan:
 
     @classmethod
     def from_obj(cls, obj: Any) -> Plan:
+        """The plan a peer published (raises :class:`BadPlan` with the reason)."""
         try:
-            stages = tuple(Stage(str(p), int(a), int(b)) for p, a, b in obj["stages"])
-            plan = cls(
-                epoch=int(obj["epoch"]), model=str(obj["model"]), model_sha=str(obj["model_sha"]),
-                source=str(obj["source"]), num_layers=int(obj["num_layers"]),
-                partitioner=str(obj["partitioner"]), stages=stages,
-                predicted=_predicted(obj.get("predicted")),
-                balance=str(obj.get("balance", "none"))[:32],
-            )  # fmt: skip
-            validate_ranges([s.range for s in stages], plan.num_layers)
-        # OverflowError: int() of an infinite float, float() of an int over ~1e308.
-        except (KeyError, TypeError, ValueError, OverflowError, MeshError) as exc:
-            raise PlanError(f"malformed plan: {exc}") from None
+            return cls._decode(obj)
+        except wire.BadMessage as exc:
+            raise BadPlan(f"malformed plan: {exc}") from None
+
+    @classmethod
+    def _decode(cls, obj: Any) -> Plan:
+        obj = wire.mapping(obj, "plan")
+        num_layers = wire.integer(obj.get("num_layers"), "num_layers", 1, MAX_LAYERS + 1)
+        stages = []
+        for i, raw in enumerate(wire.seq(obj.get("stages"), "stages", MAX_STAGES)):
+            if not isinstance(raw, list) or len(raw) != 3:
+                raise wire.BadMessage(f"stage {i} is not [peer, start, stop]")
+            peer = wire.peer_id(raw[0], f"stage {i} peer")
+            start = wire.integer(raw[1], f"stage {i} start", 0, num_layers)
+            stop = wire.integer(raw[2], f"stage {i} stop", start + 1, num_layers + 1)
+            stages.append(Stage(peer, start, stop))
+        plan = cls(
+            epoch=wire.integer(obj.get("epoch"), "epoch", 1),
+            model=wire.name(obj.get("model"), "model"),
+            model_sha=wire.sha256_hex(obj.get("model_sha"), "model_sha"),
+            source=wire.peer_id(obj.get("source"), "source"),
+            num_layers=num_layers,
+            partitioner=wire.name(obj.get("partitioner"), "partitioner"),
+            stages=tuple(stages),
+            predicted=_predicted(obj.get("predicted")),
+            balance=wire.name(obj.get("balance", "none"), "balance"),
+        )
+        try:
+            validate_ranges([s.range for s in plan.stages], plan.num_layers)
+        except MeshError as exc:
+            raise wire.BadMessage(str(exc)) from None
         if len({s.peer for s in stages}) != len(stages):
-            raise PlanError("malformed plan: a peer holds two stages")
+            raise wire.BadMessage("a peer holds two stages")
         return plan
+
+
+def _seconds(value: Any, what: str) -> float:
+    return wire.number(value, what, 0.0)
 
 
 def _predicted(raw: Any) -> dict[str, Any] | None:
     if raw is None:
         return None
-    if not isinstance(raw, dict):
-        raise TypeError("predicted must be a map")
+    raw = wire.mapping(raw, "predicted")
     return {
-        "objective": str(raw["objective"]),
-        "step_s": float(raw["step_s"]),
-        "stage_s": [float(x) for x in raw["stage_s"]],
-        "bottleneck_s": float(raw.get("bottleneck_s", 0.0)),
+        "objective": wire.name(raw.get("objective"), "objective"),
+        "step_s": wire.number(raw.get("step_s"), "step_s", 0.0),
+        "stage_s": wire.seq_of(raw.get("stage_s"), "stage_s", MAX_STAGES, _seconds),
+        "bottleneck_s": wire.number(raw.get("bottleneck_s", 0.0), "bottleneck_s", 0.0),
     }

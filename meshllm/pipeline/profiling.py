@@ -19,6 +19,7 @@ import cbor2
 import structlog
 import trio
 
+from meshllm import wire
 from meshllm.config import Config
 from meshllm.errors import MeshError
 from meshllm.mesh.framing import FrameError, FrameReader, frame
@@ -30,10 +31,10 @@ from meshllm.model.segment_files import SegmentInfo
 from meshllm.model.store import ModelStore
 from meshllm.partitioners import PartitionRequest, WorkerProfile
 from meshllm.pipeline import files
+from meshllm.pipeline.peerstate import PeerState
 from meshllm.plan.profile import (
     LinkStats,
     Profile,
-    ProfileError,
     calibrate,
     memory_budget,
     probe_ranges,
@@ -94,20 +95,15 @@ class Profiler:
         """Why *peer* could not profile itself for *sha*, if it said so."""
         if peer == self.me:
             return self.errors.get(sha)
-        errors = self.node.extra_of(peer, "profile_errors")
-        return str(errors[sha]) if isinstance(errors, dict) and sha in errors else None
+        state = self.node.state_of(peer)
+        return state.profile_errors.get(sha) if isinstance(state, PeerState) else None
 
     def profile_of(self, peer: str, sha: str) -> Profile | None:
         if peer == self.me:
             return self.mine.get(sha)
-        raw = self.node.extra_of(peer, "profile")
-        if raw is None:
-            return None
-        try:
-            prof = Profile.from_obj(raw)
-        except ProfileError:
-            return None
-        return prof if prof.model_sha == sha else None
+        state = self.node.state_of(peer)
+        prof = state.profile if isinstance(state, PeerState) else None
+        return prof if prof is not None and prof.model_sha == sha else None
 
     # -- measuring ----------------------------------------------------------------------------
     async def meta_dir(self, sha: str, source: str) -> Path:
@@ -130,7 +126,7 @@ class Profiler:
             else:
                 for name in files.PROBE_FILES:
                     if not (d / name).exists():
-                        req = {"sha": sha, "what": "probe", "start": a, "stop": b, "file": name}
+                        req = files.FileRequest(sha, "probe", name, a, b)
                         await files.fetch_file(self.endpoint, source, req, d / name)
             out[kind] = d
         return out
@@ -231,20 +227,27 @@ class Profiler:
         try:
             while True:
                 with trio.fail_after(30):
-                    msg = cbor2.loads(await reader.read_frame())
-                if isinstance(msg, dict) and isinstance(msg.get("echo"), bytes):
-                    await stream.write(frame(cbor2.dumps({"echo": msg["echo"]})))
-                elif isinstance(msg, dict) and isinstance(msg.get("sink"), bytes):
-                    await stream.write(frame(cbor2.dumps({"got": len(msg["sink"])})))
+                    kind, data = probe_message(wire.loads(await reader.read_frame()))
+                if kind == "echo":
+                    await stream.write(frame(cbor2.dumps({"echo": data})))
                 else:
-                    log.warning("probe_dropped", other=stream.peer_id, reason="unknown message")
-                    return
+                    await stream.write(frame(cbor2.dumps({"got": len(data)})))
         except (EOFError, PeerUnreachable, FrameError, trio.TooSlowError, ValueError):
             return  # the prober finished or went away
-        except cbor2.CBORDecodeError:
-            log.warning("probe_dropped", other=stream.peer_id, reason="not CBOR")
+        except wire.BadMessage as exc:
+            log.warning("probe_dropped", other=stream.peer_id, reason=str(exc))
         finally:
             await stream.close()
+
+
+def probe_message(raw: Any) -> tuple[str, bytes]:
+    """A link probe: ``{echo: bytes}`` (answered with the same bytes) or ``{sink: bytes}``
+    (answered with their count). Raises :class:`~meshllm.wire.BadMessage`."""
+    obj = wire.mapping(raw, "probe message", 4)
+    for kind in ("echo", "sink"):
+        if isinstance(obj.get(kind), bytes):
+            return kind, obj[kind]
+    raise wire.BadMessage("a probe message holds echo or sink bytes")
 
 
 SUSTAINED, IDLE = "sustained", "idle"

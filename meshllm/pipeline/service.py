@@ -24,10 +24,12 @@ import numpy as np
 import structlog
 import trio
 
+from meshllm import wire
 from meshllm.balance import Decision, Observation, StageObservation
 from meshllm.config import OBJECTIVES, Config
 from meshllm.control.protocol import ControlError
 from meshllm.errors import MeshError, PromptTooLong
+from meshllm.mesh.contain import contain_sync, spawn
 from meshllm.mesh.framing import BlockingFrameReader, FrameError, FrameReader, frame
 from meshllm.mesh.node import LEADER, MeshNode
 from meshllm.mesh.transport import Endpoint, PeerUnreachable, Stream
@@ -36,7 +38,7 @@ from meshllm.model.ranges import LayerRange
 from meshllm.model.sampling import SamplingParams
 from meshllm.model.store import ModelStore
 from meshllm.model.tokenizer import ChatTokenizer, TextStream
-from meshllm.pipeline import files, kvmove
+from meshllm.pipeline import appmsg, files, kvmove
 from meshllm.pipeline.coordinator import Coordinator, OnToken, QueryFailed, QueryResult
 from meshllm.pipeline.frames import (
     ERROR,
@@ -48,6 +50,7 @@ from meshllm.pipeline.frames import (
     decode_frame,
     encode_frame,
 )
+from meshllm.pipeline.peerstate import PeerState
 from meshllm.pipeline.plan import Plan, PlanError, Stage
 from meshllm.pipeline.profiling import Profiler, partition_request, predict, slowed
 from meshllm.pipeline.stage import StageRunner, sampling_from
@@ -56,6 +59,9 @@ from meshllm.plugins import BalancingPolicyRegistry, PartitionerRegistry, get_pl
 
 ACT_PROTOCOL = "act"
 log = structlog.get_logger("meshllm.serve")
+
+
+_NO_STATE = PeerState()
 
 
 class ReadyModel(NamedTuple):
@@ -140,6 +146,7 @@ class ServingService:
         # why none could be (re-sent on heartbeats so the peer that took it can tell).
         self._serve_results: dict[str, int | str] = {}
         node.extra_provider = self._extra
+        node.decode_extra = PeerState.from_obj
         node.on_peer_extra = self._on_peer_extra
         node.on_app_message = self._on_app_message
         endpoint.set_stream_handler(ACT_PROTOCOL, self._on_act_stream)
@@ -178,26 +185,24 @@ class ServingService:
         self._news.set()
         self._news = trio.Event()
 
-    def _on_peer_extra(self, sender: str, extra: dict[str, Any]) -> None:
+    def _state_of(self, peer: str | None) -> PeerState:
+        """What *peer* last published (empty if nothing yet)."""
+        state = self.node.state_of(peer)
+        return state if isinstance(state, PeerState) else _NO_STATE
+
+    def _on_peer_extra(self, sender: str, state: PeerState) -> None:
         self._poke()
-        staged = extra.get("staged")
-        if staged is not None and sender == self.node.current_leader() and self._nursery:
-            try:
-                plan = Plan.from_obj(staged)
-            except PlanError:
-                plan = None
+        # Plans (staged or live) are the leader's to make: one published by any other peer
+        # (a stale one, a buggy one) is never adopted.
+        if sender != self.node.current_leader():
+            return
+        staged = state.staged
+        if staged is not None and self._nursery:
             current = self.plan.epoch if self.plan else 0
-            if plan is not None and plan.epoch > current and plan.epoch != self._preparing:
-                self._nursery.start_soon(self._prepare, plan)
-        raw = extra.get("plan")
-        if raw is None:
-            return
-        try:
-            plan = Plan.from_obj(raw)
-        except PlanError as exc:
-            log.warning("plan_ignored", sender=sender, reason=str(exc))
-            return
-        if self.plan is None or plan.epoch > self.plan.epoch:
+            if staged.epoch > current and staged.epoch != self._preparing:
+                spawn(self._nursery, "prepare_plan", sender, self._prepare, staged)
+        plan = state.plan
+        if plan is not None and (self.plan is None or plan.epoch > self.plan.epoch):
             self._adopt(plan)
 
     def _set_state(self, state: str, **extra: Any) -> None:
@@ -210,23 +215,20 @@ class ServingService:
     def _on_app_message(self, sender: str, body: dict[str, Any]) -> None:
         if self._nursery is None:
             return
-        kind = body.get("kind")
-        if kind == "serve" and self.node.role == LEADER:
-            self._nursery.start_soon(self._make_plan_logged, body)
-        elif kind == "profile" and isinstance(body.get("sha"), str):
-            self._nursery.start_soon(
-                self._profile_quietly,
-                body["sha"],
-                str(body.get("source")),
-                bool(body.get("refresh")),
-            )
+        ask = appmsg.decode(body)  # a BadMessage is logged and dropped by the node
+        if isinstance(ask, appmsg.ServeAsk):
+            if self.node.role == LEADER:
+                spawn(self._nursery, "serve_request", sender, self._make_plan_logged, ask)
+        else:
+            spawn(self._nursery, "profile_request", sender, self._profile_quietly, ask.sha,
+                  ask.source, ask.refresh)  # fmt: skip
 
     async def _profile_quietly(self, sha: str, source: str, refresh: bool) -> None:
         with contextlib.suppress(MeshError, OSError, ValueError):
             await self.profiler.profile(sha, source, refresh=refresh)
 
-    async def _make_plan_logged(self, body: dict[str, Any]) -> None:
-        rid = str(body.get("rid", ""))
+    async def _make_plan_logged(self, ask: appmsg.ServeAsk) -> None:
+        rid = ask.rid
         # An explicit serve starts afresh: slowdowns measured under an earlier plan may
         # have passed (the phone cooled down, the other app closed).
         self._speed_factors = {}
@@ -236,10 +238,10 @@ class ServingService:
         for attempt in range(12):
             try:
                 plan = await self.make_plan(
-                    str(body.get("model")),
-                    str(body.get("partitioner") or self.config.plan.partitioner),
-                    str(body.get("objective") or self.config.plan.objective),
-                    str(body.get("balance") or self.config.balance.policy),
+                    ask.model,
+                    ask.partitioner or self.config.plan.partitioner,
+                    ask.objective or self.config.plan.objective,
+                    ask.balance or self.config.balance.policy,
                 )
                 self._serve_result(rid, plan.epoch)
                 return
@@ -279,12 +281,8 @@ class ServingService:
             name: (info, [self.me]) for name, info in self._models.items()
         }
         for pid in self.node.alive_peers():
-            theirs = self.node.peers[pid].extra.get("models", {})
-            if not isinstance(theirs, dict):
-                continue
-            for name, info in theirs.items():
-                if isinstance(name, str) and isinstance(info, dict):
-                    found.setdefault(name, (info, []))[1].append(pid)
+            for name, facts in self._state_of(pid).models.items():
+                found.setdefault(name, (facts.to_obj(), []))[1].append(pid)
         return found
 
     def model_names(self) -> list[str]:
@@ -304,7 +302,7 @@ class ServingService:
         hub's Wi-Fi) would otherwise slow each other's timings down.
         """
         found: dict[str, Any] = {}
-        body = {"kind": "profile", "sha": sha, "source": source, "refresh": refresh}
+        body = appmsg.ProfileAsk(sha, source, refresh).to_obj()
         for pid in peers:
             asked = time.time()
             if pid == self.me:
@@ -395,10 +393,10 @@ class ServingService:
 
     def _max_epoch_seen(self) -> int:
         best = 0
-        for rec in self.node.peers.values():
-            raw = rec.extra.get("plan")
-            if isinstance(raw, dict) and isinstance(raw.get("epoch"), int):
-                best = max(best, raw["epoch"])
+        for pid in list(self.node.peers):  # dead ones too: a plan they made may come back
+            plan = self._state_of(pid).plan
+            if plan is not None:
+                best = max(best, plan.epoch)
         return best
 
     def _adopt(self, plan: Plan) -> None:
@@ -504,8 +502,7 @@ class ServingService:
             return on_bytes
 
         for name in files.SEGMENT_FILES:
-            req = {"sha": plan.model_sha, "what": "segment", "start": r.start,
-                   "stop": r.stop, "file": name}  # fmt: skip
+            req = files.FileRequest(plan.model_sha, "segment", name, r.start, r.stop)
             await files.fetch_file(self.endpoint, plan.source, req, seg_dir / name, progress(name))
         return seg_dir / "segment.onnx"
 
@@ -557,8 +554,7 @@ class ServingService:
     def _peer_state(self, pid: str) -> dict[str, Any]:
         if not self.node.peer_alive(pid):
             return {}
-        st = self.node.extra_of(pid, "serving")
-        return st if isinstance(st, dict) else {}
+        return self._state_of(pid).serving
 
     # -- data plane ---------------------------------------------------------------------------
     async def send_frame(self, peer: str, f: Frame) -> None:
@@ -690,17 +686,13 @@ class ServingService:
                 if f.kind == FWD and stage is not None and stage.run_here(f, token):
                     continue
                 try:
-                    token.run_sync_soon(self._dispatch_from_thread, f)
+                    # Contained: raised in a callback, it would take the event loop down.
+                    token.run_sync_soon(contain_sync, "act_frame", stream.peer_id,
+                                        self._dispatch, f)  # fmt: skip
                 except trio.RunFinishedError:
                     return
         finally:
             stream.close_reader()
-
-    def _dispatch_from_thread(self, f: Frame) -> None:
-        try:
-            self._dispatch(f)
-        except Exception:  # raised here it would take the whole event loop down
-            log.exception("dispatch_bug", rid=f.rid[:8])
 
     # -- moving KV caches to a new plan (see kvmove) -------------------------------------------
     def _kv_runtime(self, epoch: int) -> Any:
@@ -814,11 +806,10 @@ class ServingService:
         leader = self.node.current_leader()
         if leader == self.me:
             err = self._replan_error
+            mine = (err["epoch"], str(err["error"])) if err else None
         else:
-            err = self.node.extra_of(leader, "replan_error")
-        if isinstance(err, dict) and err.get("epoch") == epoch:
-            return str(err.get("error"))
-        return None
+            mine = self._state_of(leader).replan_error
+        return mine[1] if mine is not None and mine[0] == epoch else None
 
     async def _next_plan(self, after: int, reason: str) -> Plan:
         """For an interrupted query: the next plan once every stage of it is ready."""
@@ -852,7 +843,7 @@ class ServingService:
             if st.peer == self.me:
                 raw: Any = self.stage.stats() if self.stage is not None else None
             else:
-                raw = self.node.extra_of(st.peer, "stage_stats")
+                raw = self._state_of(st.peer).stage_stats
             if not isinstance(raw, dict) or raw.get("epoch") != plan.epoch:
                 return None
             try:
@@ -953,8 +944,7 @@ class ServingService:
     def _peer_prepared(self, peer: str) -> int:
         if peer == self.me:
             return self._prepared_epoch
-        raw = self.node.extra_of(peer, "prepared")
-        return raw if isinstance(raw, int) and not isinstance(raw, bool) else 0
+        return self._state_of(peer).prepared
 
     def _decided(self, plan: Plan, decision: Decision, outcome: str, **extra: Any) -> None:
         rounded = {k: round(v, 3) if isinstance(v, float) else v for k, v in extra.items()}
@@ -975,6 +965,8 @@ class ServingService:
         timeout = args.get("wait_s", 300)
         if not isinstance(model, str) or not model:
             raise ControlError("bad_request", "serve needs args.model (a model name)")
+        if not wire.is_name(model):
+            raise ControlError("unknown_model", f"no model can be named {wire.show(model)}")
         if not isinstance(partitioner, str):
             raise ControlError("bad_request", "args.partitioner must be a string")
         if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0:
@@ -989,11 +981,11 @@ class ServingService:
         objective = args.get("objective") or self.config.plan.objective
         if objective not in OBJECTIVES:
             raise ControlError("bad_request", f"args.objective must be one of {OBJECTIVES}")
-        body = {"kind": "serve", "model": model, "partitioner": partitioner, "rid": rid,
-                "objective": objective, "balance": balance}  # fmt: skip
+        ask = appmsg.ServeAsk(rid, model, partitioner, objective, balance)
+        body = ask.to_obj()
         if self.node.role == LEADER:
             assert self._nursery is not None
-            self._nursery.start_soon(self._make_plan_logged, body)
+            spawn(self._nursery, "serve_request", self.me, self._make_plan_logged, ask)
         else:
             leader = self.node.current_leader()
             if leader is None:
@@ -1018,9 +1010,7 @@ class ServingService:
         """The plan epoch made for serve request *rid*, or why none was, once known."""
         if rid in self._serve_results:
             return self._serve_results[rid]
-        results = self.node.extra_of(self.node.current_leader(), "serve_results")
-        outcome = results.get(rid) if isinstance(results, dict) else None
-        return outcome if isinstance(outcome, int | str) else None
+        return self._state_of(self.node.current_leader()).serve_results.get(rid)
 
     async def op_profile(self, args: dict[str, Any]) -> Any:
         """Profile every live peer for a model (the one served, by default); their figures."""
@@ -1046,7 +1036,8 @@ class ServingService:
             extra = {"rss_mb": _rss_mb(),
                      "stage_stats": None if self.stage is None else self.stage.stats()}  # fmt: skip
         else:
-            extra = {k: self.node.extra_of(pid, k) for k in ("rss_mb", "stage_stats")}
+            state = self._state_of(pid)
+            extra = {"rss_mb": state.rss_mb, "stage_stats": state.stage_stats}
         return {k: v for k, v in extra.items() if v is not None}
 
     def serving_status(self) -> dict[str, Any]:

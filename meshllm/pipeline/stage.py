@@ -51,15 +51,8 @@ log = structlog.get_logger("meshllm.stage")
 
 
 def sampling_from(obj: dict) -> SamplingParams:
-    try:
-        return SamplingParams(
-            temperature=float(obj.get("temperature", 0.0)),
-            top_k=int(obj.get("top_k", 0)),
-            top_p=float(obj.get("top_p", 1.0)),
-            seed=None if obj.get("seed") is None else int(obj["seed"]),
-        )
-    except (TypeError, ValueError) as exc:
-        raise MeshError(f"bad sampling parameters: {exc}") from None
+    """Sampling parameters from a frame or a request (raises MeshError with the reason)."""
+    return SamplingParams.from_wire(obj)
 
 
 class _Step:
@@ -201,7 +194,7 @@ class StageRunner:
             # read it: the run loop's turn to wake up then overlaps the step instead of
             # preceding it. The loop still takes the frame in order and finishes it.
             if self._queued == 1 and self._may_start(f):
-                with contextlib.suppress(MeshError):  # the loop meets the error and reports it
+                with contextlib.suppress(Exception):  # the loop meets the error, reports it
                     self._early = self._start(f)
                     self.early_starts += 1
         return True
@@ -233,7 +226,7 @@ class StageRunner:
                 return False
             try:
                 step = self._start(f, here=True)
-            except MeshError:  # the run loop meets the error and reports it
+            except Exception:  # the run loop meets the error again and reports it
                 return False
             self._early = step
             self._queued += 1
@@ -296,6 +289,11 @@ class StageRunner:
             await self._process(f)
         except MeshError as exc:
             await self._failed(f, exc)
+        except Exception as exc:
+            # A frame that passed every check and still broke its step (ONNX Runtime refusing
+            # a token id past the vocabulary, say) fails its own request; the stage goes on.
+            log.error("step_failed", rid=f.rid, stage=self.index, exc_info=exc)
+            await self._failed(f, MeshError(f"step failed: {type(exc).__name__}: {exc}"[:300]))
 
     async def _failed(self, f: Frame, exc: MeshError) -> None:
         self._drop(f.rid)

@@ -21,14 +21,22 @@ from typing import Any
 
 import numpy as np
 
+from meshllm import wire
 from meshllm.errors import MeshError
 
 PROBE_KINDS = ("first", "a", "b", "last")
 MiB = 1 << 20
 
 
+MAX_LINKS = 256
+
+
 class ProfileError(MeshError):
     """A profile that cannot be measured or does not decode."""
+
+
+class BadProfile(ProfileError, wire.BadMessage):
+    """A profile from another peer that does not decode."""
 
 
 @dataclass(frozen=True)
@@ -77,27 +85,40 @@ class Profile:
 
     @classmethod
     def from_obj(cls, obj: Any) -> Profile:
+        """A profile another peer published (raises :class:`BadProfile` with the reason)."""
         try:
-            links = {str(p): LinkStats(float(a), float(b)) for p, (a, b) in obj["links"].items()}
-            prof = cls(
-                model_sha=str(obj["model_sha"]), layer_s=float(obj["layer_s"]),
-                first_s=float(obj["first_s"]), last_s=float(obj["last_s"]),
-                prefill_layer_s=float(obj["prefill_layer_s"]), hop_s=float(obj["hop_s"]),
-                idle_layer_s=float(obj["idle"][0]), idle_first_s=float(obj["idle"][1]),
-                idle_last_s=float(obj["idle"][2]), idle_hop_s=float(obj["idle"][3]),
-                memory_bytes=int(obj["memory_bytes"]), memory_exact=bool(obj["memory_exact"]),
-                threads=int(obj["threads"]), measured_at=float(obj["measured_at"]), links=links,
-            )  # fmt: skip
-        # OverflowError: float() of an int over ~1e308, int() of an infinite float.
-        except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as exc:
-            raise ProfileError(f"malformed profile: {exc!r}") from None
-        figures = (
-            prof.layer_s, prof.first_s, prof.last_s, prof.prefill_layer_s, prof.hop_s,
-            prof.idle_layer_s, prof.idle_first_s, prof.idle_last_s, prof.idle_hop_s,
+            return cls._decode(wire.mapping(obj, "profile"))
+        except wire.BadMessage as exc:
+            raise BadProfile(f"malformed profile: {exc}") from None
+
+    @classmethod
+    def _decode(cls, obj: dict[str, Any]) -> Profile:
+        def secs(key: str, value: Any = None) -> float:
+            return wire.number(obj.get(key) if value is None else value, key, 0.0, 1e6)
+
+        idle = wire.seq(obj.get("idle"), "idle", 4)
+        if len(idle) != 4:
+            raise wire.BadMessage("idle must hold four figures")
+        links = {}
+        for peer, raw in wire.mapping(obj.get("links"), "links", MAX_LINKS).items():
+            pair = wire.seq(raw, "link", 2)
+            if len(pair) != 2:
+                raise wire.BadMessage("a link is [rtt_s, bandwidth_Bps]")
+            links[wire.peer_id(peer, "link peer")] = LinkStats(
+                wire.number(pair[0], "rtt_s", 0.0, 1e6), wire.number(pair[1], "bandwidth", 0.0)
+            )
+        return cls(
+            model_sha=wire.sha256_hex(obj.get("model_sha"), "model_sha"),
+            layer_s=secs("layer_s"), first_s=secs("first_s"), last_s=secs("last_s"),
+            prefill_layer_s=secs("prefill_layer_s"), hop_s=secs("hop_s"),
+            idle_layer_s=secs("idle", idle[0]), idle_first_s=secs("idle", idle[1]),
+            idle_last_s=secs("idle", idle[2]), idle_hop_s=secs("idle", idle[3]),
+            memory_bytes=wire.integer(obj.get("memory_bytes"), "memory_bytes"),
+            memory_exact=wire.flag(obj.get("memory_exact"), "memory_exact"),
+            threads=wire.integer(obj.get("threads"), "threads", 0, 4096),
+            measured_at=wire.number(obj.get("measured_at"), "measured_at", 0.0),
+            links=links,
         )  # fmt: skip
-        if min(figures) < 0 or prof.memory_bytes < 0 or not all(map(np.isfinite, figures)):
-            raise ProfileError("malformed profile: negative or non-finite figures")
-        return prof
 
 
 # -- memory ------------------------------------------------------------------------------------

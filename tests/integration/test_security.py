@@ -260,7 +260,8 @@ async def test_outsider_with_the_network_key_but_not_the_secret(mesh2: dict[str,
             assert await insider.dial(addr) == target
         dest = home0.parent / "insider" / "segment.onnx.data"
         with trio.fail_after(60):
-            await files.fetch_file(insider, target, segment_request(model), dest)
+            await files.fetch_file(insider, target,
+                                       files.FileRequest.from_obj(segment_request(model)), dest)
         assert dest.stat().st_size > 0
 
     assert_mesh_intact(mesh2, strangers)

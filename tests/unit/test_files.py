@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import cbor2
 import pytest
 import trio
 
+from meshllm.mesh.framing import FrameReader, frame
 from meshllm.model.ranges import LayerRange
 from meshllm.pipeline import files
 from tests.support import memory_pair
@@ -23,7 +25,7 @@ async def test_fetch_resume_and_verify(served_tiny, model_store, tmp_path):
     sha = served_tiny.manifest.model_sha256
     async with trio.open_nursery() as nursery:
         a, b = await _pair(nursery, model_store)
-        req = {"sha": sha, "what": "segment", "start": 2, "stop": 4, "file": "segment.onnx.data"}
+        req = files.FileRequest(sha, "segment", "segment.onnx.data", 2, 4)
         dest = tmp_path / "seg" / "segment.onnx.data"
         progress: list[tuple[int, int]] = []
         await files.fetch_file(b, a.peer_id, req, dest, lambda d, t: progress.append((d, t)))
@@ -58,16 +60,31 @@ async def test_fetch_resume_and_verify(served_tiny, model_store, tmp_path):
         nursery.cancel_scope.cancel()
 
 
+async def _ask(b, server: str, request: dict) -> dict:
+    """Send one raw request (not built by FileRequest: the server must check it) and return
+    the header it answers."""
+    stream = await b.open_stream(server, files.PROTOCOL)
+    try:
+        await stream.write(frame(cbor2.dumps(request)))
+        with trio.fail_after(10):
+            return cbor2.loads(await FrameReader(stream.read, 4096).read_frame())
+    finally:
+        await stream.close()
+
+
 async def test_refuses_unknown_models_and_files(served_tiny, model_store, tmp_path):
     async with trio.open_nursery() as nursery:
         a, b = await _pair(nursery, model_store)
         sha = served_tiny.manifest.model_sha256
         for req, message in (
             ({"sha": "0" * 64, "what": "meta", "file": "tokenizer.json"}, "no model"),
-            ({"sha": sha, "what": "meta", "file": "../../secret"}, "not a servable file"),
+            ({"sha": sha, "what": "meta", "file": "../../secret"}, "not a meta file"),
+            ({"sha": "../" + sha[3:], "what": "meta", "file": "manifest.json"}, "sha must be"),
             ({"sha": sha, "what": "segment", "start": 0, "stop": 99, "file": "segment.onnx"},
-             "out of bounds"),
+             "has no layer"),
+            ({"sha": sha, "what": "segment", "start": 0, "stop": 2, "file": "segment.onnx",
+              "offset": float("inf")}, "offset must be an integer"),
         ):  # fmt: skip
-            with pytest.raises(files.TransferError, match=message):
-                await files.fetch_file(b, a.peer_id, req, tmp_path / "x" / "f")
+            header = await _ask(b, a.peer_id, req)
+            assert header["ok"] is False and message in header["error"], header
         nursery.cancel_scope.cancel()

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from meshllm.control.protocol import VERSION, ControlError, Request, error, parse_request
 from meshllm.mesh.framing import BlockingFrameReader, FrameError, FrameReader, frame
 from meshllm.mesh.node import BadMessage, decode_message, encode_message
+from meshllm.model.sampling import SamplingParams
 from meshllm.pipeline.frames import (
     DTYPES,
     END,
@@ -79,6 +80,14 @@ cbor_values = st.recursive(
     ),
     max_leaves=30,
 )
+# What a peer may really send: no bignums (CBOR tags, which every decoder refuses), string keys.
+plain_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**63 - 1),
+              st.floats(allow_nan=False), st.text(max_size=20), st.binary(max_size=40)),
+    lambda kids: st.one_of(st.lists(kids, max_size=6),
+                           st.dictionaries(st.text(max_size=8), kids, max_size=6)),
+    max_leaves=30,
+)  # fmt: skip
 # JSON-ish values: what json.dumps accepts (string keys), nested. Decoded objects (profiles,
 # plans) may hold any int; request lines get their bignums as raw digits (json.dumps refuses).
 json_values = st.recursive(
@@ -144,6 +153,8 @@ def tensors(draw: st.DrawFn) -> np.ndarray:
 
 
 finite = st.floats(allow_nan=False, allow_infinity=False)
+seconds = st.floats(0.0, 1e9)
+peer_ids = st.text("abcXYZ0189-_", min_size=1, max_size=60)
 u62 = st.integers(0, 2**62 - 1)
 
 
@@ -156,20 +167,21 @@ def frames(draw: st.DrawFn) -> Frame:
         rid=draw(st.text(min_size=1, max_size=64)),
         epoch=draw(u62),
         step=draw(u62),
-        compute_s=draw(st.lists(finite, max_size=8)),
-        sent_at=draw(finite),
+        compute_s=draw(st.lists(seconds, max_size=8)),
+        sent_at=draw(seconds),
     )
     if kind == FWD:
         f.pos = draw(st.integers(1, 2**62 - 1))
         f.new = draw(st.integers(1, f.pos))
         f.cap = draw(u62)
-        f.coord = draw(st.text(min_size=1, max_size=60))
-        f.sampling = draw(st.dictionaries(st.text(max_size=8), st.one_of(finite, st.integers(),
-                                                                          st.text(max_size=8)),
-                                          max_size=4))  # fmt: skip
+        f.coord = draw(peer_ids)
+        f.sampling = draw(st.one_of(st.just({}), st.builds(
+            lambda t, k, p, seed: SamplingParams(t, k, p, seed).to_wire(),
+            st.floats(0.0, 100.0), st.integers(0, 2**31 - 1), st.floats(0.01, 1.0),
+            st.one_of(st.none(), st.integers(0, 2**63 - 1)))))  # fmt: skip
         f.tensors = draw(st.dictionaries(st.text(max_size=8), tensors(), max_size=MAX_TENSORS))
         if f.cap and f.pos > 1 and draw(st.booleans()):
-            stage = st.tuples(st.text(max_size=60), st.integers(0, 2**19), st.integers(1, 2**19))
+            stage = st.tuples(peer_ids, st.integers(0, 2**19), st.integers(1, 2**19))
             stages = [(p, a, a + b) for p, a, b in draw(st.lists(stage, min_size=1, max_size=4))]
             f.kv_from = KVSource(draw(u62), tuple(stages),
                                  draw(st.integers(1, min(f.pos - 1, 2**31 - 1))),
@@ -395,17 +407,17 @@ def test_blocking_frame_reader_reads_what_the_async_one_reads(
 # -- mesh control messages -----------------------------------------------------------------------
 
 
+addr_texts = st.text("/ip4tc0-9", min_size=1, max_size=6)
 valid_messages = st.one_of(
     st.builds(lambda t, r, m, x: encode_message("hb", t, role=r, leader=None, name="p",
                                                 addrs=["/ip4/1"], members=m, x=x),
               u62, st.sampled_from(["follower", "candidate", "leader"]),
-              st.dictionaries(st.text(max_size=6), st.lists(st.text(max_size=6), max_size=3),
-                              max_size=3),
-              st.dictionaries(st.text(max_size=6), cbor_values, max_size=3)),
+              st.dictionaries(peer_ids, st.lists(addr_texts, max_size=3), max_size=3),
+              st.dictionaries(st.text(max_size=6), plain_values, max_size=3)),
     st.builds(lambda t: encode_message("vreq", t), u62),
     st.builds(lambda t, g: encode_message("vres", t, granted=g), u62, st.booleans()),
     st.builds(lambda t, b: encode_message("app", t, body=b), u62,
-              st.dictionaries(st.text(max_size=6), cbor_values, max_size=3)),
+              st.dictionaries(st.text(max_size=6), plain_values, max_size=3)),
 )  # fmt: skip
 
 
@@ -417,7 +429,7 @@ def check_message(data: bytes) -> None:
 @fuzz(300)
 @given(valid_messages)
 def test_decode_message_accepts_valid(data: bytes) -> None:
-    assert decode_message(data)["v"] == 1
+    assert decode_message(data)["t"] == cbor2.loads(data)["t"]
 
 
 @fuzz(1500)
@@ -509,14 +521,14 @@ def test_parse_request_pathological(line: bytes) -> None:
 
 
 def a_profile() -> Profile:
-    return Profile("sha", 1e-3, 1e-4, 2e-4, 1e-5, 1e-4, 2e-3, 2e-4, 3e-4, 2e-4, 1 << 30, False,
+    return Profile("5a" * 32, 1e-3, 1e-4, 2e-4, 1e-5, 1e-4, 2e-3, 2e-4, 3e-4, 2e-4, 1 << 30, False,
                    4, 1.7e9, {"peer": LinkStats(1e-3, 1e7)})  # fmt: skip
 
 
 def a_plan() -> Plan:
     stages = (Stage("a", 0, 10), Stage("b", 10, 30))
     predicted = {"objective": "x", "step_s": 0.1, "stage_s": [0.1, 0.2], "bottleneck_s": 0.2}
-    return Plan(3, "m", "sha", "a", 30, "even", stages, predicted)
+    return Plan(3, "m", "5a" * 32, "a", 30, "even", stages, predicted)
 
 
 @st.composite

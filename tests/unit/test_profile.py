@@ -22,7 +22,7 @@ from meshllm.plan.profile import (
 
 
 def profile(**kw) -> Profile:
-    base = dict(model_sha="abc", layer_s=0.001, first_s=0.0, last_s=0.004, prefill_layer_s=1e-4,
+    base = dict(model_sha="ab" * 32, layer_s=0.001, first_s=0.0, last_s=0.004, prefill_layer_s=1e-4,
                 hop_s=5e-4, idle_layer_s=8e-4, idle_first_s=0.0, idle_last_s=0.003,
                 idle_hop_s=4e-4, memory_bytes=1 << 30, memory_exact=False, threads=1,
                 measured_at=1.0, links={"peer-b": LinkStats(0.002, 50e6)})  # fmt: skip
