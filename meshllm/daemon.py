@@ -45,6 +45,9 @@ DAEMON_FILE = "daemon.json"
 log = structlog.get_logger("meshllm.daemon")
 
 
+MAX_SAVED_PEERS = 256
+
+
 class Daemon:
     def __init__(self, home: Path, config: Config):
         self.home = home
@@ -79,8 +82,14 @@ class Daemon:
                           allowed_origins=api.allowed_origins)  # fmt: skip
 
     def _save_members(self, members: dict[str, list[str]]) -> None:
-        peers = load_peers(self.home)
-        peers.update(members)
+        # Members now first, then what was saved before (peers away for a while), up to a
+        # bound: the file is read and written whole on every change.
+        saved = load_peers(self.home)
+        peers = {"": saved.pop("", [])} if "" in saved else {}
+        for pid, addrs in [*members.items(), *saved.items()]:
+            if len(peers) >= MAX_SAVED_PEERS:
+                break
+            peers.setdefault(pid, addrs)
         save_peers(self.home, peers)
 
     # -- control operations (the only things callable over the socket) ------------------------

@@ -46,16 +46,21 @@ def configure(level: str = "warning", *, explicit: bool = False) -> None:
         return
     _configured = "explicit" if explicit else level
     lvl = getattr(logging, level.upper(), logging.WARNING)
+    tty = sys.stderr.isatty()
     renderer = (
         structlog.dev.ConsoleRenderer(exception_formatter=traceback_formatter())
-        if sys.stderr.isatty()
+        if tty
         else structlog.processors.JSONRenderer()
     )
+    # A daemon's JSON lines carry a logged exception's traceback as plain text (never
+    # dict_tracebacks: it records every frame's locals, secrets among them).
+    exc_text = [] if tty else [structlog.processors.format_exc_info]
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso"),
+            *exc_text,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),

@@ -35,6 +35,9 @@ import cbor2
 from meshllm.errors import MeshError
 
 MAX_DEPTH = 32
+# Items in one message: the scan and the decoder cost a fraction of a microsecond each, on the
+# event loop, so a message of millions of one-byte items would hold it for seconds.
+MAX_ITEMS = 1 << 15
 INT_MAX = 2**62  # exclusive upper bound of counters, epochs, sizes and terms on the wire
 
 T = TypeVar("T")
@@ -49,7 +52,7 @@ _ARG_BYTES = {24: 1, 25: 2, 26: 4, 27: 8}
 _FALSE, _TRUE, _NULL = 20, 21, 22
 
 
-def scan(data: bytes, *, max_depth: int = MAX_DEPTH) -> None:
+def scan(data: bytes, *, max_depth: int = MAX_DEPTH, max_items: int = MAX_ITEMS) -> None:
     """Check that *data* is exactly one CBOR item of the kinds meshllm sends (see the module
     docstring), without decoding it; raises :class:`BadMessage`."""
     view = memoryview(data)
@@ -94,6 +97,9 @@ def scan(data: bytes, *, max_depth: int = MAX_DEPTH) -> None:
             count = arg * (2 if major == 5 else 1)
             if count > end - pos:  # every item takes at least one byte
                 raise BadMessage("a CBOR container claims more items than the message holds")
+            max_items -= count
+            if max_items < 0:
+                raise BadMessage("a CBOR message with more items than its protocol allows")
             if len(pending) > max_depth:
                 raise BadMessage(f"CBOR nested deeper than {max_depth}")
             pending.append([count, major == 5])
@@ -107,9 +113,9 @@ def scan(data: bytes, *, max_depth: int = MAX_DEPTH) -> None:
         raise BadMessage("bytes after the CBOR item")
 
 
-def loads(data: bytes, *, max_depth: int = MAX_DEPTH) -> Any:
+def loads(data: bytes, *, max_depth: int = MAX_DEPTH, max_items: int = MAX_ITEMS) -> Any:
     """*data* decoded after :func:`scan` accepted it; raises :class:`BadMessage`."""
-    scan(data, max_depth=max_depth)
+    scan(data, max_depth=max_depth, max_items=max_items)
     try:
         return cbor2.loads(data)
     except Exception as exc:  # invalid UTF-8 in a text string, and the like

@@ -10,7 +10,8 @@ It keeps to the rules that stop a web page from using it through a visitor's bro
 is an ``Origin`` it was not told to trust (cross-site requests), and a POST that is not
 ``application/json`` (a form's or ``text/plain`` body, which browsers send cross-site without
 asking first). A connection holds one of the MAX_CONNECTIONS slots only from a complete
-request head to the end of its response: a silent, slow or idle client costs no slot.
+request (head and body) to the end of its response: a silent, slow or idle client costs no
+slot.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from meshllm.errors import MeshError
 MAX_BODY = 1 << 20  # as large as a control-socket request line
 MAX_HEADERS = 16 << 10
 MAX_CONNECTIONS = 64  # requests served at once; more wait for a slot once their head is in
+MAX_READING = 1024  # request bodies being read at once (each at most MAX_BODY, 30 s)
 HEAD_TIMEOUT_S = 10.0  # a request head must arrive whole within this (of connecting, or of
 # its first byte on a kept-alive connection), before it may wait for a slot
 REQUEST_TIMEOUT_S = 30.0  # a request's body, once its head is in, must arrive within this
@@ -183,6 +185,7 @@ class HttpServer:
         self.port = port
         self.rules = BrowserRules(host, port, allowed_hosts, allowed_origins)
         self._slots = trio.CapacityLimiter(MAX_CONNECTIONS)
+        self._reading = trio.CapacityLimiter(MAX_READING)
 
     async def run(
         self, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED
@@ -256,10 +259,13 @@ class HttpServer:
             responder = Responder(conn, stream, head.method.decode("ascii", "replace"))
             responder.headers = self.rules.admit(head)
             _check_body_head(head)
-            async with self._slots:
+            # The body is read before a slot is taken, so clients that send theirs slowly
+            # hold none either; at most MAX_READING of them (up to MAX_BODY each) at once.
+            async with self._reading:
                 request = await self._read_body(conn, stream, head)
-                if request is None:
-                    return None
+            if request is None:
+                return None
+            async with self._slots:
                 if _is_preflight(request):
                     await responder.no_content(self.rules.preflight_headers(request))
                 else:

@@ -140,7 +140,7 @@ def _generation(obj: dict[str, Any], max_tokens: int | None) -> Generation:
     top_p = _optional_number(obj, "top_p", 0.0, 1.0)
     if top_p == 0:
         raise _invalid("top_p", "top_p must be > 0 (for greedy decoding, set temperature 0)")
-    top_k = _optional_int(obj, "top_k", 0)  # not OpenAI's: as in vLLM and llama.cpp
+    top_k = _optional_int(obj, "top_k", 0, 2**31 - 1)  # not OpenAI's: as in vLLM, llama.cpp
     seed = _optional_int(obj, "seed", 0, 2**63 - 1)
     stream = obj.get("stream")
     if stream is not None and not isinstance(stream, bool):

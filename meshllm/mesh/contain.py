@@ -82,3 +82,13 @@ def spawn(
 ) -> None:
     """Start work a remote party asked for (a plan, a profile) in *nursery*, contained."""
     nursery.start_soon(contain, what, peer, fn, *args)
+
+
+async def supervised(
+    what: str, fn: Callable[..., Awaitable[Any]], *args: Any, restart_s: float = 1.0
+) -> None:
+    """Run a long-lived loop of this peer's (plan watch, balancer) that acts on what peers
+    publish; one that raises is reported and started again, never left dead or let through."""
+    while True:
+        await contain(what, None, fn, *args)
+        await trio.sleep(restart_s)

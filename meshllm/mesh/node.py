@@ -73,6 +73,7 @@ class PeerRecord:
     dial_backoff: float = 0.5
     refused: str | None = None
     learned_at: float = 0.0  # when this record was made (see MeshNode._forget_stale)
+    state_refused: str | None = None  # why its published state did not decode, if it did not
 
 
 def _addrs(value: Any, what: str) -> list[str]:
@@ -153,6 +154,8 @@ class MeshNode:
         self._last_leader_contact = -math.inf
         self._election_deadline = math.inf
         self._wake = trio.Event()
+        self._leader_noted: str | None = None
+        self._leader_changed = trio.Event()
         self.started_at = 0.0
         self._nursery: trio.Nursery | None = None
         self.log = log.bind(peer=endpoint.peer_id)
@@ -183,6 +186,18 @@ class MeshNode:
         nothing yet)."""
         rec = self.peers.get(peer) if peer else None
         return rec.extra if rec is not None else None
+
+    @property
+    def leader_changed(self) -> trio.Event:
+        """Set when :meth:`current_leader` next changes (take it, then check the leader)."""
+        return self._leader_changed
+
+    def _note_leader(self) -> None:
+        leader = self.current_leader()
+        if leader != self._leader_noted:
+            self._leader_noted = leader
+            self._leader_changed.set()
+            self._leader_changed = trio.Event()
 
     def current_leader(self) -> str | None:
         """The leader this peer recognises now (None during an election)."""
@@ -256,18 +271,20 @@ class MeshNode:
 
     @property
     def forget_after_s(self) -> float:
-        """How long a member that is not heard from is remembered (and redialled)."""
+        """How long a member named by others but never heard from is kept (and redialled)."""
         return max(FORGET_AFTER_MIN_S, 40 * self.config.dead_after_s)
 
     def _forget_stale(self) -> None:
-        """Drop members not heard from directly for :attr:`forget_after_s`: ones a heartbeat
-        named that never answered (a peer can name any ids it likes), and ones long gone."""
+        """Drop members that a heartbeat named but that never answered within
+        :attr:`forget_after_s` (a peer can name any ids it likes). Members once heard from
+        directly are kept and redialled however long they are away: a phone off the Wi-Fi
+        for an hour still rejoins."""
         now = self.now()
         limit = self.forget_after_s
         stale = [
             pid for pid, rec in self.peers.items()
-            if not self.endpoint.is_connected(pid)
-            and now - (rec.last_seen if rec.last_seen is not None else rec.learned_at) > limit
+            if rec.last_seen is None and not self.endpoint.is_connected(pid)
+            and now - rec.learned_at > limit
         ]  # fmt: skip
         for pid in stale:
             del self.peers[pid]
@@ -277,7 +294,9 @@ class MeshNode:
 
     def _members_changed(self) -> None:
         if self.on_members_changed is not None:
-            self.on_members_changed({p: list(r.addrs) for p, r in self.peers.items() if r.addrs})
+            # Only members heard from directly: ids that others merely named are not kept.
+            self.on_members_changed({p: list(r.addrs) for p, r in self.peers.items()
+                                     if r.addrs and r.last_seen is not None})  # fmt: skip
 
     async def _receive_loop(self) -> None:
         async for msg in self.endpoint.messages:
@@ -286,7 +305,13 @@ class MeshNode:
             contain_sync("control_message", msg.sender, self._handle, msg)
 
     def _handle(self, msg: Message) -> None:
-        body = decode_message(msg.payload, self.decode_extra)
+        try:
+            self._handle_message(msg)
+        finally:
+            self._note_leader()
+
+    def _handle_message(self, msg: Message) -> None:
+        body = decode_message(msg.payload)
         sender = msg.sender
         if sender == self.peer_id:
             raise BadMessage("message claims to come from ourselves")
@@ -317,9 +342,10 @@ class MeshNode:
         now = self.now()
         rec = self._record(sender)
         was_alive = self.is_alive(rec)
+        first = rec.last_seen is None
         rec.last_seen = now
         rec.role, rec.term, rec.leader, rec.name = hb["role"], hb["term"], hb["leader"], hb["name"]
-        changed = False
+        changed = first
         if hb["addrs"] and hb["addrs"] != rec.addrs:
             rec.addrs, changed = hb["addrs"], True
         if not was_alive:
@@ -352,7 +378,18 @@ class MeshNode:
                 self._wake.set()
         if changed:
             self._members_changed()
-        rec.extra = hb["x"]
+        # The published state is decoded on its own: a peer whose state this version cannot
+        # read (a newer one, a buggy one) is still alive and still a member, only its state
+        # is unknown here.
+        try:
+            rec.extra = self.decode_extra(hb["x"]) if self.decode_extra else hb["x"]
+        except BadMessage as exc:
+            rec.extra = None
+            if rec.state_refused != str(exc):  # once per reason, not four times a second
+                rec.state_refused = str(exc)
+                self.log.warning("peer_state_refused", other=sender, reason=str(exc))
+            return
+        rec.state_refused = None
         if self.on_peer_extra is not None:
             self.on_peer_extra(sender, rec.extra)
 
@@ -399,6 +436,7 @@ class MeshNode:
         self._quorum = (len(voters) + 1) // 2 + 1
         self.log.info("election_started", term=self.term, voters=len(voters) + 1)
         self._reset_election_deadline()
+        self._note_leader()
         if len(self._votes) >= self._quorum:
             self._become_leader()
             return
@@ -409,6 +447,7 @@ class MeshNode:
         self.role = LEADER
         self.leader = self.peer_id
         self.log.info("leader_elected", term=self.term, votes=len(self._votes))
+        self._note_leader()
         self._wake.set()  # announce at once
 
     async def _election_loop(self) -> None:
@@ -462,6 +501,7 @@ class MeshNode:
         assert nursery is not None
         while True:
             self._forget_stale()
+            self._note_leader()  # a leader that went quiet stops being one without a message
             payload = self._heartbeat()
             now = self.now()
             for pid, rec in list(self.peers.items()):

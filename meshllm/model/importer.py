@@ -25,7 +25,7 @@ from meshllm.model.graph import KVNames, load_graph
 from meshllm.model.manifest import MANIFEST, Architecture, FileEntry, Manifest
 from meshllm.model.source import ModelSource, resolve_source, sha256_file, source_fingerprint
 
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
 Reporter = Callable[[str], None]
 
@@ -35,7 +35,7 @@ def default_name(src: ModelSource, precision: str) -> str:
 
 
 def check_name(name: str) -> str:
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise UnsupportedSource(
             f"bad model name {name!r}: use lower-case letters, digits, '.', '_' or '-'"
         )

@@ -22,15 +22,17 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise MeshError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise MeshError(f"top-k must be >= 0, got {self.top_k}")
+        # The bounds frames are checked against on arrival (from_wire), so what is accepted
+        # here is never refused by the next stage.
+        if not 0 <= self.temperature <= MAX_TEMP:
+            raise MeshError(f"temperature must be in [0, {MAX_TEMP:g}], got {self.temperature}")
+        if not 0 <= self.top_k < 2**31:
+            raise MeshError(f"top-k must be in [0, 2**31), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise MeshError(f"top-p must be in (0, 1], got {self.top_p}")
         # numpy's generators take no negative seed: refused here, not in a stage's loop.
-        if self.seed is not None and self.seed < 0:
-            raise MeshError(f"seed must be >= 0, got {self.seed}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise MeshError(f"seed must be in [0, 2**63), got {self.seed}")
 
     @property
     def greedy(self) -> bool:

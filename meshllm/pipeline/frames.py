@@ -23,6 +23,7 @@ DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int3
 MAX_DIMS = 4
 MAX_TENSORS = 16
 MAX_FORCED = 1 << 16
+MAX_ITEMS = MAX_FORCED + 1024  # a replay's forced tokens and the rest of a frame
 
 
 class BadFrame(wire.BadMessage):
@@ -51,7 +52,7 @@ class KVSource:
         if not isinstance(obj, dict):
             raise ValueError("not a map")
         stages = obj.get("st")
-        if not isinstance(stages, list) or not 0 < len(stages) <= 64:
+        if not isinstance(stages, list) or not 0 < len(stages) <= 256:
             raise ValueError("bad stages")
         parsed = []
         for s in stages:
@@ -192,7 +193,7 @@ def decode_frame(data: bytes) -> Frame:
 
 
 def _decode_frame(data: bytes) -> Frame:
-    obj = wire.loads(data)
+    obj = wire.loads(data, max_items=MAX_ITEMS)
     if not isinstance(obj, dict):
         raise BadFrame("frame is not a map")
     kind = obj.get("k")
@@ -255,3 +256,20 @@ def _decode_frame(data: bytes) -> Frame:
         coord = obj.get("c", "")
         f.coord = coord if isinstance(coord, str) and len(coord) <= 128 else ""
     return f
+
+
+def bounce(data: bytes, reason: str) -> tuple[str, Frame] | None:
+    """For a forward frame that does not decode: its coordinator and an ERROR frame telling
+    it why, when the frame's request id, epoch, step and coordinator can still be read (so a
+    request fails at once with the reason instead of waiting out its step timeout)."""
+    try:
+        obj = wire.mapping(wire.loads(data, max_items=MAX_ITEMS), "frame")
+        if obj.get("k") != FWD:
+            return None
+        err = Frame(kind=ERROR, rid=wire.text(obj.get("r"), "rid", 64, empty=False),
+                    epoch=wire.integer(obj.get("e"), "epoch"),
+                    step=wire.integer(obj.get("s"), "step"),
+                    error=f"bad frame: {reason}"[:2000])
+        return wire.peer_id(obj.get("c"), "coordinator"), err
+    except wire.BadMessage:
+        return None

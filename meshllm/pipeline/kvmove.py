@@ -34,7 +34,7 @@ from meshllm.errors import MeshError
 from meshllm.mesh.framing import FrameError, FrameReader, frame
 from meshllm.mesh.transport import Endpoint, PeerUnreachable, Stream
 from meshllm.model.runtime import KVLayer, SegmentRuntime
-from meshllm.pipeline.frames import KVSource, is_int
+from meshllm.pipeline.frames import KVSource
 from meshllm.pipeline.stage import KVMoveFailed
 
 KV_PROTOCOL = "kv"
@@ -202,6 +202,43 @@ async def prefetch(endpoint: Endpoint, me: str, lookup: Lookup, epoch: int,
     return merged
 
 
+@dataclass(frozen=True)
+class KVPart:
+    """One layer of one request's cache, as an old stage sends it."""
+
+    rid: str
+    positions: int
+    layer: int
+    key: bytes
+    value: bytes
+
+
+# Requests an old stage may send caches of in one reply ([limits] max_concurrent_requests is
+# far lower): a bound on what one reply can make this peer hold.
+MAX_REPLY_REQUESTS = 1024
+
+
+def parse_reply(raw: Any, layout: Layout, asked: list[int]) -> KVPart | None:
+    """One message of a KV reply: a layer (:class:`KVPart`), or None at its end. Raises
+    :class:`~meshllm.wire.BadMessage` if malformed, :class:`KVMoveFailed` if the old stage
+    says it failed."""
+    msg = wire.mapping(raw, "KV message", 8)
+    if "err" in msg:
+        err = msg["err"]
+        raise KVMoveFailed(err[:500] if isinstance(err, str) else "failed")
+    if msg.get("done") is True:
+        return None
+    n = wire.integer(msg.get("n"), "positions", 1, layout.max_positions + 1)
+    layer = wire.integer(msg.get("l"), "layer", 0, 4096)
+    if layer not in asked:
+        raise wire.BadMessage(f"layer {layer} was not asked for")
+    key, value = msg.get("k"), msg.get("v")
+    if not (isinstance(key, bytes) and isinstance(value, bytes)
+            and len(key) == len(value) == layout.nbytes(n)):  # fmt: skip
+        raise wire.BadMessage("a KV layer that does not fit its positions")
+    return KVPart(wire.text(msg.get("r"), "request id", 64), n, layer, key, value)
+
+
 async def _pull(endpoint: Endpoint, peer: str, req: dict[str, Any], layout: Layout) -> Caches:
     stream = await endpoint.open_stream(peer, KV_PROTOCOL)
     try:
@@ -210,34 +247,23 @@ async def _pull(endpoint: Endpoint, peer: str, req: dict[str, Any], layout: Layo
         got: Caches = {}
         while True:
             try:
-                msg = wire.mapping(wire.loads(await reader.read_frame()), "KV message")
+                part = parse_reply(wire.loads(await reader.read_frame()), layout, req["l"])
             except (EOFError, FrameError) as exc:
                 raise KVMoveFailed(f"{peer} broke off the KV transfer: {exc}") from None
             except wire.BadMessage as exc:
                 raise KVMoveFailed(f"{peer} sent a malformed KV message: {exc}") from None
-            if "err" in msg:
-                err = msg["err"]
-                raise KVMoveFailed(f"{peer}: {err[:500] if isinstance(err, str) else 'failed'}")
-            if msg.get("done") is True:
+            except KVMoveFailed as exc:
+                raise KVMoveFailed(f"{peer}: {exc}") from None
+            if part is None:
                 return got
-            rid, n, layer, k, v = (msg.get(x) for x in ("r", "n", "l", "k", "v"))
-            if not (
-                isinstance(rid, str)
-                and len(rid) <= 64
-                and is_int(n)
-                and 0 < n <= layout.max_positions
-                and layer in req["l"]
-                and isinstance(k, bytes)
-                and isinstance(v, bytes)
-                and len(k) == len(v) == layout.nbytes(n)
-            ):
-                raise KVMoveFailed(f"{peer} sent a KV layer that was not asked for or does "
-                                   "not fit")  # fmt: skip
-            held = got.setdefault(rid, (n, {}))
-            if held[0] != n or layer in held[1]:
+            if part.rid not in got and len(got) >= MAX_REPLY_REQUESTS:
+                raise KVMoveFailed(f"{peer} sent caches of more than {MAX_REPLY_REQUESTS} "
+                                   "requests")  # fmt: skip
+            held = got.setdefault(part.rid, (part.positions, {}))
+            if held[0] != part.positions or part.layer in held[1]:
                 raise KVMoveFailed(f"{peer} sent a KV layer twice or at two lengths")
-            shape = layout.shape(n)
-            held[1][layer] = (np.frombuffer(k, layout.dtype).reshape(shape),
-                              np.frombuffer(v, layout.dtype).reshape(shape))  # fmt: skip
+            shape = layout.shape(part.positions)
+            key = np.frombuffer(part.key, layout.dtype).reshape(shape)
+            held[1][part.layer] = (key, np.frombuffer(part.value, layout.dtype).reshape(shape))
     finally:
         await stream.close()

@@ -6,7 +6,6 @@ A heartbeat's ``x`` map is small state, re-sent every interval (losing one costs
   ``serving``         this peer's state for its plan: {epoch, state, progress, bytes, ...}
   ``rss_mb``          resident memory
   ``profile``         its newest profile; ``profile_errors``: model sha -> why profiling failed
-  ``serve_results``   leader: what became of serve requests, rid -> plan epoch or reason
   ``replan_error``    leader: why a plan that lost a peer could not be replaced {epoch, error}
   ``stage_stats``     its stage's figures, for the balancer and status
   ``staged``          leader: a plan being prepared while the current one serves
@@ -85,12 +84,6 @@ def _stage_stats(value: Any) -> dict[str, float | int]:
     return out
 
 
-def _outcome(value: Any, what: str) -> int | str:
-    if isinstance(value, str):
-        return _display(value, what)
-    return wire.integer(value, what, 1)
-
-
 @dataclass(frozen=True)
 class PeerState:
     models: dict[str, ModelFacts] = field(default_factory=dict)
@@ -98,7 +91,6 @@ class PeerState:
     rss_mb: float | None = None
     profile: Profile | None = None
     profile_errors: dict[str, str] = field(default_factory=dict)
-    serve_results: dict[str, int | str] = field(default_factory=dict)
     replan_error: tuple[int, str] | None = None
     stage_stats: dict[str, float | int] | None = None
     staged: Plan | None = None
@@ -118,10 +110,6 @@ class PeerState:
             for k, v in wire.mapping(obj.get("profile_errors", {}), "profile_errors",
                                      MAX_MODELS).items()
         }
-        results = {
-            wire.text(k, "serve request id", 64): _outcome(v, "serve result")
-            for k, v in wire.mapping(obj.get("serve_results", {}), "serve_results", 16).items()
-        }
         replan = obj.get("replan_error")
         if replan is not None:
             replan = wire.mapping(replan, "replan_error")
@@ -133,7 +121,6 @@ class PeerState:
             rss_mb=wire.optional(obj.get("rss_mb"), "rss_mb", wire.number),
             profile=wire.optional(obj.get("profile"), "profile", _profile),
             profile_errors=errors,
-            serve_results=results,
             replan_error=replan,
             stage_stats=wire.optional(obj.get("stage_stats"), "stage_stats", _stats),
             staged=wire.optional(obj.get("staged"), "staged", _plan),

@@ -10,7 +10,7 @@ from meshllm.errors import MeshError
 from meshllm.model.ranges import LayerRange, validate_ranges
 
 MAX_LAYERS = 4096
-MAX_STAGES = 64
+MAX_STAGES = 256  # as many as a mesh may have members
 
 
 class PlanError(MeshError):

@@ -29,7 +29,7 @@ from meshllm.balance import Decision, Observation, StageObservation
 from meshllm.config import OBJECTIVES, Config
 from meshllm.control.protocol import ControlError
 from meshllm.errors import MeshError, PromptTooLong
-from meshllm.mesh.contain import contain_sync, spawn
+from meshllm.mesh.contain import contain_sync, report, spawn, supervised
 from meshllm.mesh.framing import BlockingFrameReader, FrameError, FrameReader, frame
 from meshllm.mesh.node import LEADER, MeshNode
 from meshllm.mesh.transport import Endpoint, PeerUnreachable, Stream
@@ -47,12 +47,14 @@ from meshllm.pipeline.frames import (
     BadFrame,
     Frame,
     KVSource,
+    bounce,
     decode_frame,
     encode_frame,
 )
 from meshllm.pipeline.peerstate import PeerState
 from meshllm.pipeline.plan import Plan, PlanError, Stage
 from meshllm.pipeline.profiling import Profiler, partition_request, predict, slowed
+from meshllm.pipeline.serve_desk import ServeDesk, ServeFailed, ServeTimeout
 from meshllm.pipeline.stage import StageRunner, sampling_from
 from meshllm.plan.profile import MiB, resident_bytes
 from meshllm.plugins import BalancingPolicyRegistry, PartitionerRegistry, get_plugin_manager
@@ -62,6 +64,7 @@ log = structlog.get_logger("meshllm.serve")
 
 
 _NO_STATE = PeerState()
+EPOCH_LEAP = 1 << 20  # how far ahead of this peer's plan another's epoch may credibly be
 
 
 class ReadyModel(NamedTuple):
@@ -135,16 +138,13 @@ class ServingService:
         self._preparing = 0
         self._prepared_epoch = 0
         self._nursery: trio.Nursery | None = None
+        self._token: trio.lowlevel.TrioToken | None = None  # for reader threads' callbacks
         self._realize_scope: trio.CancelScope | None = None
         self._stage_scope: trio.CancelScope | None = None
         self._plan_changed = trio.Event()
         self._news = trio.Event()
         self.profiler = Profiler(home, config, endpoint, node, self.store)
-        # Why the leader could not plan, by serve request id (re-sent on heartbeats so the
-        # peer that took the request can tell its client).
-        # What became of each serve request, by id: the epoch of the plan made for it, or
-        # why none could be (re-sent on heartbeats so the peer that took it can tell).
-        self._serve_results: dict[str, int | str] = {}
+        self.desk = ServeDesk(node, self._plan_for, lambda: self.plan)
         node.extra_provider = self._extra
         node.decode_extra = PeerState.from_obj
         node.on_peer_extra = self._on_peer_extra
@@ -166,8 +166,6 @@ class ServingService:
         if rss is not None:
             x["rss_mb"] = rss
         x.update(self.profiler.extra())
-        if self._serve_results:
-            x["serve_results"] = self._serve_results
         if self._replan_error:
             x["replan_error"] = self._replan_error
         if self.stage is not None:
@@ -193,8 +191,15 @@ class ServingService:
     def _on_peer_extra(self, sender: str, state: PeerState) -> None:
         self._poke()
         # Plans (staged or live) are the leader's to make: one published by any other peer
-        # (a stale one, a buggy one) is never adopted.
+        # (a stale one, a buggy one) is not adopted, except by a leader that finds most of
+        # the mesh serving a newer plan than its own (it restarted, or led the smaller side
+        # of a partition): one peer alone cannot impose a plan that way.
         if sender != self.node.current_leader():
+            if self.node.role == LEADER:
+                newer = self._majority_plan()
+                if newer is not None:
+                    log.info("plan_taken_from_mesh", epoch=newer.epoch)
+                    self._adopt(newer)
             return
         staged = state.staged
         if staged is not None and self._nursery:
@@ -217,8 +222,9 @@ class ServingService:
             return
         ask = appmsg.decode(body)  # a BadMessage is logged and dropped by the node
         if isinstance(ask, appmsg.ServeAsk):
-            if self.node.role == LEADER:
-                spawn(self._nursery, "serve_request", sender, self._make_plan_logged, ask)
+            self.desk.on_ask(sender, ask)
+        elif isinstance(ask, appmsg.ServeReply):
+            self.desk.on_reply(sender, ask)
         else:
             spawn(self._nursery, "profile_request", sender, self._profile_quietly, ask.sha,
                   ask.source, ask.refresh)  # fmt: skip
@@ -227,8 +233,9 @@ class ServingService:
         with contextlib.suppress(MeshError, OSError, ValueError):
             await self.profiler.profile(sha, source, refresh=refresh)
 
-    async def _make_plan_logged(self, ask: appmsg.ServeAsk) -> None:
-        rid = ask.rid
+    async def _plan_for(self, ask: appmsg.ServeAsk) -> int:
+        """Leader: make and publish the plan a serve request asks for; its epoch (raises
+        MeshError with the reason when none can be made)."""
         # An explicit serve starts afresh: slowdowns measured under an earlier plan may
         # have passed (the phone cooled down, the other app closed).
         self._speed_factors = {}
@@ -243,27 +250,14 @@ class ServingService:
                     ask.objective or self.config.plan.objective,
                     ask.balance or self.config.balance.policy,
                 )
-                self._serve_result(rid, plan.epoch)
-                return
-            except PlanError as exc:
-                reason = str(exc)
-                break
-            except MeshError as exc:
-                reason = str(exc)
+                return plan.epoch
+            except PlanError:
+                raise
+            except MeshError:
                 if attempt == 11:
-                    break
+                    raise
             await trio.sleep(0.5)
-        log.warning("serve_request_failed", reason=reason)
-        if rid:
-            self._serve_result(rid, reason)
-
-    def _serve_result(self, rid: str, outcome: int | str) -> None:
-        if not rid:
-            return
-        self._serve_results[rid] = outcome
-        while len(self._serve_results) > 8:
-            self._serve_results.pop(next(iter(self._serve_results)))
-        self.node.announce()
+        raise AssertionError("unreachable")
 
     def _find_model(self, model: str) -> tuple[dict[str, Any], str]:
         """(facts, source peer) of a model imported on some live peer."""
@@ -391,11 +385,31 @@ class ServingService:
                  round(predicted["step_s"] * 1e3, 2))  # fmt: skip
         return plan, ctx
 
+    def _majority_plan(self) -> Plan | None:
+        """A plan newer than this peer's that most of the live peers publish, if any."""
+        others = self.node.alive_peers()
+        seen: list[tuple[Plan, int]] = []  # plans are not hashable (predicted is a dict)
+        for pid in others:
+            plan = self._state_of(pid).plan
+            if plan is None or (self.plan is not None and plan.epoch <= self.plan.epoch):
+                continue
+            i = next((i for i, (p, _) in enumerate(seen) if p == plan), None)
+            if i is None:
+                seen.append((plan, 1))
+            else:
+                seen[i] = (plan, seen[i][1] + 1)
+        best = max(seen, key=lambda pc: pc[1], default=None)
+        return best[0] if best is not None and 2 * best[1] > len(others) else None
+
     def _max_epoch_seen(self) -> int:
+        """The newest plan epoch any peer publishes, so a new plan's is higher still. One far
+        ahead of this peer's own (a peer publishing epoch 2**62 - 1 would leave no epoch
+        that decodes) is not credible and not counted."""
+        mine = self.plan.epoch if self.plan else 0
         best = 0
         for pid in list(self.node.peers):  # dead ones too: a plan they made may come back
             plan = self._state_of(pid).plan
-            if plan is not None:
+            if plan is not None and plan.epoch <= mine + EPOCH_LEAP:
                 best = max(best, plan.epoch)
         return best
 
@@ -410,7 +424,7 @@ class ServingService:
         if self._realize_scope is not None:
             self._realize_scope.cancel()
         if self._nursery is not None:
-            self._nursery.start_soon(self._realize, plan)
+            spawn(self._nursery, "realize_plan", plan.source, self._realize, plan)
 
     async def _realize(self, plan: Plan) -> None:
         """Get this peer's files for *plan*, load its segment, start its stage."""
@@ -421,10 +435,12 @@ class ServingService:
                 try:
                     await self._realize_inner(plan)
                     return
-                except MeshError as exc:
+                except Exception as exc:
                     # Often transient (the source not connected yet): retry until a new plan.
-                    log.warning("plan_load_failed", epoch=plan.epoch, reason=str(exc))
-                    self._set_state("error", detail=str(exc))
+                    # Files a source sent that do not load (a tokenizer ONNX Runtime or the
+                    # tokenizers library refuses) fail the same way, never the daemon.
+                    report(exc, "plan_load", plan.source)
+                    self._set_state("error", detail=f"{type(exc).__name__}: {exc}"[:1000])
                 await trio.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
@@ -473,11 +489,12 @@ class ServingService:
         )  # fmt: skip
         assert self._nursery is not None
         self._stage_scope = trio.CancelScope()
-        self._nursery.start_soon(self._run_stage, stage, self._stage_scope)
+        spawn(self._nursery, "stage", None, self._run_stage, stage, self._stage_scope)
         self.stage = stage
         old = self._replaced
         if self.config.mesh.move_kv and old is not None and old.model_sha == plan.model_sha:
-            self._nursery.start_soon(self._prefetch_kv, old, plan.epoch, runtime.layers)
+            spawn(self._nursery, "prefetch_kv", None, self._prefetch_kv, old, plan.epoch,
+                  runtime.layers)  # fmt: skip
         seg_bytes = (seg_path.parent / "segment.onnx.data").stat().st_size
         self._set_state("ready", layers=str(r), segment_bytes=seg_bytes)
 
@@ -532,8 +549,8 @@ class ServingService:
                 self._prepared = (plan.epoch, r, runtime, seg_path)
             self._prepared_epoch = plan.epoch
             self.node.announce()
-        except (MeshError, OSError) as exc:
-            log.warning("prepare_failed", epoch=plan.epoch, reason=str(exc))
+        except Exception as exc:  # as in _realize: whatever the files were, only this fails
+            report(exc, "prepare_plan", plan.source)
             self._preparing = 0
 
     @staticmethod
@@ -563,6 +580,10 @@ class ServingService:
             return
         link = self._links.get(peer)
         if link is None:
+            # Frames name their coordinator: only a known peer gets a link (and a place in
+            # this map, which would otherwise grow with every id a frame made up).
+            if not (self.endpoint.is_connected(peer) or self.node.peer_alive(peer)):
+                raise PeerUnreachable(f"{peer} is not a connected member of the mesh")
             link = self._links[peer] = _Link()
         data = frame(encode_frame(f))
         # Uncontended (the usual case) the lock is taken without a trip through the scheduler.
@@ -647,13 +668,22 @@ class ServingService:
         if isinstance(exc, FrameError):  # the others are a link's normal ends
             log.warning("act_stream_dropped", other=peer_id, reason=str(exc))
 
-    @staticmethod
-    def _decode(data: bytes, peer_id: str) -> Frame | None:
+    def _decode(self, data: bytes, peer_id: str) -> Frame | None:
+        """The frame *data* holds; None when it does not decode (on the event loop or on a
+        link's reader thread), its coordinator then told why when that can be read."""
         try:
             return decode_frame(data)
         except BadFrame as exc:
             log.warning("frame_dropped", other=peer_id, reason=str(exc))
+            back = bounce(data, str(exc))
+            if back is not None and self._token is not None:
+                with contextlib.suppress(trio.RunFinishedError):
+                    self._token.run_sync_soon(contain_sync, "bounce", peer_id, self._bounce, *back)
             return None
+
+    def _bounce(self, coord: str, err: Frame) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(self._send_quietly, coord, err)
 
     async def _read_on_thread(self, stream: Any) -> None:
         """Read a fast link on a thread of its own (see StageRunner.run_here): a decode
@@ -925,7 +955,7 @@ class ServingService:
         t0 = trio.current_time()
         self._staged = candidate
         self.node.announce()
-        self._nursery.start_soon(self._prepare, candidate)  # type: ignore[union-attr]
+        spawn(self._nursery, "prepare_plan", None, self._prepare, candidate)  # type: ignore[arg-type]
         peers = {st.peer for st in candidate.stages}
         with trio.move_on_after(120):
             while not all(self._peer_prepared(p) >= candidate.epoch for p in peers):
@@ -982,35 +1012,22 @@ class ServingService:
         if objective not in OBJECTIVES:
             raise ControlError("bad_request", f"args.objective must be one of {OBJECTIVES}")
         ask = appmsg.ServeAsk(rid, model, partitioner, objective, balance)
-        body = ask.to_obj()
-        if self.node.role == LEADER:
-            assert self._nursery is not None
-            spawn(self._nursery, "serve_request", self.me, self._make_plan_logged, ask)
-        else:
-            leader = self.node.current_leader()
-            if leader is None:
-                raise ControlError("no_leader", "the mesh has no leader now; try again shortly")
-            await self.node.send_app(leader, body)
         # The leader may first have every peer profile itself (seconds per peer, once).
-        with trio.move_on_after(float(timeout)):
-            while True:
-                # The answer is the plan made for this request, not just any new plan (the
-                # leader may re-plan on its own meanwhile, e.g. while peers restart).
-                outcome = self._serve_outcome(rid)
-                if isinstance(outcome, str):
-                    raise ControlError("plan_failed", outcome)
-                plan = self.plan
-                if outcome is not None and plan is not None and plan.epoch >= outcome:
-                    return {"plan": plan.to_obj()}
-                with trio.move_on_after(0.2):
-                    await self._plan_changed.wait()
-        raise ControlError("timeout", f"the leader made no plan for {model!r} (is it imported?)")
-
-    def _serve_outcome(self, rid: str) -> int | str | None:
-        """The plan epoch made for serve request *rid*, or why none was, once known."""
-        if rid in self._serve_results:
-            return self._serve_results[rid]
-        return self._state_of(self.node.current_leader()).serve_results.get(rid)
+        deadline = trio.current_time() + min(float(timeout), 1e6)
+        try:
+            epoch = await self.desk.ask(ask, deadline - trio.current_time())
+        except ServeFailed as exc:
+            raise ControlError("plan_failed", str(exc)) from None
+        except ServeTimeout:
+            raise ControlError(
+                "timeout", f"the leader made no plan for {model!r} (is it imported?)"
+            ) from None
+        # The answer is the plan made for this request (or a later one), once it is here.
+        with trio.move_on_after(max(deadline - trio.current_time(), 0.0)):
+            while self.plan is None or self.plan.epoch < epoch:
+                await self._plan_changed.wait()
+            return {"plan": self.plan.to_obj()}
+        raise ControlError("timeout", f"plan {epoch} for {model!r} did not reach this peer")
 
     async def op_profile(self, args: dict[str, Any]) -> Any:
         """Profile every live peer for a model (the one served, by default); their figures."""
@@ -1172,8 +1189,10 @@ class ServingService:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            nursery.start_soon(self._watch_plan)
-            nursery.start_soon(self._balance_loop)
+            self._token = trio.lowlevel.current_trio_token()
+            await nursery.start(self.desk.run)
+            nursery.start_soon(supervised, "plan_watch", self._watch_plan)
+            nursery.start_soon(supervised, "balancer", self._balance_loop)
             task_status.started()
             while True:
                 # Models imported while the daemon runs are advertised within seconds.

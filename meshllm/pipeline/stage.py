@@ -287,13 +287,16 @@ class StageRunner:
     async def _process_one(self, f: Frame) -> None:
         try:
             await self._process(f)
-        except MeshError as exc:
-            await self._failed(f, exc)
         except Exception as exc:
+            await self._failed_any(f, exc)
+
+    async def _failed_any(self, f: Frame, exc: Exception) -> None:
+        if not isinstance(exc, MeshError):
             # A frame that passed every check and still broke its step (ONNX Runtime refusing
-            # a token id past the vocabulary, say) fails its own request; the stage goes on.
+            # an input, say) fails its own request; the stage goes on.
             log.error("step_failed", rid=f.rid, stage=self.index, exc_info=exc)
-            await self._failed(f, MeshError(f"step failed: {type(exc).__name__}: {exc}"[:300]))
+            exc = MeshError(f"step failed: {type(exc).__name__}: {exc}"[:300])
+        await self._failed(f, exc)
 
     async def _failed(self, f: Frame, exc: MeshError) -> None:
         self._drop(f.rid)
@@ -407,8 +410,8 @@ class StageRunner:
             step.t0, step.result, step.error = t0, result, error
             try:
                 await self._finish(f, step, share=len(frames))
-            except MeshError as exc:
-                await self._failed(f, exc)
+            except Exception as exc:
+                await self._failed_any(f, exc)
 
     def _drop(self, rid: str) -> None:
         self.runtime.close(rid)
@@ -512,6 +515,8 @@ class StageRunner:
     def _start(self, f: Frame, *, here: bool = False) -> _Step:
         """Start the step of a frame for an open request (raises MeshError on bad input);
         *here*: the caller runs it on its own thread (see run_here)."""
+        if f.pos > self.context_length:  # before the mask grows to a size a frame names
+            raise MeshError(f"position {f.pos} is past the context of {self.context_length}")
         if self._mask.shape[1] < f.pos:
             self._mask = np.ones((1, max(f.pos, 2 * self._mask.shape[1])), dtype=np.int64)
         feeds = dict(f.tensors)

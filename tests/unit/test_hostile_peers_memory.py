@@ -28,6 +28,7 @@ from meshllm.mesh.identity import MeshSecret
 from meshllm.mesh.memory import MemoryNetwork, MemoryTransport
 from meshllm.mesh.node import LEADER, MeshNode, encode_message
 from meshllm.mesh.transport import Endpoint, EndpointOptions
+from meshllm.pipeline.frames import ERROR, decode_frame
 from meshllm.pipeline.peerstate import PeerState
 from meshllm.pipeline.service import ServingService
 from tests import hostile_values as hv
@@ -158,7 +159,78 @@ async def test_a_nul_in_a_plan_hash_and_a_plan_from_a_follower(
             await send_ctl(m, cbor2.dumps(hb(m, x={"plan": valid, "staged": valid})))
             await trio.sleep(0.3)
         assert m.service.plan is None
+        # State that does not decode costs the sender its state, not its membership.
+        assert m.victim.peer_alive(m.bad.peer_id)
         await still_well(m, before)
+
+
+async def test_an_epoch_at_the_end_of_the_range_is_not_credible(
+    autojump_clock: Any, tmp_path: Path
+) -> None:
+    """A follower publishing epoch 2**62 - 1 would make the leader's next plan 2**62, which
+    no peer decodes: every leader would then look dead in turn."""
+    async with mesh(tmp_path) as m:
+        last = hv.plan_obj(ctx_of(m), epoch=2**62 - 1)
+        await send_ctl(m, cbor2.dumps(hb(m, x={"plan": last})))
+        with trio.fail_after(10):
+            while m.service._state_of(m.bad.peer_id).plan is None:
+                await trio.sleep(0.05)
+        assert m.service._max_epoch_seen() == 0
+
+
+async def test_a_frame_that_does_not_decode_is_answered(
+    autojump_clock: Any, tmp_path: Path
+) -> None:
+    """Its coordinator hears why at once, instead of waiting out its step timeout."""
+    async with mesh(tmp_path) as m:
+        answers: list[Any] = []
+
+        async def coordinator(stream: Any) -> None:
+            answers.append(await stream.read(65536))
+
+        m.bad.set_stream_handler("act", coordinator)
+        fwd = {**hv.templates(ctx_of(m))["act.fwd.open"], "sm": {"top_k": 2**40}}
+        await send_stream(m, "act", frame(cbor2.dumps(fwd)))
+        with trio.fail_after(10):
+            while not answers:
+                await trio.sleep(0.05)
+        reply = decode_frame(answers[0][4:])
+        assert reply.kind == ERROR and reply.rid == fwd["r"] and "top_k" in reply.error
+
+
+async def test_a_member_away_for_long_rejoins(autojump_clock: Any, tmp_path: Path) -> None:
+    """Members heard from directly are never forgotten: a phone off the network for longer
+    than forget_after_s is redialled and rejoins when it is back."""
+    transport = MemoryTransport(MemoryNetwork())
+    seeds = [bytes([i]) * 32 for i in (1, 2)]
+    config = Config()
+
+    async def peer(seed: bytes, scope: trio.CancelScope, *,
+                   task_status: Any = trio.TASK_STATUS_IGNORED) -> None:  # fmt: skip
+        ep = transport.create_endpoint(EndpointOptions(seed, SECRET, ()))
+        node = MeshNode(ep, config.mesh, rng=random.Random(seed))
+        with scope:
+            async with trio.open_nursery() as inner:
+                await inner.start(ep.run)
+                await inner.start(node.run)
+                task_status.started(node)
+
+    async with trio.open_nursery() as nursery:
+        a = await nursery.start(peer, seeds[0], trio.CancelScope())
+        away = trio.CancelScope()
+        b = await nursery.start(peer, seeds[1], away)
+        await a.add_peer(b.endpoint.listen_addrs()[0])
+        with trio.fail_after(10):
+            while not a.peer_alive(b.peer_id):
+                await trio.sleep(0.05)
+        away.cancel()
+        await trio.sleep(a.forget_after_s * 3)
+        assert b.peer_id in a.peers  # kept, and redialled
+        back = await nursery.start(peer, seeds[1], trio.CancelScope())
+        with trio.fail_after(60):
+            while not (a.peer_alive(back.peer_id) and back.peer_alive(a.peer_id)):
+                await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()
 
 
 @pytest.mark.parametrize("sha", ["../../escape", "/tmp/escape", "ab" * 31 + "/.",

@@ -80,3 +80,31 @@ async def test_a_step_that_breaks_unexpectedly_fails_its_request_only(tiny_model
     got, errors = await run_two(runtime, tiny_model.manifest.architecture, PROMPT)
     assert errors and "step failed: ValueError" in errors[0]
     assert got == mono.tokens
+
+
+async def test_a_position_past_the_context_allocates_nothing(tiny_model) -> None:
+    """A frame for an open request names its position: one far past the context must fail
+    that step, not size the stage's attention mask (2**31 positions would be 16 GiB)."""
+    (runtime,) = LocalChain.load(tiny_model, parse_ranges("0-6")).segments
+    arch = tiny_model.manifest.architecture
+    errors: list[str] = []
+
+    async def send(peer: str, f: Frame) -> None:
+        if f.kind == ERROR:
+            errors.append(f.error)
+
+    stage = StageRunner(runtime, epoch=1, index=0, next_peer=None, first_peer="p0",
+                        context_length=arch.context_length, eos_token_ids=(), send=send)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(stage.run)
+        ids = np.asarray([PROMPT])
+        stage.submit(Frame(kind=FWD, rid="r", epoch=1, pos=len(PROMPT), new=len(PROMPT),
+                           cap=len(PROMPT) + 4, coord="c", tensors={"input_ids": ids}))
+        stage.submit(Frame(kind=FWD, rid="r", epoch=1, step=1, pos=2**31, new=1, coord="c",
+                           tensors={"input_ids": ids[:, :1]}))  # fmt: skip
+        with trio.fail_after(60):
+            while not errors:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert "past the context" in errors[0]
+    assert stage._mask.shape[1] <= arch.context_length
