@@ -70,11 +70,13 @@ def served_mesh(request, smollm_models, tmp_path_factory):
         peers[0] = testbed.TestbedPeer(0, str(homes[0]), proc.pid)
         testbed._save_state(root, peers)
         testbed._wait_for_mesh(homes, timeout=30)
-        # Even split: these tests are about generation; the planner has its own tests.
+        # Even split and no balancer: these tests are about generation and read the plan
+        # they asked for; the planner and the balancer have their own tests (on a busy
+        # machine the balancer would rightly re-plan a stage that runs slower).
         # serve waits for every peer's profile and segments: on a clean checkout that means
         # cutting them, so the command gets its own --timeout, not the helper's 30 s.
-        cli(homes[-1], "serve", model.name, "--partitioner", "even", "--timeout", "300",
-            timeout=330)  # fmt: skip
+        cli(homes[-1], "serve", model.name, "--partitioner", "even", "--balance", "none",
+            "--timeout", "300", timeout=330)  # fmt: skip
         yield {"n": n, "precision": precision, "model": model, "homes": homes, "root": root}
     finally:
         testbed.down(root)

@@ -50,8 +50,9 @@ def start_mesh(root: Path, model, n: int = 4):
     source = next(i for i in ends if ids[i] != leader)
     link_model(model, homes[source])
     # The daemon notices the new model within seconds and advertises it; serve retries.
-    cli(homes[source], "serve", model.name, "--partitioner", "even", "--timeout", "120",
-        timeout=150)  # fmt: skip
+    # No balancer: layers it moved on a busy machine would change which stage is the victim.
+    cli(homes[source], "serve", model.name, "--partitioner", "even", "--balance", "none",
+        "--timeout", "120", timeout=150)  # fmt: skip
     return peers, homes, ids, leader, source
 
 
