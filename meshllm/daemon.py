@@ -176,6 +176,10 @@ class Daemon:
             task_status.started()
             await self._stop.wait()
             log.info("daemon_stopping")
+            # Goodbyes first: the others drop this peer from the roster at once (two phones,
+            # one stopping, leave the other leading) instead of waiting it out as a crash.
+            with trio.move_on_after(1.0):
+                await self.node.leave()
             nursery.cancel_scope.deadline = trio.current_time() + 2.0  # grace for handlers
             nursery.cancel_scope.cancel()
         (self.home / DAEMON_FILE).unlink(missing_ok=True)

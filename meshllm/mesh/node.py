@@ -1,38 +1,63 @@
 """Membership and leader election for one peer.
 
-Algorithm: Raft's leader election, without a replicated log.
+Algorithm: Raft's leader election with pre-vote and check-quorum, without a replicated log;
+the one thing the leader commits is the *roster*, the set of voting members.
 
 * Every peer keeps a *term*. Every ``heartbeat_interval_s`` each peer sends a small heartbeat to
   every peer it is connected to: its term, role, the leader it follows, its name and addresses
-  and the members it knows (id -> addresses). Heartbeats are re-sent constantly, so losing one
-  costs nothing, and members spread: a peer that joined through one member learns all others
-  from that member's heartbeats and dials them.
+  and the members it knows (id -> addresses); the leader's also carries the roster. Heartbeats
+  are re-sent constantly, so losing one costs nothing, and members spread: a peer that joined
+  through one member learns all others from that member's heartbeats and dials them.
 * In a peer's *view*, a member is alive if it was heard from within ``dead_after_s``.
-* A peer that has heard from no leader of its term for a randomised election timeout (uniform
-  in ``[election_timeout_min_s, election_timeout_max_s]``, drawn afresh each time) becomes a
-  candidate: it increments its term, votes for itself and asks every alive member for a vote.
-* A peer grants at most one vote per term, to the first candidate that asks, and none while it
-  has heard from a live leader within ``election_timeout_min_s`` (leader stickiness: a peer that
-  was briefly cut off cannot depose a healthy leader by showing up with a higher term).
-* A candidate holding votes from a strict majority of its alive view (itself included) becomes
-  leader of that term and heartbeats as leader at once. Any message carrying a higher term makes
-  the receiver adopt that term and step down to follower.
+* Quorum: a set of peers is a quorum of a roster if it holds a strict majority of it, or
+  exactly half of it including the roster's lowest peer id (the tie-break). Any two quorums
+  of one roster share a peer, so one roster cannot elect two leaders.
+* The roster: each follower keeps the newest roster its leader sent (rosters are versioned
+  by the committing leader's term and a change number). Every heartbeat interval the leader
+  checks that the peers it hears are a quorum of the roster (check-quorum): if not, it steps
+  down; if so, it commits exactly those peers as the next roster, so a peer that died leaves
+  it after ``dead_after_s`` and a new one enters it as soon as it is heard. A peer that stops
+  gracefully says goodbye: it leaves the roster at once, and a leader that stops hands its
+  followers the roster without itself. A peer that has never heard a leader (a fresh start)
+  counts its alive view instead of a roster, so a new mesh, or a lone peer, elects its first
+  leader.
+* Pre-vote: a peer that has heard from no leader of its term for a randomised election
+  timeout (uniform in ``[election_timeout_min_s, election_timeout_max_s]``, drawn afresh each
+  time) first asks the roster whether it could win, without changing its term. A peer grants
+  a pre-vote (or a vote) only if it is not the leader, has not heard from a live leader within
+  ``election_timeout_min_s`` (it lost the leader too), and the candidate's roster is not older
+  than its own.
+* With pre-votes from a quorum of its roster (itself included) the peer becomes a candidate:
+  it increments its term, votes for itself and asks the roster for votes. A peer grants at
+  most one vote per term. A candidate with votes from a quorum of its roster becomes leader of
+  that term and heartbeats as leader at once. Any message carrying a higher term makes the
+  receiver adopt that term and step down to follower.
 
-Safety: a peer votes once per term, so while the peers' views agree two candidates cannot both
-win the same term: at most one leader per term. A new leader follows a dead one after about
-one election timeout (< 2 s with the defaults).
+Safety: a peer votes once per term and quorums of one roster overlap, so at most one leader per
+term. A new leader follows a dead one after about one election timeout plus a pre-vote round
+(< 2.5 s with the defaults).
 
-Split brain: quorums are counted against the *alive view*, not a fixed roster, so a mesh of
-phones keeps a leader as members leave (down to a lone survivor, which leads itself). The price
-is paid in a network partition: each side declares the other dead after ``dead_after_s`` and
-elects its own leader, possibly with the same term number, and each side goes on serving
-alone. When the partition heals, heartbeats carry terms: a leader that hears a leader of a
-higher term steps down, and of two leaders of the same term the one with the larger peer id
-steps down, so the mesh converges on one leader within a heartbeat interval.
+Starved and cut-off peers: a phone whose CPU is saturated, or whose link is cut, stops hearing
+the others and sees them all dead, but its pre-votes are refused (the others hear their leader),
+so it neither raises its term nor elects itself; when it hears the leader again it follows it.
+A leader cut off from its quorum steps down after ``dead_after_s``.
+
+Split brain: in a partition only a side holding a quorum of the roster elects (or keeps) a
+leader; the other side has none and does not serve until the partition heals, when it follows
+the leader of the higher term. Two halves of an even roster: the half with the lowest id leads.
+Between the cut and the old leader's check-quorum (``dead_after_s``) the old leader may still
+think it leads while the quorum side elects a newer one; the higher term wins when they meet.
+
+What the rule costs: the mesh needs a quorum of its last roster to elect. Peers that die one
+after another shrink the roster one at a time (down to a lone survivor, which leads itself),
+but if a majority dies at once, or in a roster of two the peer with the lower id crashes, the
+survivors wait (a crash cannot be told from a cut link). Restarting a survivor's daemon starts
+it afresh, leading the peers it can hear. A graceful stop never costs this.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections.abc import Callable
@@ -40,20 +65,23 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
 
-import cbor2
 import structlog
 import trio
 
-from meshllm import wire
 from meshllm.config import MeshSection
 from meshllm.mesh.contain import contain_sync
+from meshllm.mesh.ctlmsg import (
+    CANDIDATE,
+    FOLLOWER,
+    LEADER,
+    MAX_MEMBERS,
+    decode_message,
+    encode_message,
+)
+from meshllm.mesh.roster import NO_VERSION, Roster, Version
 from meshllm.mesh.transport import AdmissionRefused, Endpoint, Message, PeerUnreachable
 from meshllm.wire import BadMessage
 
-FOLLOWER, CANDIDATE, LEADER = "follower", "candidate", "leader"
-PROTOCOL_VERSION = 1
-_MAX_MEMBERS = 256
-_MAX_ADDRS = 16
 FORGET_AFTER_MIN_S = 60.0
 
 log = structlog.get_logger("meshllm.mesh")
@@ -74,50 +102,19 @@ class PeerRecord:
     refused: str | None = None
     learned_at: float = 0.0  # when this record was made (see MeshNode._forget_stale)
     state_refused: str | None = None  # why its published state did not decode, if it did not
+    left_at: float | None = None  # when it said goodbye (a stopping daemon), if it did
 
 
-def _addrs(value: Any, what: str) -> list[str]:
-    return wire.seq_of(value, what, _MAX_ADDRS, lambda v, w: wire.text(v, w, 512, empty=False))
+@dataclass
+class ElectionStats:
+    """Counters for ``status``: on a healthy mesh they stay still once it has formed."""
 
-
-def decode_message(
-    payload: bytes, decode_extra: Callable[[Any], Any] | None = None
-) -> dict[str, Any]:
-    """Decode and validate one control message; raises BadMessage.
-
-    *decode_extra* turns a heartbeat's ``x`` (the state the layer above publishes) into its
-    typed value; without it ``x`` must still be a map.
-    """
-    msg = wire.mapping(wire.loads(payload), "control message")
-    if msg.get("v") != PROTOCOL_VERSION:
-        raise BadMessage("not a version-1 control message")
-    kind = msg.get("t")
-    out: dict[str, Any] = {"t": kind, "term": wire.integer(msg.get("term"), "term")}
-    if kind == "hb":
-        role = msg.get("role")
-        if role not in (FOLLOWER, CANDIDATE, LEADER):
-            raise BadMessage(f"bad role {wire.show(role)}")
-        out["role"] = role
-        out["leader"] = wire.optional(msg.get("leader"), "leader", wire.peer_id)
-        out["name"] = wire.text(msg.get("name"), "name", 128)
-        out["addrs"] = _addrs(msg.get("addrs"), "addrs")
-        members = wire.mapping(msg.get("members"), "members", _MAX_MEMBERS)
-        out["members"] = {
-            wire.peer_id(k, "member"): _addrs(v, "member addrs") for k, v in members.items()
-        }
-        extra = msg.get("x", {})
-        out["x"] = decode_extra(extra) if decode_extra else wire.mapping(extra, "state")
-    elif kind == "vres":
-        out["granted"] = wire.flag(msg.get("granted"), "granted")
-    elif kind == "app":
-        out["body"] = wire.mapping(msg.get("body"), "app message")
-    elif kind != "vreq":
-        raise BadMessage(f"unknown message type {wire.show(kind)}")
-    return out
-
-
-def encode_message(kind: str, term: int, **fields: Any) -> bytes:
-    return cbor2.dumps({"v": PROTOCOL_VERSION, "t": kind, "term": term, **fields})
+    prevotes: int = 0  # pre-vote rounds this peer started (it had lost its leader)
+    elections: int = 0  # terms this peer started, having won a pre-vote
+    won: int = 0  # times it became leader
+    stepdowns: int = 0  # times it stopped being leader
+    leader_changes: int = 0  # times the leader it recognises became a different peer
+    roster_changes: int = 0  # rosters it committed as leader
 
 
 class MeshNode:
@@ -150,7 +147,14 @@ class MeshNode:
         self.leader: str | None = None
         self.voted_for: str | None = None
         self._votes: set[str] = set()
-        self._quorum = 1
+        # The voting members as the leader last committed them; None until a leader is heard
+        # (a fresh start), when the peers heard lately vote instead.
+        self.roster: Roster | None = None
+        self._election_roster = Roster(frozenset())
+        self._prevotes: set[str] | None = None  # granted so far, while a pre-vote runs
+        self._leaving = False
+        self._last_known_leader: str | None = None
+        self.stats = ElectionStats()
         self._last_leader_contact = -math.inf
         self._election_deadline = math.inf
         self._wake = trio.Event()
@@ -169,7 +173,11 @@ class MeshNode:
         return trio.current_time()
 
     def is_alive(self, rec: PeerRecord) -> bool:
-        return rec.last_seen is not None and self.now() - rec.last_seen <= self.config.dead_after_s
+        return (
+            rec.left_at is None
+            and rec.last_seen is not None
+            and self.now() - rec.last_seen <= self.config.dead_after_s
+        )
 
     def peer_alive(self, peer_id: str) -> bool:
         """Whether *peer_id* is this peer or one heard from recently enough."""
@@ -196,6 +204,9 @@ class MeshNode:
         leader = self.current_leader()
         if leader != self._leader_noted:
             self._leader_noted = leader
+            if leader is not None and leader != self._last_known_leader:
+                self.stats.leader_changes += 1  # the first leader it recognises counts too
+                self._last_known_leader = leader
             self._leader_changed.set()
             self._leader_changed = trio.Event()
 
@@ -238,6 +249,10 @@ class MeshNode:
             "leader": self.current_leader(),
             "members": sorted([self.peer_id, *self.alive_peers()]),
             "peers": peers,
+            "election": {
+                **dataclasses.asdict(self.stats),
+                "roster": self.roster.describe() if self.roster is not None else None,
+            },
         }
 
     # -- running ----------------------------------------------------------------------------
@@ -318,7 +333,13 @@ class MeshNode:
         term = body["term"]
         kind = body["t"]
         if kind == "vreq":
-            self._on_vote_request(sender, term)
+            self._on_vote_request(sender, term, body["rv"])
+            return
+        if kind == "pvreq":  # asks; changes nothing here, the term included
+            self._on_prevote_request(sender, term, body["rv"])
+            return
+        if kind == "pvres":  # a granted one carries the term asked about, not the sender's
+            self._on_prevote(sender, term, body["granted"])
             return
         if term > self.term:
             self._adopt_term(term)
@@ -327,12 +348,17 @@ class MeshNode:
         elif kind == "app":
             if self.on_app_message is not None:
                 self.on_app_message(sender, body["body"])
+        elif kind == "bye":
+            self._on_bye(sender, body["roster"])
         else:
             self._on_heartbeat(sender, body)
 
     def _adopt_term(self, term: int) -> None:
         if self.role != FOLLOWER:
             self.log.info("stepped_down", term=term, was=self.role)
+            if self.role == LEADER:
+                self.stats.stepdowns += 1
+        self._prevotes = None
         self.term = term
         self.role = FOLLOWER
         self.voted_for = None
@@ -341,6 +367,10 @@ class MeshNode:
     def _on_heartbeat(self, sender: str, hb: dict[str, Any]) -> None:
         now = self.now()
         rec = self._record(sender)
+        if rec.left_at is not None:
+            if now - rec.left_at <= self.config.dead_after_s:
+                return  # sent before its goodbye, overtaken on another stream
+            rec.left_at = None  # it came back (restarted)
         was_alive = self.is_alive(rec)
         first = rec.last_seen is None
         rec.last_seen = now
@@ -350,23 +380,29 @@ class MeshNode:
             rec.addrs, changed = hb["addrs"], True
         if not was_alive:
             self.log.info("peer_alive", other=sender, name=rec.name)
+        if self.leader == sender and (hb["role"] != LEADER or hb["term"] != self.term):
+            self.leader = None  # it stepped down (it lost its quorum, say): no leader here now
         if hb["role"] == LEADER and hb["term"] == self.term:
             if self.role == LEADER:
                 # Two leaders of one term can only meet after a partition heals.
                 if sender < self.peer_id:
                     self.log.info("stepped_down", term=self.term, to=sender)
                     self.role, self.leader = FOLLOWER, sender
+                    self.stats.stepdowns += 1
             else:
                 if self.leader != sender:
                     self.log.info("leader_recognised", leader=sender, term=self.term)
                 self.role, self.leader = FOLLOWER, sender
                 self._last_leader_contact = now
+                self._prevotes = None
                 self._reset_election_deadline()
+            if self.leader == sender and hb["roster"] is not None:
+                self._adopt_roster(hb["roster"])
         for pid, addrs in hb["members"].items():
             if pid == self.peer_id or not addrs:
                 continue
             known = self.peers.get(pid)
-            if known is None and len(self.peers) >= _MAX_MEMBERS:
+            if known is None and len(self.peers) >= MAX_MEMBERS:
                 continue  # full: members named by others wait until stale ones are forgotten
             if known is None or (addrs != known.addrs and not self.endpoint.is_connected(pid)):
                 # New member, or one we cannot reach at the addresses we had (it restarted on
@@ -402,18 +438,61 @@ class MeshNode:
     def _leader_recently_heard(self) -> bool:
         return self.now() - self._last_leader_contact < self.config.election_timeout_min_s
 
-    def _on_vote_request(self, sender: str, term: int) -> None:
-        rec = self._record(sender)
-        rec.last_seen = self.now()
+    def _roster_version(self) -> Version:
+        return self.roster.version if self.roster is not None else NO_VERSION
+
+    def _voters(self) -> Roster:
+        if self.roster is not None:
+            return self.roster
+        # Never heard a leader (a fresh start): the peers heard lately vote, so a new mesh,
+        # or a lone peer, elects its first leader.
+        return Roster(frozenset([self.peer_id, *self.alive_peers()]))
+
+    def _adopt_roster(self, roster: Roster) -> None:
+        # Only from the leader this peer follows; an equal version too, since two leaders of
+        # one term (a healed partition) may each have committed one.
+        if self.roster is None or roster.version >= self.roster.version:
+            self.roster = roster
+
+    def _can_grant(self, term: int, version: Version) -> bool:
+        """Whether a (pre-)vote for a candidate of *term* with a roster of *version* may be
+        granted (besides one vote per term)."""
         if self.role == LEADER or self._leader_recently_heard():
             # Stickiness: a working leader is not deposed by a peer that merely lost touch.
-            # A leader that is really gone from the others' view is replaced anyway, and steps
-            # down when it hears the new leader's higher term.
-            granted = False
-        else:
+            return False
+        # A candidate that missed a roster change would count its quorum against the past.
+        return version >= self._roster_version()
+
+    def _on_prevote_request(self, sender: str, term: int, version: Version) -> None:
+        self._record(sender).last_seen = self.now()
+        granted = term > self.term and self._can_grant(term, version)
+        reply = encode_message("pvres", term if granted else self.term, granted=granted)
+        self._spawn_send(sender, reply)
+
+    def _on_prevote(self, sender: str, term: int, granted: bool) -> None:
+        if not granted:
             if term > self.term:
                 self._adopt_term(term)
-            granted = term == self.term and self.voted_for in (None, sender)
+            return
+        if self._prevotes is None or self.role != FOLLOWER or term != self.term + 1:
+            return  # a stale answer, to a round that is over
+        self._prevotes.add(sender)
+        if self._voters().is_quorum(self._prevotes):
+            self._start_election()
+
+    def _on_vote_request(self, sender: str, term: int, version: Version) -> None:
+        self._record(sender).last_seen = self.now()
+        granted = False
+        if self.role != LEADER and not self._leader_recently_heard():
+            # A working leader is sticky: it is replaced only once the others lost it too,
+            # and steps down when it hears the new leader's higher term.
+            if term > self.term:
+                self._adopt_term(term)
+            granted = (
+                term == self.term
+                and self.voted_for in (None, sender)
+                and self._can_grant(term, version)
+            )
             if granted:
                 self.voted_for = sender
                 self._reset_election_deadline()
@@ -423,44 +502,129 @@ class MeshNode:
         if self.role != CANDIDATE or term != self.term or not granted:
             return
         self._votes.add(sender)
-        if len(self._votes) >= self._quorum:
+        if self._election_roster.is_quorum(self._votes):
             self._become_leader()
 
+    def _start_prevote(self) -> None:
+        """Ask the roster whether an election could be won before starting one: a peer that
+        only lost touch (starved, cut off) learns that it cannot win, without raising its
+        term, so it does not depose a working leader when it hears the others again."""
+        voters = self._voters()
+        self._reset_election_deadline()
+        self.role = FOLLOWER  # a candidate whose election ran out (a split vote) asks again
+        self._prevotes = {self.peer_id}
+        self.stats.prevotes += 1
+        if voters.is_quorum(self._prevotes):
+            self._start_election()
+            return
+        self.log.debug("prevote_started", term=self.term + 1, voters=len(voters.members))
+        payload = encode_message("pvreq", self.term + 1, rv=list(self._roster_version()))
+        for pid in sorted(voters.members - {self.peer_id}):
+            self._spawn_send(pid, payload)
+
     def _start_election(self) -> None:
+        self._prevotes = None
         self.term += 1
         self.role = CANDIDATE
         self.leader = None
         self.voted_for = self.peer_id
         self._votes = {self.peer_id}
-        voters = self.alive_peers()
-        self._quorum = (len(voters) + 1) // 2 + 1
-        self.log.info("election_started", term=self.term, voters=len(voters) + 1)
+        voters = self._election_roster = self._voters()
+        self.stats.elections += 1
+        self.log.info("election_started", term=self.term, voters=len(voters.members))
         self._reset_election_deadline()
         self._note_leader()
-        if len(self._votes) >= self._quorum:
+        if voters.is_quorum(self._votes):
             self._become_leader()
             return
-        for pid in voters:
-            self._spawn_send(pid, encode_message("vreq", self.term))
+        payload = encode_message("vreq", self.term, rv=list(self._roster_version()))
+        for pid in sorted(voters.members - {self.peer_id}):
+            self._spawn_send(pid, payload)
 
     def _become_leader(self) -> None:
         self.role = LEADER
         self.leader = self.peer_id
+        base = self.roster or self._election_roster
+        self.roster = base.changed(base.members, self.term)
+        self.stats.won += 1
         self.log.info("leader_elected", term=self.term, votes=len(self._votes))
         self._note_leader()
         self._wake.set()  # announce at once
+
+    def _keep_roster(self) -> None:
+        """Leader, every heartbeat: step down unless the peers heard lately are a quorum of
+        the roster (check-quorum); while they are, commit them as the roster, so members that
+        died leave it and members that joined enter it."""
+        if self.role != LEADER or self.roster is None:
+            return
+        heard = frozenset([self.peer_id, *self.alive_peers()])
+        if not self.roster.is_quorum(heard):
+            self.log.warning("stepped_down", term=self.term, reason="lost quorum",
+                             heard=len(heard), roster=len(self.roster.members))  # fmt: skip
+            self.role, self.leader = FOLLOWER, None
+            self.stats.stepdowns += 1
+            self._reset_election_deadline()
+            self._note_leader()
+            return
+        if heard != self.roster.members:
+            self._commit_roster(heard)
+
+    def _commit_roster(self, members: frozenset[str]) -> None:
+        assert self.roster is not None
+        old = self.roster.members
+        self.roster = self.roster.changed(members, self.term)
+        self.stats.roster_changes += 1
+        self.log.info("roster_changed", version=list(self.roster.version), size=len(members),
+                      added=sorted(members - old), removed=sorted(old - members))  # fmt: skip
+        self._wake.set()
+
+    def _on_bye(self, sender: str, roster: Roster | None) -> None:
+        rec = self.peers.get(sender)
+        if rec is None:
+            return
+        rec.left_at = self.now()
+        self.log.info("peer_left", other=sender, name=rec.name)
+        if sender == self.leader and self.role != LEADER:
+            # The leader stopping hands over the roster without itself: the others elect a
+            # successor among themselves (one alone leads itself).
+            if roster is not None and sender not in roster.members:
+                self._adopt_roster(roster)
+            self.leader = None
+            self._last_leader_contact = -math.inf
+        elif self.role == LEADER and self.roster is not None and sender in self.roster.members:
+            # It said so itself: no quorum is needed to believe it is gone.
+            self._commit_roster(self.roster.members - {sender})
+
+    async def leave(self) -> None:
+        """Tell every connected peer this one is stopping (a daemon's graceful stop), so
+        they drop it from the roster at once instead of after ``dead_after_s``; a leader
+        hands the roster over without itself. Sends nothing more afterwards."""
+        self._leaving = True
+        fields: dict[str, Any] = {}
+        if self.role == LEADER and self.roster is not None and len(self.roster.members) > 1:
+            fields["roster"] = self.roster.changed(
+                self.roster.members - {self.peer_id}, self.term
+            ).to_wire()
+        self.role, self.leader = FOLLOWER, None
+        payload = encode_message("bye", self.term, **fields)
+        async with trio.open_nursery() as nursery:
+            for pid in list(self.peers):
+                if self.endpoint.is_connected(pid):
+                    nursery.start_soon(self._send_quietly, pid, payload)
 
     async def _election_loop(self) -> None:
         while True:
             await trio.sleep_until(self._election_deadline)
             if self.now() < self._election_deadline:
                 continue  # the deadline moved while we slept
+            if self._leaving:
+                return
             if self.role == LEADER:
                 self._election_deadline = math.inf
                 await self._until_not_leader()
                 self._reset_election_deadline()
             else:
-                self._start_election()
+                self._start_prevote()
 
     async def _until_not_leader(self) -> None:
         while self.role == LEADER:
@@ -470,9 +634,12 @@ class MeshNode:
     def _heartbeat(self) -> bytes:
         members = {p: r.addrs for p, r in self.peers.items() if r.addrs and self.is_alive(r)}
         extra = self.extra_provider() if self.extra_provider is not None else {}
+        fields: dict[str, Any] = {}
+        if self.role == LEADER and self.roster is not None:
+            fields["roster"] = self.roster.to_wire()
         return encode_message(
             "hb", self.term, role=self.role, leader=self.current_leader(), name=self.name,
-            addrs=self.endpoint.listen_addrs(), members=members, x=extra,
+            addrs=self.endpoint.listen_addrs(), members=members, x=extra, **fields,
         )  # fmt: skip
 
     async def send_app(self, peer_id: str, body: dict[str, Any]) -> None:
@@ -499,8 +666,9 @@ class MeshNode:
     async def _heartbeat_loop(self) -> None:
         nursery = self._nursery
         assert nursery is not None
-        while True:
+        while not self._leaving:
             self._forget_stale()
+            self._keep_roster()
             self._note_leader()  # a leader that went quiet stops being one without a message
             payload = self._heartbeat()
             now = self.now()

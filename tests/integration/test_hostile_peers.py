@@ -734,6 +734,9 @@ async def test_hostile_votes(mesh: Mesh, expected: list[int]) -> None:
         batches = [
             *batches_of("ctl.vreq", lambda _v: t["ctl.vreq"], "ctl.vreq", 150, rng, mesh.n),
             *batches_of("ctl.vres", lambda _v: t["ctl.vres"], "ctl.vres", 150, rng, mesh.n),
+            *batches_of("ctl.pvreq", lambda _v: t["ctl.pvreq"], "ctl.pvreq", 100, rng, mesh.n),
+            *batches_of("ctl.pvres", lambda _v: t["ctl.pvres"], "ctl.pvres", 100, rng, mesh.n),
+            *batches_of("ctl.bye", lambda _v: t["ctl.bye"], "ctl.bye", 100, rng, mesh.n),
         ]
         await run_batches(a, batches, a.send_ctl, expected)
         print(f"\nvotes: {a.summary()}")

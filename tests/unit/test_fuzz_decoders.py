@@ -23,8 +23,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meshllm.control.protocol import VERSION, ControlError, Request, error, parse_request
+from meshllm.mesh.ctlmsg import BadMessage, decode_message, encode_message
 from meshllm.mesh.framing import BlockingFrameReader, FrameError, FrameReader, frame
-from meshllm.mesh.node import BadMessage, decode_message, encode_message
 from meshllm.model.sampling import SamplingParams
 from meshllm.pipeline.frames import (
     DTYPES,

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from meshllm import wire
 from meshllm.mesh import dataplane
-from meshllm.mesh.node import decode_message
+from meshllm.mesh.ctlmsg import decode_message
 from meshllm.mesh.p2p import auth_message
 from meshllm.pipeline import appmsg, files, kvmove
 from meshllm.pipeline.frames import decode_frame
@@ -99,7 +99,7 @@ def decoder_for(protocol: str) -> Callable[[bytes], Any]:
 
 
 PROTOCOLS = sorted(set(hv.templates()) - UNDECODED)
-CASES_PER_PROTOCOL = 350  # x 31 protocols: over 10^4 per run
+CASES_PER_PROTOCOL = 350  # x 34 protocols: over 10^4 per run
 
 
 def test_every_template_decodes() -> None:
