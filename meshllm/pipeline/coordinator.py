@@ -10,6 +10,7 @@ from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import structlog
 import trio
 
 from meshllm.errors import MeshError
@@ -20,6 +21,7 @@ from meshllm.pipeline.frames import END, ERROR, FWD, TOKEN, Frame, KVSource
 from meshllm.pipeline.plan import Plan
 
 Send = Callable[[str, Frame], Awaitable[None]]
+log = structlog.get_logger("meshllm.coordinator")
 
 
 class QueryFailed(MeshError):
@@ -97,6 +99,7 @@ class Coordinator:
         next_plan: NextPlan | None = None,
         max_replays: int = 4,
         peer_alive: Callable[[str], bool] | None = None,
+        why_stalled: Callable[[Plan], str] | None = None,
     ):
         self.self_id = self_id
         self.send = send
@@ -107,6 +110,8 @@ class Coordinator:
         # With it, a request carried to a new plan has its KV cache moved from the old plan's
         # peers (when all of them are alive) instead of being replayed; see kvmove.
         self.peer_alive = peer_alive
+        # Says which stage holds a query up, from what the stages publish (pipeline.stall).
+        self.why_stalled = why_stalled
         self._waiting: dict[str, trio.MemorySendChannel[Frame]] = {}
 
     def deliver(self, f: Frame) -> None:
@@ -301,7 +306,11 @@ class Coordinator:
                     return reply
                 continue  # a late frame of an earlier plan
             if trio.current_time() >= deadline:
-                raise _Interrupted(f"no token from the mesh within {self.step_timeout_s:g} s")
+                why = f"no token from the mesh within {self.step_timeout_s:g} s"
+                if self.why_stalled is not None:
+                    why += f": {self.why_stalled(plan)}"
+                log.warning("query_stalled", epoch=plan.epoch, reason=why)
+                raise _Interrupted(why)
 
     @staticmethod
     def _result(plan: Plan, run: _Run) -> QueryResult:

@@ -56,6 +56,7 @@ from meshllm.pipeline.plan import Plan, PlanError, Stage
 from meshllm.pipeline.profiling import Profiler, partition_request, predict, slowed
 from meshllm.pipeline.serve_desk import ServeDesk, ServeFailed, ServeTimeout
 from meshllm.pipeline.stage import StageRunner, sampling_from
+from meshllm.pipeline.stall import StageView, why_stalled
 from meshllm.plan.profile import MiB, resident_bytes
 from meshllm.plugins import BalancingPolicyRegistry, PartitionerRegistry, get_plugin_manager
 
@@ -118,6 +119,7 @@ class ServingService:
             current_epoch=lambda: self.plan.epoch if self.plan else 0,
             next_plan=self._next_plan,
             peer_alive=node.peer_alive if config.mesh.move_kv else None,
+            why_stalled=lambda plan: why_stalled(plan, self._stage_view),
         )  # fmt: skip
         # Runtimes of plans this peer no longer serves, kept a while with their requests'
         # KV caches for the new plan's stages to fetch: epoch -> (runtime, keep until).
@@ -567,6 +569,16 @@ class ServingService:
             if state.get("epoch") != plan.epoch or state.get("state") != "ready":
                 return False
         return True
+
+    def _stage_view(self, pid: str) -> StageView:
+        if pid == self.me:
+            stats = self.stage.stats() if self.stage is not None else None
+            return StageView(self.node.name or pid[-8:], True, self.state, stats)
+        rec = self.node.peers.get(pid)
+        name = rec.name if rec is not None and rec.name else pid[-8:]
+        state = self._state_of(pid)
+        return StageView(name, self.node.peer_alive(pid), state.serving, state.stage_stats,
+                         rec.state_refused if rec is not None else None)  # fmt: skip
 
     def _peer_state(self, pid: str) -> dict[str, Any]:
         if not self.node.peer_alive(pid):

@@ -133,6 +133,7 @@ class StageRunner:
         self._in, self._out = trio.open_memory_channel[Frame](queue_size)
         self._mask = np.ones((1, 0), dtype=np.int64)
         self.steps = 0
+        self._last_step_at = time.monotonic()  # when a step last finished (or the start)
         self.compute_s = 0.0
         self.inner_s = 0.0
         # Decode-step compute for the balancer: a baseline once warm, then a moving average.
@@ -176,7 +177,10 @@ class StageRunner:
         return {"epoch": self.epoch, "steps": measured, "baseline_s": self.baseline_s,
                 "recent_s": self.recent_s, "steps_per_s": round(self.recent_rate(), 2),
                 "open_requests": len(self.runtime.open_requests),
-                "batches": self.batches, "batched_steps": self.batched_steps}  # fmt: skip
+                "batches": self.batches, "batched_steps": self.batched_steps,
+                # What a coordinator that got no token reads (see pipeline.stall).
+                "queued": self._queued, "busy": int(self._busy),
+                "idle_s": round(time.monotonic() - self._last_step_at, 3)}  # fmt: skip
 
     @property
     def is_last(self) -> bool:
@@ -598,6 +602,7 @@ class StageRunner:
         outs, sampled, sent_on = await step.outcome(self._compute)
         spent = time.perf_counter() - step.t0
         self.steps += 1
+        self._last_step_at = time.monotonic()
         self.compute_s += spent
         if f.new == 1 and not f.force:
             # Replayed steps come in a burst right after a plan change: not typical load. A
