@@ -60,6 +60,28 @@ def serve(home: Path, homes: list[Path], model: str, partitioner: str, objective
         time.sleep(0.3)
 
 
+def elections(homes: list[Path]) -> dict[str, dict]:
+    """Each peer's election counters and heartbeat lateness, by peer name."""
+    out = {}
+    for h in homes:
+        st = call(h, "status")
+        out[st["self"]["name"]] = st["election"]
+    return out
+
+
+def election_report(before: dict[str, dict], after: dict[str, dict]) -> dict[str, dict]:
+    """What changed while the benchmark ran: on a healthy mesh, no leader change at all."""
+    keys = ("leader_changes", "elections", "prevotes", "stepdowns", "hb_gaps_over_dead")
+    return {
+        name: {
+            **{k: after[name][k] - before[name][k] for k in keys},
+            "hb_late_max_s": after[name]["hb_late_max_s"],
+            "hb_gap_max_s": after[name]["hb_gap_max_s"],
+        }
+        for name in after
+    }
+
+
 def measure(homes: list[Path], tokens: int, rounds: int, concurrent: bool) -> dict:
     query(homes[0], "Hello", 8)  # warm-up: first-run allocations on every stage
     singles = [query(homes[i % len(homes)], PROMPTS[0], tokens) for i in range(rounds)]
@@ -146,8 +168,11 @@ def main() -> None:
             shutil.copytree(model.path, homes[0] / "models" / name, copy_function=os.link,
                             ignore=shutil.ignore_patterns("segments", "*.lock"))  # fmt: skip
             time.sleep(3)  # the daemon notices the import and advertises it on heartbeats
+            before = elections(homes)
             for partitioner, objective in PLANS:
+                t_serve = time.perf_counter()
                 plan = serve(homes[-1], homes, name, partitioner, objective)
+                serve_s = time.perf_counter() - t_serve
                 m = measure(homes, args.tokens, args.rounds, not args.no_concurrent)
                 pred = plan.get("predicted") or {}
                 measured_step = 1.0 / m["single_tok_s"]
@@ -158,12 +183,14 @@ def main() -> None:
                     "predicted_step_s": pred.get("step_s"),
                     "predicted_stage_s": pred.get("stage_s"),
                     "measured_step_s": measured_step,
+                    "serve_s": round(serve_s, 2),
                     **m,
                 }
                 if pred.get("step_s"):
                     row["prediction_error"] = pred["step_s"] / measured_step - 1
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr)
+            election = election_report(before, elections(homes))
         finally:
             testbed.down(root)
     base = next(r for r in rows if r["partitioner"] == "even")
@@ -176,7 +203,8 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": "planner", "profile": str(args.profile),
                                "precision": args.precision, "tokens": args.tokens,
-                               "results": rows, "solver_64x8": solver}, indent=2))  # fmt: skip
+                               "results": rows, "solver_64x8": solver,
+                               "elections": election}, indent=2))  # fmt: skip
     print(
         f"\n{'plan':16} {'stages':44} {'pred ms':>7} {'meas ms':>7} {'err':>6} "
         f"{'tok/s':>6} {'x even':>6} {'agg@4':>6} {'x even':>6}"
@@ -192,6 +220,14 @@ def main() -> None:
             f"{r.get('aggregate4_tok_s', float('nan')):>6.1f} "
             f"{r.get('aggregate4_vs_even', float('nan')):>6.2f}"
         )
+    print(f"\n{'peer':10} {'leader chg':>10} {'elections':>9} {'prevotes':>8} "
+          f"{'gaps>dead':>9} {'hb late max':>11} {'hb gap max':>10}")
+    for peer, e in election.items():
+        print(f"{peer:10} {e['leader_changes']:>10} {e['elections']:>9} {e['prevotes']:>8} "
+              f"{e['hb_gaps_over_dead']:>9} {e['hb_late_max_s']:>10.2f}s "
+              f"{e['hb_gap_max_s']:>9.2f}s")
+    print("serve took: " + ", ".join(f"{r['partitioner']}/{r['objective']} {r['serve_s']:.1f} s"
+                                     for r in rows))
     print(f"\nMILP solve, 64 layers x 8 peers: {solver}")
     print(f"written to {out}")
 

@@ -115,6 +115,12 @@ class ElectionStats:
     stepdowns: int = 0  # times it stopped being leader
     leader_changes: int = 0  # times the leader it recognises became a different peer
     roster_changes: int = 0  # rosters it committed as leader
+    # How late this peer's event loop ran: its heartbeat timer's worst lateness, and the
+    # longest silence between two heartbeats of one peer (its or ours to blame) under a
+    # minute, with how many of those silences outlasted dead_after_s.
+    hb_late_max_s: float = 0.0
+    hb_gap_max_s: float = 0.0
+    hb_gaps_over_dead: int = 0
 
 
 class MeshNode:
@@ -373,6 +379,10 @@ class MeshNode:
             rec.left_at = None  # it came back (restarted)
         was_alive = self.is_alive(rec)
         first = rec.last_seen is None
+        if rec.last_seen is not None and now - rec.last_seen < 60:
+            gap = now - rec.last_seen
+            self.stats.hb_gap_max_s = max(self.stats.hb_gap_max_s, round(gap, 3))
+            self.stats.hb_gaps_over_dead += gap > self.config.dead_after_s
         rec.last_seen = now
         rec.role, rec.term, rec.leader, rec.name = hb["role"], hb["term"], hb["leader"], hb["name"]
         changed = first
@@ -680,8 +690,12 @@ class MeshNode:
                     rec.dial_backoff = min(rec.dial_backoff * 2, 8.0)
                     nursery.start_soon(self._dial_known, rec)
             self._wake = trio.Event()
-            with trio.move_on_after(self.config.heartbeat_interval_s):
+            due = self.now() + self.config.heartbeat_interval_s
+            with trio.move_on_at(due):
                 await self._wake.wait()
+            late = self.now() - due
+            if late > self.stats.hb_late_max_s:
+                self.stats.hb_late_max_s = round(late, 3)
 
     async def _dial_known(self, rec: PeerRecord) -> None:
         for addr in list(rec.addrs):

@@ -231,6 +231,9 @@ async def test_a_starved_peer_does_not_take_the_lead(seed, autojump_clock):
         assert h.leaders() == {leader}
         assert {n.peer_id: n.term for n in h.nodes} == terms
         assert hungry.stats.prevotes > 0 and hungry.stats.elections == 0
+        # The others measured the silence (status reports it: how close peers come to dead).
+        others = [n.stats for n in h.nodes if n is not hungry]
+        assert any(st.hb_gap_max_s >= 5.0 and st.hb_gaps_over_dead >= 1 for st in others)
         nursery.cancel_scope.cancel()
 
 
