@@ -48,6 +48,10 @@ class MeshSection:
 
     heartbeat_interval_s: float = 0.25
     dead_after_s: float = 1.5
+    # A peer whose connection is still open is declared dead only after this much silence:
+    # a busy phone's heartbeats can come seconds late (profiling, loading a segment on a
+    # quarter of a core), while a crashed or stopped peer's connection closes at once.
+    unresponsive_after_s: float = 8.0
     election_timeout_min_s: float = 0.8
     election_timeout_max_s: float = 1.6
     handshake_timeout_s: float = 2.0
@@ -66,6 +70,8 @@ class MeshSection:
             raise ConfigError("[mesh] heartbeat_interval_s must be > 0")
         if self.dead_after_s <= self.heartbeat_interval_s:
             raise ConfigError("[mesh] dead_after_s must be longer than heartbeat_interval_s")
+        if self.unresponsive_after_s < self.dead_after_s:
+            raise ConfigError("[mesh] unresponsive_after_s must be at least dead_after_s")
         if not 0 < self.election_timeout_min_s < self.election_timeout_max_s:
             raise ConfigError("[mesh] need 0 < election_timeout_min_s < election_timeout_max_s")
         if self.handshake_timeout_s <= 0:
@@ -303,6 +309,7 @@ listen = ["{listen}"]
 transport = "{d.transport}"
 heartbeat_interval_s = {d.heartbeat_interval_s}
 dead_after_s = {d.dead_after_s}
+unresponsive_after_s = {d.unresponsive_after_s}  # still connected: declared dead only then
 election_timeout_min_s = {d.election_timeout_min_s}
 election_timeout_max_s = {d.election_timeout_max_s}
 handshake_timeout_s = {d.handshake_timeout_s}

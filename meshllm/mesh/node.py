@@ -8,44 +8,47 @@ the one thing the leader commits is the *roster*, the set of voting members.
   and the members it knows (id -> addresses); the leader's also carries the roster. Heartbeats
   are re-sent constantly, so losing one costs nothing, and members spread: a peer that joined
   through one member learns all others from that member's heartbeats and dials them.
-* In a peer's *view*, a member is alive if it was heard from within ``dead_after_s``.
-* Quorum: a set of peers is a quorum of a roster if it holds a strict majority of it, or
-  exactly half of it including the roster's lowest peer id (the tie-break). Any two quorums
-  of one roster share a peer, so one roster cannot elect two leaders.
-* The roster: each follower keeps the newest roster its leader sent (rosters are versioned
-  by the committing leader's term and a change number). Every heartbeat interval the leader
-  checks that the peers it hears are a quorum of the roster (check-quorum): if not, it steps
-  down; if so, it commits exactly those peers as the next roster, so a peer that died leaves
-  it after ``dead_after_s`` and a new one enters it as soon as it is heard. A peer that stops
+* In a peer's *view*, a member is alive if it was heard from within ``dead_after_s``, or, while
+  its connection is still open, within ``unresponsive_after_s``: a busy phone's heartbeats come
+  seconds late, while a crashed or stopped peer's connection closes at once.
+* Quorum: a set of peers is a quorum of a roster if it holds a strict majority of it, or exactly
+  half of it including the roster's lowest peer id (the tie-break). Any two quorums of one
+  roster share a peer, so one roster cannot elect two leaders.
+* The roster: each follower keeps the newest roster its leader sent (rosters are versioned by
+  the committing leader's term and a change number). Every heartbeat interval the leader checks
+  that the peers it hears are a quorum of the roster (check-quorum): if not, it steps down; if
+  so, it commits exactly those peers as the next roster, so a peer that died leaves it once it
+  is dead in the leader's view and a new one enters it as soon as it is heard. A peer that stops
   gracefully says goodbye: it leaves the roster at once, and a leader that stops hands its
   followers the roster without itself. A peer that has never heard a leader (a fresh start)
   counts its alive view instead of a roster, so a new mesh, or a lone peer, elects its first
   leader.
-* Pre-vote: a peer that has heard from no leader of its term for a randomised election
-  timeout (uniform in ``[election_timeout_min_s, election_timeout_max_s]``, drawn afresh each
-  time) first asks the roster whether it could win, without changing its term. A peer grants
-  a pre-vote (or a vote) only if it is not the leader, has not heard from a live leader within
-  ``election_timeout_min_s`` (it lost the leader too), and the candidate's roster is not older
-  than its own.
-* With pre-votes from a quorum of its roster (itself included) the peer becomes a candidate:
-  it increments its term, votes for itself and asks the roster for votes. A peer grants at
-  most one vote per term. A candidate with votes from a quorum of its roster becomes leader of
-  that term and heartbeats as leader at once. Any message carrying a higher term makes the
-  receiver adopt that term and step down to follower.
+* Pre-vote: a peer that has heard from no leader of its term for a randomised election timeout
+  (uniform in ``[election_timeout_min_s, election_timeout_max_s]``, drawn afresh each time), and
+  whose leader is dead in its view, first asks the roster whether it could win, without changing
+  its term. A peer grants a pre-vote (or a vote) only if it is not the leader, has not heard
+  from a live leader within ``election_timeout_min_s`` and no longer counts it alive (it lost
+  the leader too), and the candidate's roster is not older than its own.
+* With pre-votes from a quorum of its roster (itself included) the peer becomes a candidate: it
+  increments its term, votes for itself and asks the roster for votes. A peer grants at most one
+  vote per term. A candidate with votes from a quorum of its roster becomes leader of that term
+  and heartbeats as leader at once. Any message carrying a higher term makes the receiver adopt
+  that term and step down to follower.
 
 Safety: a peer votes once per term and quorums of one roster overlap, so at most one leader per
-term. A new leader follows a dead one after about one election timeout plus a pre-vote round
-(< 2.5 s with the defaults).
+term. A new leader follows a crashed one about ``dead_after_s`` plus one election timeout
+after it died (2 to 3 s with the defaults); one that froze with its connections open is
+replaced after ``unresponsive_after_s``.
 
 Starved and cut-off peers: a phone whose CPU is saturated, or whose link is cut, stops hearing
 the others and sees them all dead, but its pre-votes are refused (the others hear their leader),
 so it neither raises its term nor elects itself; when it hears the leader again it follows it.
-A leader cut off from its quorum steps down after ``dead_after_s``.
+A leader cut off from its quorum steps down once the quorum is dead in its view.
 
 Split brain: in a partition only a side holding a quorum of the roster elects (or keeps) a
 leader; the other side has none and does not serve until the partition heals, when it follows
 the leader of the higher term. Two halves of an even roster: the half with the lowest id leads.
-Between the cut and the old leader's check-quorum (``dead_after_s``) the old leader may still
+Between the cut and the old leader's check-quorum the old leader may still
 think it leads while the quorum side elects a newer one; the higher term wins when they meet.
 
 What the rule costs: the mesh needs a quorum of its last roster to elect. Peers that die one
@@ -179,10 +182,16 @@ class MeshNode:
         return trio.current_time()
 
     def is_alive(self, rec: PeerRecord) -> bool:
-        return (
-            rec.left_at is None
-            and rec.last_seen is not None
-            and self.now() - rec.last_seen <= self.config.dead_after_s
+        if rec.left_at is not None or rec.last_seen is None:
+            return False
+        silent = self.now() - rec.last_seen
+        if silent <= self.config.dead_after_s:
+            return True
+        # Silence alone is weak evidence on a busy phone (its heartbeats come seconds late
+        # while it profiles or loads on a quarter of a core); a crashed or stopped peer's
+        # connection closes at once. So a peer still connected gets longer.
+        return silent <= self.config.unresponsive_after_s and self.endpoint.is_connected(
+            rec.peer_id
         )
 
     def peer_alive(self, peer_id: str) -> bool:
@@ -446,7 +455,11 @@ class MeshNode:
         self._election_deadline = self.now() + timeout
 
     def _leader_recently_heard(self) -> bool:
-        return self.now() - self._last_leader_contact < self.config.election_timeout_min_s
+        """Whether this peer still has a leader: heard within the election timeout, or
+        still alive in its view (connected, and not silent for ``unresponsive_after_s``)."""
+        if self.now() - self._last_leader_contact < self.config.election_timeout_min_s:
+            return True
+        return self.role != LEADER and self.current_leader() is not None
 
     def _roster_version(self) -> Version:
         return self.roster.version if self.roster is not None else NO_VERSION
@@ -633,6 +646,8 @@ class MeshNode:
                 self._election_deadline = math.inf
                 await self._until_not_leader()
                 self._reset_election_deadline()
+            elif self._leader_recently_heard():
+                self._reset_election_deadline()  # late, not gone: wait for it a while yet
             else:
                 self._start_prevote()
 
