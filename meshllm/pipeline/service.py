@@ -56,7 +56,7 @@ from meshllm.pipeline.plan import Plan, PlanError, Stage
 from meshllm.pipeline.profiling import Profiler, partition_request, predict, slowed
 from meshllm.pipeline.serve_desk import ServeDesk, ServeFailed, ServeTimeout
 from meshllm.pipeline.stage import StageRunner, sampling_from
-from meshllm.pipeline.stall import StageView, why_stalled
+from meshllm.pipeline.stall import StageView, first_unready, why_stalled
 from meshllm.plan.profile import MiB, resident_bytes
 from meshllm.plugins import BalancingPolicyRegistry, PartitionerRegistry, get_plugin_manager
 
@@ -1115,7 +1115,7 @@ class ServingService:
             raise ControlError("bad_request", "query needs args.prompt (a non-empty string)")
         max_tokens = args.get("max_tokens", 128)
         sampling = sampling_from(args)
-        model, tok = self.ready_model()
+        model, tok = await self.ready_model_soon()
         t0 = time.perf_counter()
         prompt_ids = tok.encode_prompt(prompt, raw=bool(args.get("raw", False)))
         tokenize_s = time.perf_counter() - t0
@@ -1140,6 +1140,24 @@ class ServingService:
         plan, _manifest, tok = self._ready_plan()
         return ReadyModel(plan.model, tok)
 
+    # A query that comes while the plan loads (a stage still fetching its segment, or its
+    # "ready" not yet heard here, right after `serve` returned elsewhere) waits this long
+    # for it instead of failing at once.
+    READY_WAIT_S = 30.0
+
+    async def ready_model_soon(self) -> ReadyModel:
+        """:meth:`ready_model`, waiting up to :attr:`READY_WAIT_S` while the plan loads."""
+        with trio.move_on_after(self.READY_WAIT_S):
+            while True:
+                try:
+                    return self.ready_model()
+                except ControlError as exc:
+                    if exc.code != "not_ready":
+                        raise
+                with trio.move_on_after(0.5):  # woken by every heartbeat
+                    await self._news.wait()
+        return self.ready_model()
+
     def _ready_plan(self) -> tuple[Plan, Manifest, ChatTokenizer]:
         plan, manifest, tok = self.plan, self.manifest, self._tokenizer
         if plan is None:
@@ -1151,7 +1169,10 @@ class ServingService:
                     "not_serving",
                     f"the mesh cannot serve {plan.model} now: {why} (it resumes when peers return)",
                 )
-            raise ControlError("not_ready", f"the mesh is still loading {plan.model}; try again")
+            why = first_unready(plan, self._stage_view) or "this peer is loading the tokenizer"
+            raise ControlError(
+                "not_ready", f"the mesh is still loading {plan.model} ({why}); try again"
+            )
         return plan, manifest, tok
 
     async def generate(

@@ -30,8 +30,8 @@ class StageView:
     refused: str | None = None  # why its published state did not decode, if it did not
 
 
-def why_stalled(plan: Plan, view: Callable[[str], StageView]) -> str:
-    """The first stage of *plan* that cannot be answering, and why; else what is known."""
+def first_unready(plan: Plan, view: Callable[[str], StageView]) -> str | None:
+    """The first stage of *plan* not ready for it, and why (None if every one is)."""
     for i, st in enumerate(plan.stages):
         v = view(st.peer)
         who = f"stage {i} ({v.name}, layers {st.range})"
@@ -49,6 +49,17 @@ def why_stalled(plan: Plan, view: Callable[[str], StageView]) -> str:
             if isinstance(progress, float | int) and state in ("fetching", "loading"):
                 extra += f" ({progress:.0%})"
             return f"{who} is {state} its segment{extra}"
+    return None
+
+
+def why_stalled(plan: Plan, view: Callable[[str], StageView]) -> str:
+    """The first stage of *plan* that cannot be answering, and why; else what is known."""
+    unready = first_unready(plan, view)
+    if unready is not None:
+        return unready
+    for i, st in enumerate(plan.stages):
+        v = view(st.peer)
+        who = f"stage {i} ({v.name}, layers {st.range})"
         stats = v.stats or {}
         queued, busy = stats.get("queued", 0), stats.get("busy", 0)
         idle = stats.get("idle_s", 0.0)
