@@ -61,11 +61,13 @@ def serve(home: Path, homes: list[Path], model: str, partitioner: str, objective
 
 
 def elections(homes: list[Path]) -> dict[str, dict]:
-    """Each peer's election counters and heartbeat lateness, by peer name."""
+    """Each peer's election counters and heartbeat lateness, by peer name, with the longest
+    silence it heard from each other peer."""
     out = {}
     for h in homes:
         st = call(h, "status")
-        out[st["self"]["name"]] = st["election"]
+        gaps = {p["name"]: p.get("gap_max_s", 0.0) for p in st["peers"]}
+        out[st["self"]["name"]] = {**st["election"], "gap_from": gaps}
     return out
 
 
@@ -77,6 +79,7 @@ def election_report(before: dict[str, dict], after: dict[str, dict]) -> dict[str
             **{k: after[name][k] - before[name][k] for k in keys},
             "hb_late_max_s": after[name]["hb_late_max_s"],
             "hb_gap_max_s": after[name]["hb_gap_max_s"],
+            "gap_from": after[name]["gap_from"],
         }
         for name in after
     }
@@ -226,6 +229,9 @@ def main() -> None:
         print(f"{peer:10} {e['leader_changes']:>10} {e['elections']:>9} {e['prevotes']:>8} "
               f"{e['hb_gaps_over_dead']:>9} {e['hb_late_max_s']:>10.2f}s "
               f"{e['hb_gap_max_s']:>9.2f}s")
+    for peer, e in election.items():
+        print(f"{peer} heard silences of at most: "
+              + ", ".join(f"{p} {g:.2f} s" for p, g in sorted(e["gap_from"].items())))
     print("serve took: " + ", ".join(f"{r['partitioner']}/{r['objective']} {r['serve_s']:.1f} s"
                                      for r in rows))
     print(f"\nMILP solve, 64 layers x 8 peers: {solver}")

@@ -106,6 +106,7 @@ class PeerRecord:
     learned_at: float = 0.0  # when this record was made (see MeshNode._forget_stale)
     state_refused: str | None = None  # why its published state did not decode, if it did not
     left_at: float | None = None  # when it said goodbye (a stopping daemon), if it did
+    gap_max_s: float = 0.0  # its longest silence between two heartbeats (under a minute)
 
 
 @dataclass
@@ -250,6 +251,7 @@ class MeshNode:
                 "term": r.term,
                 "addrs": list(r.addrs),
                 "connected": self.endpoint.is_connected(pid),
+                "gap_max_s": r.gap_max_s,
                 **({"refused": r.refused} if r.refused else {}),
             })  # fmt: skip
         return {
@@ -390,7 +392,8 @@ class MeshNode:
         first = rec.last_seen is None
         if rec.last_seen is not None and now - rec.last_seen < 60:
             gap = now - rec.last_seen
-            self.stats.hb_gap_max_s = max(self.stats.hb_gap_max_s, round(gap, 3))
+            rec.gap_max_s = max(rec.gap_max_s, round(gap, 3))
+            self.stats.hb_gap_max_s = max(self.stats.hb_gap_max_s, rec.gap_max_s)
             self.stats.hb_gaps_over_dead += gap > self.config.dead_after_s
         rec.last_seen = now
         rec.role, rec.term, rec.leader, rec.name = hb["role"], hb["term"], hb["leader"], hb["name"]
