@@ -87,3 +87,30 @@ needs_phones = pytest.mark.skipif(
     _PHONES_PROBLEM is not None,
     reason=f"emulated phones need root, iproute2 and cgroup v1 here: {_PHONES_PROBLEM}",
 )
+
+# Three phones (a flagship, a midrange, a budget phone) for the tests that need a testbed.
+PHONES3 = """
+[class.flagship]
+cpu = 1.0
+bandwidth_mbit = 200
+memory_mb = 1024
+
+[class.midrange]
+cpu = 0.5
+bandwidth_mbit = 50
+memory_mb = 640
+
+[class.budget]
+cpu = 0.25
+bandwidth_mbit = 20
+memory_mb = 384
+
+[[peer]]
+class = "flagship"
+
+[[peer]]
+class = "midrange"
+
+[[peer]]
+class = "budget"
+"""

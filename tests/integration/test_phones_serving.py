@@ -19,35 +19,10 @@ from pathlib import Path
 import pytest
 
 from meshllm import testbed
-from tests.integration.mesh_helpers import cli, needs_phones, status
+from tests.integration.mesh_helpers import PHONES3, cli, needs_phones, status
 
 pytestmark = [pytest.mark.real_model, needs_phones]
 
-PROFILE = """
-[class.flagship]
-cpu = 1.0
-bandwidth_mbit = 200
-memory_mb = 1024
-
-[class.midrange]
-cpu = 0.5
-bandwidth_mbit = 50
-memory_mb = 640
-
-[class.budget]
-cpu = 0.25
-bandwidth_mbit = 20
-memory_mb = 384
-
-[[peer]]
-class = "flagship"
-
-[[peer]]
-class = "midrange"
-
-[[peer]]
-class = "budget"
-"""
 PROMPT = "Name three colours of the rainbow."
 TOKENS = 16
 STILL = ("leader_changes", "elections", "stepdowns")
@@ -70,7 +45,7 @@ def test_phones_profile_serve_and_answer_with_one_leader(smollm_models, tmp_path
             "--monolithic", "--json", "--threads", "1", timeout=120).stdout
     )["token_ids"]  # fmt: skip
     profile = tmp_path / "phones3.toml"
-    profile.write_text(PROFILE)
+    profile.write_text(PHONES3)
     root = tmp_path / "tb"
     peers = testbed.up(root, profile=profile)
     homes = [Path(p.home) for p in peers]

@@ -21,33 +21,9 @@ import pytest
 
 from meshllm import netbed, testbed
 from meshllm.control.client import call
-from tests.integration.mesh_helpers import needs_phones
+from tests.integration.mesh_helpers import PHONES3, needs_phones
 
-PROFILE = """
-[class.flagship]
-cpu = 1.0
-bandwidth_mbit = 200
-memory_mb = 1024
-
-[class.midrange]
-cpu = 0.5
-bandwidth_mbit = 50
-memory_mb = 640
-
-[class.budget]
-cpu = 0.25
-bandwidth_mbit = 20
-memory_mb = 384
-
-[[peer]]
-class = "flagship"
-
-[[peer]]
-class = "midrange"
-
-[[peer]]
-class = "budget"
-"""
+PROFILE = PHONES3
 
 NBYTES = 2_000_000
 
