@@ -60,6 +60,8 @@ class ComputeThread:
         job.done = True
         try:
             wake.send(b"\0")
+        except BlockingIOError:
+            pass  # the socket is full of wake-ups already: the waiter will wake
         except OSError:  # closed while a cancelled caller's job ran: nobody is waiting
             return False
         return True
@@ -74,6 +76,10 @@ class ComputeThread:
         if self._wake_r is None:
             self._wake_r, self._wake_w = socket.socketpair()
             self._wake_r.setblocking(False)
+            # Never blocking: a job that finished before anyone waited for it (a stage's
+            # early start) leaves its wake-up unread, and a blocking send on a full socket
+            # would hang the thread that ran it, and the stage with it.
+            self._wake_w.setblocking(False)
             threading.Thread(
                 target=self._loop, args=(self._wake_w,), name=self._name, daemon=True
             ).start()
@@ -109,13 +115,20 @@ class ComputeThread:
             with trio.CancelScope(shield=True):
                 while not job.done:
                     await trio.lowlevel.wait_readable(wake_r)
-                    with contextlib.suppress(BlockingIOError):
-                        wake_r.recv(64)
+                    self._drain(wake_r)
+                # Wake-ups of jobs that were done before anyone waited: read them too.
+                self._drain(wake_r)
         value, error = job.value, job.error
         job.value = job.error = None  # the caller owns them now
         if error is not None:
             raise error
         return value
+
+    @staticmethod
+    def _drain(wake_r: socket.socket) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while wake_r.recv(4096):
+                pass
 
     async def run(self, fn: Callable[[], T]) -> T:
         """Run *fn* on the thread and return (or raise) what it did."""

@@ -121,3 +121,31 @@ async def test_a_finished_job_keeps_neither_its_function_nor_its_result() -> Non
         assert job.fn is None
     finally:
         ct.close()
+
+
+async def test_jobs_run_here_before_anyone_waits_never_block_their_thread() -> None:
+    """A stage starts most steps on the thread that read the frame (run_here), and those
+    are often done before the run loop waits for them, so their wake-ups pile up unread.
+    Each used to be a blocking send: after a few hundred the socket was full and the next
+    one hung the reader thread forever (a stage with a frame queued and no step, found by
+    bench_balance). Thousands of them must all finish, and later waits still work."""
+    ct = ComputeThread()
+    try:
+        done = threading.Event()
+
+        def many() -> None:
+            for i in range(20_000):
+                ct.run_here(ct.claim(lambda i=i: i))
+            done.set()
+
+        ct.claim(lambda: None)  # the socket pair and the thread exist before the reader runs
+        # A regression hangs the thread: fail, abandoning it, rather than hang the suite.
+        with trio.move_on_after(60):
+            await trio.to_thread.run_sync(many, abandon_on_cancel=True)
+        assert done.is_set(), "a thread that ran jobs here hung on its wake-up"
+        job = ct.claim(lambda: 7)
+        await trio.to_thread.run_sync(ct.run_here, job)
+        assert await ct.wait(job) == 7
+        assert await ct.run(lambda: 8) == 8
+    finally:
+        ct.close()
