@@ -79,6 +79,7 @@ def election_report(before: dict[str, dict], after: dict[str, dict]) -> dict[str
             **{k: after[name][k] - before[name][k] for k in keys},
             "hb_late_max_s": after[name]["hb_late_max_s"],
             "hb_gap_max_s": after[name]["hb_gap_max_s"],
+            "hb_send_max_s": after[name].get("hb_send_max_s", 0.0),
             "gap_from": after[name]["gap_from"],
         }
         for name in after
@@ -224,11 +225,11 @@ def main() -> None:
             f"{r.get('aggregate4_vs_even', float('nan')):>6.2f}"
         )
     print(f"\n{'peer':10} {'leader chg':>10} {'elections':>9} {'prevotes':>8} "
-          f"{'gaps>dead':>9} {'hb late max':>11} {'hb gap max':>10}")
+          f"{'gaps>dead':>9} {'hb late max':>11} {'hb gap max':>10} {'send max':>8}")
     for peer, e in election.items():
         print(f"{peer:10} {e['leader_changes']:>10} {e['elections']:>9} {e['prevotes']:>8} "
               f"{e['hb_gaps_over_dead']:>9} {e['hb_late_max_s']:>10.2f}s "
-              f"{e['hb_gap_max_s']:>9.2f}s")
+              f"{e['hb_gap_max_s']:>9.2f}s {e['hb_send_max_s']:>7.2f}s")
     for peer, e in election.items():
         print(f"{peer} heard silences of at most: "
               + ", ".join(f"{p} {g:.2f} s" for p, g in sorted(e["gap_from"].items())))

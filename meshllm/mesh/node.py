@@ -9,8 +9,10 @@ the one thing the leader commits is the *roster*, the set of voting members.
   are re-sent constantly, so losing one costs nothing, and members spread: a peer that joined
   through one member learns all others from that member's heartbeats and dials them.
 * In a peer's *view*, a member is alive if it was heard from within ``dead_after_s``, or, while
-  its connection is still open, within ``unresponsive_after_s``: a busy phone's heartbeats come
-  seconds late, while a crashed or stopped peer's connection closes at once.
+  its connection is still open, within its *patience*: ``unresponsive_after_s``, or twice the
+  longest silence the member has already come back from, whichever is longer, but at most
+  three times ``unresponsive_after_s``. A busy phone's heartbeats come seconds late, and one
+  that was late before will be again; a crashed or stopped peer's connection closes at once.
 * Quorum: a set of peers is a quorum of a roster if it holds a strict majority of it, or exactly
   half of it including the roster's lowest peer id (the tie-break). Any two quorums of one
   roster share a peer, so one roster cannot elect two leaders.
@@ -125,6 +127,10 @@ class ElectionStats:
     hb_late_max_s: float = 0.0
     hb_gap_max_s: float = 0.0
     hb_gaps_over_dead: int = 0
+    # The slowest heartbeat send (its write to one peer's stream, until it was handed to the
+    # transport or given up), to tell a silence the sender caused from one on the way.
+    hb_send_max_s: float = 0.0
+    hb_sends_slow: int = 0  # sends that took longer than one heartbeat interval
 
 
 class MeshNode:
@@ -191,9 +197,15 @@ class MeshNode:
         # Silence alone is weak evidence on a busy phone (its heartbeats come seconds late
         # while it profiles or loads on a quarter of a core); a crashed or stopped peer's
         # connection closes at once. So a peer still connected gets longer.
-        return silent <= self.config.unresponsive_after_s and self.endpoint.is_connected(
-            rec.peer_id
-        )
+        return silent <= self.patience(rec) and self.endpoint.is_connected(rec.peer_id)
+
+    def patience(self, rec: PeerRecord) -> float:
+        """How long a connected peer may stay silent before it is dead in this view."""
+        # Scaled by what the peer has shown: one that already went quiet for seconds and came
+        # back (a phone that profiles or loads on a quarter of a core) will do it again, so it
+        # gets twice its longest silence, up to three times the configured patience.
+        base = self.config.unresponsive_after_s
+        return min(3 * base, max(base, 2 * rec.gap_max_s))
 
     def peer_alive(self, peer_id: str) -> bool:
         """Whether *peer_id* is this peer or one heard from recently enough."""
@@ -394,7 +406,9 @@ class MeshNode:
             gap = now - rec.last_seen
             rec.gap_max_s = max(rec.gap_max_s, round(gap, 3))
             self.stats.hb_gap_max_s = max(self.stats.hb_gap_max_s, rec.gap_max_s)
-            self.stats.hb_gaps_over_dead += gap > self.config.dead_after_s
+            if gap > self.config.dead_after_s:
+                self.stats.hb_gaps_over_dead += 1
+                self.log.info("heartbeat_gap", other=sender, s=round(gap, 3))
         rec.last_seen = now
         rec.role, rec.term, rec.leader, rec.name = hb["role"], hb["term"], hb["leader"], hb["name"]
         changed = first
@@ -688,8 +702,20 @@ class MeshNode:
 
     async def _send_quietly(self, peer_id: str, payload: bytes) -> None:
         # A slow peer must not hold up the others: each send has its own deadline.
-        with trio.move_on_after(self.config.heartbeat_interval_s * 4), suppress(PeerUnreachable):
-            await self.endpoint.send(peer_id, payload)
+        t0 = self.now()
+        outcome = "sent"
+        with trio.move_on_after(self.config.heartbeat_interval_s * 4) as scope:
+            try:
+                await self.endpoint.send(peer_id, payload)
+            except PeerUnreachable:
+                outcome = "unreachable"
+        took = self.now() - t0
+        if scope.cancelled_caught:
+            outcome = "timed out"
+        self.stats.hb_send_max_s = max(self.stats.hb_send_max_s, round(took, 3))
+        if took > self.config.heartbeat_interval_s:
+            self.stats.hb_sends_slow += 1
+            self.log.info("heartbeat_send_slow", other=peer_id, s=round(took, 3), outcome=outcome)
 
     async def _heartbeat_loop(self) -> None:
         nursery = self._nursery

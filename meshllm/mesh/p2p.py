@@ -273,6 +273,15 @@ class Libp2pEndpoint:
                         )
                         self._out[peer_id] = stream
                     await stream.write(frame(payload))
+            except trio.Cancelled:
+                # Cancelled mid-write, the stream may hold half a frame: the next frame on it
+                # would be read as garbage, so it is never used again.
+                self._out.pop(peer_id, None)
+                if stream is not None:
+                    with trio.CancelScope(shield=True), suppress(Exception):
+                        with trio.move_on_after(1):
+                            await stream.reset()
+                raise
             except (Exception, trio.TooSlowError) as exc:
                 self._out.pop(peer_id, None)
                 if stream is not None:

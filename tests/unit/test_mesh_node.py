@@ -243,6 +243,56 @@ async def test_a_starved_peer_does_not_take_the_lead(seed, stall, autojump_clock
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.parametrize("seed", range(3))
+async def test_a_peer_late_before_gets_more_patience(seed, autojump_clock):
+    """A phone that went quiet for 6 s and came back may go quiet for 11 s next time without
+    being declared dead (it gets twice its longest silence, 12 s); a peer that never went
+    quiet is dead after unresponsive_after_s. Patience is capped at three times the setting."""
+    async with trio.open_nursery() as nursery:
+        h = Harness(nursery, seed=seed)
+        for _ in range(2):
+            await h.start()
+        hungry = await h.start(starvable=True)
+        for n in h.nodes[1:]:
+            await n.add_peer(h.nodes[0].endpoint.listen_addrs()[0])
+        await h.wait_agreed(10)
+        others = [n for n in h.nodes if n is not hungry]
+
+        async def starve_and_watch(stall: float) -> bool:
+            """Whether every other peer counted *hungry* alive all through its silence."""
+            hungry.endpoint.starve(stall)
+            t_end = trio.current_time() + stall
+            alive = True
+            while trio.current_time() < t_end:
+                alive &= all(n.peer_alive(hungry.peer_id) for n in others)
+                await trio.sleep(0.05)
+            await h.wait_agreed(10)
+            return alive
+
+        assert CFG.unresponsive_after_s < 11 < 2 * 6
+        assert await starve_and_watch(6.0)  # within the configured patience
+        assert all(n.patience(n.peers[hungry.peer_id]) >= 12 for n in others)
+        assert await starve_and_watch(11.0)  # dead at 8 s before it had shown its 6 s
+        # A peer's patience never exceeds three times the setting, whatever it showed.
+        rec = others[0].peers[hungry.peer_id]
+        rec.gap_max_s = 59.0
+        assert others[0].patience(rec) == 3 * CFG.unresponsive_after_s
+        nursery.cancel_scope.cancel()
+
+
+async def test_patience_is_the_setting_for_a_peer_never_late(autojump_clock):
+    async with trio.open_nursery() as nursery:
+        h = Harness(nursery, seed=0)
+        await h.start()
+        hungry = await h.start(starvable=True)
+        await hungry.add_peer(h.nodes[0].endpoint.listen_addrs()[0])
+        await h.wait_agreed(10)
+        hungry.endpoint.starve(11.0)
+        await trio.sleep(CFG.unresponsive_after_s + 1)
+        assert not h.nodes[0].peer_alive(hungry.peer_id)
+        nursery.cancel_scope.cancel()
+
+
 @pytest.mark.parametrize("cut", ["follower", "leader"])
 @pytest.mark.parametrize("seed", range(6))
 async def test_one_peer_cut_off_from_four_never_makes_a_second_leader(seed, autojump_clock, cut):
