@@ -117,6 +117,18 @@ class Harness:
         return trio.current_time() - start
 
 
+async def with_starvable(nursery: trio.Nursery, n: int, seed: int) -> tuple[Harness, MeshNode]:
+    """*n* peers and one whose endpoint can be starved, all joined to the first, agreed."""
+    h = Harness(nursery, seed=seed)
+    for _ in range(n):
+        await h.start()
+    hungry = await h.start(starvable=True)
+    for node in h.nodes[1:]:
+        await node.add_peer(h.nodes[0].endpoint.listen_addrs()[0])
+    await h.wait_agreed(10)
+    return h, hungry
+
+
 async def formed(nursery: trio.Nursery, n: int, seed: int) -> Harness:
     """*n* peers joined as a chain, once they agree on members and leader."""
     h = Harness(nursery, seed)
@@ -210,13 +222,7 @@ async def test_a_starved_peer_does_not_take_the_lead(seed, stall, autojump_clock
     same term. Past unresponsive_after_s it sees everyone dead and asks for pre-votes,
     which the others refuse."""
     async with trio.open_nursery() as nursery:
-        h = Harness(nursery, seed=seed)
-        for _ in range(3):
-            await h.start()
-        hungry = await h.start(starvable=True)
-        for n in h.nodes[1:]:
-            await n.add_peer(h.nodes[0].endpoint.listen_addrs()[0])
-        await h.wait_agreed(10)
+        h, hungry = await with_starvable(nursery, 3, seed=seed)
         (leader,) = h.leaders()
         if leader == hungry.peer_id:  # starve a follower here; a starved leader is replaced
             await h.stop(hungry)
@@ -249,13 +255,7 @@ async def test_a_peer_late_before_gets_more_patience(seed, autojump_clock):
     being declared dead (it gets twice its longest silence, 12 s); a peer that never went
     quiet is dead after unresponsive_after_s. Patience is capped at three times the setting."""
     async with trio.open_nursery() as nursery:
-        h = Harness(nursery, seed=seed)
-        for _ in range(2):
-            await h.start()
-        hungry = await h.start(starvable=True)
-        for n in h.nodes[1:]:
-            await n.add_peer(h.nodes[0].endpoint.listen_addrs()[0])
-        await h.wait_agreed(10)
+        h, hungry = await with_starvable(nursery, 2, seed=seed)
         others = [n for n in h.nodes if n is not hungry]
 
         async def starve_and_watch(stall: float) -> bool:
@@ -282,11 +282,7 @@ async def test_a_peer_late_before_gets_more_patience(seed, autojump_clock):
 
 async def test_patience_is_the_setting_for_a_peer_never_late(autojump_clock):
     async with trio.open_nursery() as nursery:
-        h = Harness(nursery, seed=0)
-        await h.start()
-        hungry = await h.start(starvable=True)
-        await hungry.add_peer(h.nodes[0].endpoint.listen_addrs()[0])
-        await h.wait_agreed(10)
+        h, hungry = await with_starvable(nursery, 1, seed=0)
         hungry.endpoint.starve(11.0)
         await trio.sleep(CFG.unresponsive_after_s + 1)
         assert not h.nodes[0].peer_alive(hungry.peer_id)
