@@ -6,6 +6,14 @@ Task tree::
     ├── signal watcher (SIGINT/SIGTERM -> graceful stop)
     ├── transport endpoint (listener, per-connection tasks)
     ├── mesh node (receive loop, heartbeats, election timer)
+    ├── serving (meshllm.pipeline.service), one task per component:
+    │   ├── links: activation frames in and out (a reader per inbound link)
+    │   ├── kv caches: old plans' caches kept, prefetched and served
+    │   ├── segment loader: each adopted plan's segment fetched, loaded; the stage running
+    │   ├── serve desk: `serve` requests sent to the leader, and answered when leading
+    │   ├── leader: a new plan when a stage's peer is lost
+    │   ├── balancer: layers moved off a stage that slowed down
+    │   └── peer requests: profiling asked by the leader; new imports advertised
     ├── bootstrap dials
     ├── HTTP API, when enabled (one task per HTTP client)
     └── control server (one task per local client)
@@ -76,7 +84,7 @@ class Daemon:
         from meshllm.api.http import HttpServer
         from meshllm.api.openai import OpenAIApi
 
-        handler = OpenAIApi(self.serving, max_new_tokens=self.config.limits.max_new_tokens)
+        handler = OpenAIApi(self.serving.gateway, max_new_tokens=self.config.limits.max_new_tokens)
         api = self.config.api
         return HttpServer(handler, api.host, api.port, allowed_hosts=api.allowed_hosts,
                           allowed_origins=api.allowed_origins)  # fmt: skip
@@ -149,13 +157,14 @@ class Daemon:
                 "serve": self.serving.op_serve,
                 "profile": self.serving.op_profile,
             },
-            streaming={"query": self.serving.op_query},
+            streaming={"query": self.serving.gateway.op_query},
         )
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_signals, nursery.cancel_scope)
             await nursery.start(self.endpoint.run)
             await nursery.start(self.node.run)
-            await nursery.start(self.serving.run)
+            for _name, component in self.serving.components():
+                await nursery.start(component)
             by_peer: dict[str, list[str]] = {}
             for addr in bootstrap_addrs(self.home):
                 by_peer.setdefault(addr.rsplit("/p2p/", 1)[-1], []).append(addr)

@@ -566,7 +566,7 @@ def profile_obj(ctx: Context) -> dict[str, Any]:
 
 
 def heartbeat_extra(ctx: Context) -> dict[str, Any]:
-    """The serving state a peer puts on its heartbeats (``ServingService._extra``)."""
+    """The serving state a peer puts on its heartbeats (``ServingService.published``)."""
     return {
         "models": {ctx.model: {"sha": ctx.model_sha, "layers": ctx.num_layers}},
         "serving": {"epoch": ctx.epoch, "state": "ready"},

@@ -48,7 +48,7 @@ class Generated(Protocol):
 
 
 class Backend(Protocol):
-    """What the API needs of the mesh (``ServingService`` in the daemon). Errors are
+    """What the API needs of the mesh (``QueryGateway`` in the daemon). Errors are
     ControlErrors with the codes of the control socket's ``query``."""
 
     def served_model(self) -> str | None: ...

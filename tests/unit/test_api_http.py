@@ -34,7 +34,7 @@ from meshllm.control.protocol import ControlError
 from meshllm.model.sampling import SamplingParams
 from meshllm.model.tokenizer import ChatTemplateError
 from meshllm.pipeline.coordinator import QueryResult
-from meshllm.pipeline.service import ReadyModel
+from meshllm.pipeline.gateway import ReadyModel
 
 EOS = 0
 PORT = 8080  # the port the in-memory server believes it listens on

@@ -158,7 +158,7 @@ async def test_a_nul_in_a_plan_hash_and_a_plan_from_a_follower(
         for _ in range(5):
             await send_ctl(m, cbor2.dumps(hb(m, x={"plan": valid, "staged": valid})))
             await trio.sleep(0.3)
-        assert m.service.plan is None
+        assert m.service.state.plan is None
         # State that does not decode costs the sender its state, not its membership.
         assert m.victim.peer_alive(m.bad.peer_id)
         await still_well(m, before)
@@ -173,9 +173,9 @@ async def test_an_epoch_at_the_end_of_the_range_is_not_credible(
         last = hv.plan_obj(ctx_of(m), epoch=2**62 - 1)
         await send_ctl(m, cbor2.dumps(hb(m, x={"plan": last})))
         with trio.fail_after(10):
-            while m.service._state_of(m.bad.peer_id).plan is None:
+            while m.service.state.state_of(m.bad.peer_id).plan is None:
                 await trio.sleep(0.05)
-        assert m.service._max_epoch_seen() == 0
+        assert m.service.leader.max_epoch_seen() == 0
 
 
 async def test_a_frame_that_does_not_decode_is_answered(
@@ -246,7 +246,7 @@ async def test_a_model_hash_never_builds_a_path(
         plan = {**hv.plan_obj(ctx, epoch=3), "model_sha": sha}
         await send_ctl(m, cbor2.dumps(hb(m, role=LEADER, x={"plan": plan})))
         await trio.sleep(2)
-        assert m.service.plan is None
+        assert m.service.state.plan is None
         assert not (m.home / "cache").exists() or not any((m.home / "cache").iterdir())
         await still_well(m, before)
 
@@ -403,7 +403,7 @@ async def test_what_a_service_publishes_decodes(autojump_clock: Any, tmp_path: P
     """The typed decoder accepts what a real service puts on its heartbeats (an error state
     with a long detail included: display text is clipped, never a reason to drop a peer)."""
     async with mesh(tmp_path) as m:
-        m.service._set_state("error", detail="x" * 5000)
-        state = PeerState.from_obj(cbor2.loads(cbor2.dumps(m.service._extra())))
+        m.service.state.set_state("error", detail="x" * 5000)
+        state = PeerState.from_obj(cbor2.loads(cbor2.dumps(m.service.published())))
         assert state.serving["state"] == "error" and len(state.serving["detail"]) == 2000
         assert state.rss_mb is None or state.rss_mb > 0
