@@ -22,23 +22,19 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from meshllm import netbed, testbed_profile
 from meshllm.config import CONFIG_FILE, load_config
 from meshllm.control.client import DaemonNotRunning, call
 from meshllm.errors import MeshError
 from meshllm.mesh.identity import JoinToken, MeshSecret
 from meshllm.mesh.peerstore import add_bootstrap
-
-if TYPE_CHECKING:
-    from meshllm.netbed import Netbed, Profile
+from meshllm.netbed import Netbed
+from meshllm.testbed_profile import TestbedError, TestbedProfile
 
 STATE_FILE = "testbed.json"
 DEFAULT_PEERS = 3
-
-
-class TestbedError(MeshError):
-    """The testbed cannot be started, queried or stopped as asked."""
 
 
 @dataclass(frozen=True)
@@ -69,7 +65,6 @@ def load_state(root: Path) -> list[TestbedPeer]:
 
 def load_network(root: Path) -> Netbed | None:
     """The namespaces, links and cgroups this testbed made (None: a loopback testbed)."""
-    from meshllm.netbed import Netbed
 
     raw = _load_raw(root).get("network")
     return None if raw is None else Netbed.from_json(raw)
@@ -147,7 +142,6 @@ def up(
     *transport* sets ``[mesh] transport`` of every peer (a plugin's, say) before it starts;
     *config* sets other keys, by section (values TOML-encoded, as ``set_config_keys``).
     """
-    from meshllm import netbed
     from meshllm.commands.peer import init_home
 
     if transport is not None:
@@ -157,7 +151,7 @@ def up(
 
     prof = None
     if profile is not None:
-        prof = netbed.load_profile(profile)
+        prof = testbed_profile.load_profile(profile)
         if n is not None and n != len(prof.peers):
             raise TestbedError(
                 f"--peers {n} conflicts with the profile {profile}, which has "
@@ -223,7 +217,7 @@ def up(
     return peers
 
 
-def _profile_record(path: Path, prof: Profile) -> dict[str, Any]:
+def _profile_record(path: Path, prof: TestbedProfile) -> dict[str, Any]:
     return {
         "source": str(path.resolve()),
         "classes": {c.name: asdict(c) for c in prof.classes},
@@ -305,7 +299,6 @@ def throttle(root: Path, peer: int | str, cpu: float | None) -> dict[str, Any]:
     """
     import dataclasses
 
-    from meshllm import netbed  # here, not at the top: netbed imports this module
 
     net = load_network(root)
     if net is None:
@@ -380,7 +373,6 @@ def down(root: Path, grace: float = 5.0) -> int:
     """Stop every daemon this testbed started, then remove the namespaces, links and cgroups
     it made; returns how many daemons were running. If some of the network cannot be removed,
     raises and keeps the record, so running it again retries."""
-    from meshllm import netbed  # here, not at the top: netbed imports this module
 
     try:
         peers = load_state(root)

@@ -35,7 +35,7 @@ class BadInput(MeshError):
     """Tensors from the network that do not fit the segment's inputs."""
 
 
-_ORT_TYPES = {
+ORT_TYPES = {
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
     "tensor(int64)": np.int64,
@@ -144,7 +144,7 @@ class SegmentRuntime:
                 raise BadInput(f"missing input {meta.name}")
             if not isinstance(value, np.ndarray):
                 continue
-            want = _ORT_TYPES.get(meta.type)
+            want = ORT_TYPES.get(meta.type)
             if want is not None and value.dtype != want:
                 raise BadInput(f"{meta.name}: dtype {value.dtype}, expected {np.dtype(want)}")
             if value.ndim != len(meta.shape) or value.shape[0] != 1:
@@ -418,7 +418,7 @@ class SegmentRuntime:
         for meta in self.session.get_outputs():
             if meta.name not in self.data_outputs:
                 continue
-            dtype = _ORT_TYPES.get(meta.type)
+            dtype = ORT_TYPES.get(meta.type)
             shape = list(meta.shape)  # (batch, positions, features...)
             if dtype is None or len(shape) < 2 or not all(isinstance(d, int) for d in shape[2:]):
                 return None

@@ -31,7 +31,7 @@ from meshllm.model.store import ModelStore
 PROTOCOL = "files"
 SEGMENT_FILES = ("segment.onnx", "segment.onnx.data")
 # A probe is a segment's graph and description without its weights: peers time it with
-# weights they generate (see meshllm.plan.profile), so they never hold layers they do not run.
+# weights they generate (see meshllm.device), so they never hold layers they do not run.
 PROBE_FILES = ("segment.onnx", "segment.json")
 META_FILES = ("manifest.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
               "genai_config.json")  # fmt: skip

@@ -2,7 +2,7 @@
 
 A peer profiles itself for a model when asked (a ``profile`` app message, sent by the leader
 before it plans, or by ``meshllm profile``): it fetches the probe graphs (weights excluded)
-from the model's source, times them (:mod:`meshllm.plan.profile`), measures the round trip and
+from the model's source, times them (:mod:`meshllm.device`), measures the round trip and
 bandwidth of its links to every live peer over protocol ``probe``, and publishes the result on
 its heartbeats. Profiles are kept per model and re-measured only on request.
 """
@@ -21,6 +21,7 @@ import trio
 
 from meshllm import wire
 from meshllm.config import Config
+from meshllm.device import calibrate, memory_budget, probe_ranges
 from meshllm.errors import MeshError
 from meshllm.mesh.framing import FrameError, FrameReader, frame
 from meshllm.mesh.node import MeshNode
@@ -32,13 +33,7 @@ from meshllm.model.store import ModelStore
 from meshllm.partitioners import PartitionRequest, WorkerProfile
 from meshllm.pipeline import files
 from meshllm.pipeline.peerstate import PeerState
-from meshllm.plan.profile import (
-    LinkStats,
-    Profile,
-    calibrate,
-    memory_budget,
-    probe_ranges,
-)
+from meshllm.plan.profile import LinkStats, Profile
 
 PROBE_PROTOCOL = "probe"
 PING_BYTES = 64

@@ -33,6 +33,7 @@ import trio
 from meshllm import wire
 from meshllm.config import OBJECTIVES, Config
 from meshllm.control.protocol import ControlError
+from meshllm.device import resident_bytes
 from meshllm.errors import MeshError
 from meshllm.mesh.contain import spawn
 from meshllm.mesh.node import LEADER, MeshNode
@@ -49,7 +50,7 @@ from meshllm.pipeline.peerstate import PeerState
 from meshllm.pipeline.profiling import Profiler
 from meshllm.pipeline.serve_desk import ServeDesk, ServeFailed, ServeTimeout
 from meshllm.pipeline.serving_state import ServingState
-from meshllm.plan.profile import MiB, resident_bytes
+from meshllm.plan.profile import MiB
 from meshllm.plugins import BalancingPolicyRegistry, PartitionerRegistry, get_plugin_manager
 
 log = structlog.get_logger("meshllm.serve")

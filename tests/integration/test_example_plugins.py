@@ -16,6 +16,7 @@ from meshllm_speed_partitioner import SpeedPartitioner
 
 from meshllm import testbed
 from meshllm.config import CONFIG_FILE, load_config
+from meshllm.device import probe_ranges
 from meshllm.model.manifest import Manifest
 from meshllm.pipeline.profiling import (
     end_bytes_of,
@@ -23,7 +24,7 @@ from meshllm.pipeline.profiling import (
     partition_request,
     probe_dir,
 )
-from meshllm.plan.profile import Profile, probe_ranges
+from meshllm.plan.profile import Profile
 from tests.integration.mesh_helpers import cli, cli_status, status
 from tests.integration.test_mesh_generation import link_model, monolithic, query
 from tests.integration.test_planner_mesh import restart

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from meshllm import netbed, testbed
+from meshllm import netbed, testbed, testbed_profile
 from meshllm.control.client import call
 from tests.integration.mesh_helpers import PHONES3, needs_phones
 
@@ -113,7 +113,7 @@ def test_phone_testbed_shapes_throttles_meshes_and_cleans_up(tmp_path):
     mount = netbed.check_host()
     # Deterministic per directory: the same names testbed.up creates, so the `finally` can
     # remove them even if up or down breaks half-way.
-    net = netbed.plan(root, netbed.load_profile(profile_path), cpu_mount=mount)
+    net = netbed.plan(root, testbed_profile.load_profile(profile_path), cpu_mount=mount)
     peers: list[testbed.TestbedPeer] = []
     try:
         peers = testbed.up(root, profile=profile_path)
@@ -224,7 +224,8 @@ def test_a_half_built_testbed_is_removed_completely(tmp_path, monkeypatch, fail_
     root = tmp_path / "tb"
     profile_path = tmp_path / "phones3.toml"
     profile_path.write_text(PROFILE)
-    net = netbed.plan(root, netbed.load_profile(profile_path), cpu_mount=netbed.check_host())
+    prof = testbed_profile.load_profile(profile_path)
+    net = netbed.plan(root, prof, cpu_mount=netbed.check_host())
     started: list[int] = []
     real_start = testbed.start_daemon
 
@@ -269,7 +270,8 @@ def test_a_half_built_testbed_is_removed_completely(tmp_path, monkeypatch, fail_
 def test_teardown_removes_stray_processes_and_what_exists_of_the_network(tmp_path):
     profile_path = tmp_path / "phones3.toml"
     profile_path.write_text(PROFILE)
-    net = netbed.plan(tmp_path, netbed.load_profile(profile_path), cpu_mount=netbed.check_host())
+    prof = testbed_profile.load_profile(profile_path)
+    net = netbed.plan(tmp_path, prof, cpu_mount=netbed.check_host())
     try:
         netbed.create(net)
         # A process left inside a peer would keep its namespace alive and its cgroup busy.

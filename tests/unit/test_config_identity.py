@@ -32,7 +32,7 @@ def test_api_section_accepts_addresses_and_port_zero():
 @pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.toml")), ids=str)
 def test_every_shipped_config_is_valid(path):
     if path.parent.name == "testbed":  # device-class profiles for `testbed up --profile`
-        from meshllm.netbed import load_profile
+        from meshllm.testbed_profile import load_profile
 
         assert load_profile(path).peers
         return

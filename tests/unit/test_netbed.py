@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from meshllm import netbed, testbed
+from meshllm import netbed, testbed, testbed_profile
 from meshllm.commands.peer import init_home
 from meshllm.config import load_config
 from tests.integration.mesh_helpers import cli
@@ -39,19 +39,19 @@ name = "old-phone"
 
 
 def test_the_shipped_phones_profile_parses():
-    prof = netbed.load_profile(PHONES)
+    prof = testbed_profile.load_profile(PHONES)
     assert [p.device_class.name for p in prof.peers] == [
         "flagship", "midrange", "midrange", "budget",
     ]  # fmt: skip
     classes = {c.name: c for c in prof.classes}
-    assert classes["flagship"] == netbed.DeviceClass("flagship", 1.0, 400.0, 1024)
+    assert classes["flagship"] == testbed_profile.DeviceClass("flagship", 1.0, 400.0, 1024)
     assert classes["midrange"].cpu == 0.5
-    assert classes["budget"] == netbed.DeviceClass("budget", 0.25, 20.0, 384)
+    assert classes["budget"] == testbed_profile.DeviceClass("budget", 0.25, 20.0, 384)
     assert [p.name for p in prof.peers] == ["peer-0", "peer-1", "peer-2", "peer-3"]
 
 
 def test_a_profile_decodes_into_typed_values():
-    prof = netbed.parse_profile(GOOD, "good.toml")
+    prof = testbed_profile.parse_profile(GOOD, "good.toml")
     fast, slow = (p.device_class for p in prof.peers)
     assert isinstance(fast.cpu, float) and fast.cpu == 1.0
     assert slow.bandwidth_mbit == 20.5 and slow.memory_mb == 384
@@ -82,25 +82,27 @@ def test_a_profile_decodes_into_typed_values():
 def test_bad_profiles_are_refused_naming_file_and_key(edit, message):
     old, new = edit
     assert old in GOOD
-    with pytest.raises(netbed.ProfileError) as err:
-        netbed.parse_profile(GOOD.replace(old, new, 1), "bad.toml")
+    with pytest.raises(testbed_profile.TestbedProfileError) as err:
+        testbed_profile.parse_profile(GOOD.replace(old, new, 1), "bad.toml")
     assert str(err.value).startswith("bad.toml: ")
     assert message in str(err.value)
 
 
 def test_a_profile_needs_classes_and_peers(tmp_path):
-    with pytest.raises(netbed.ProfileError, match=r"define at least one \[class.NAME\]"):
-        netbed.parse_profile('[[peer]]\nclass = "x"\n')
-    with pytest.raises(netbed.ProfileError, match="no peers"):
-        netbed.parse_profile(GOOD.split("[[peer]]")[0])
-    with pytest.raises(netbed.ProfileError, match="at most 64"):
-        netbed.parse_profile(GOOD + '[[peer]]\nclass = "slow"\n' * 63)
-    with pytest.raises(netbed.ProfileError, match="cannot read profile"):
-        netbed.load_profile(tmp_path / "missing.toml")
+    bad = testbed_profile.TestbedProfileError
+    with pytest.raises(bad, match=r"define at least one \[class.NAME\]"):
+        testbed_profile.parse_profile('[[peer]]\nclass = "x"\n')
+    with pytest.raises(testbed_profile.TestbedProfileError, match="no peers"):
+        testbed_profile.parse_profile(GOOD.split("[[peer]]")[0])
+    with pytest.raises(testbed_profile.TestbedProfileError, match="at most 64"):
+        testbed_profile.parse_profile(GOOD + '[[peer]]\nclass = "slow"\n' * 63)
+    with pytest.raises(testbed_profile.TestbedProfileError, match="cannot read profile"):
+        testbed_profile.load_profile(tmp_path / "missing.toml")
 
 
-def _big_profile(n: int = netbed.MAX_PEERS) -> netbed.Profile:
-    return netbed.parse_profile(GOOD.split("[[peer]]")[0] + '[[peer]]\nclass = "fast"\n' * n)
+def _big_profile(n: int = testbed_profile.MAX_PEERS) -> testbed_profile.TestbedProfile:
+    text = GOOD.split("[[peer]]")[0] + '[[peer]]\nclass = "fast"\n' * n
+    return testbed_profile.parse_profile(text)
 
 
 def test_names_fit_linux_limits_and_addresses_share_one_private_subnet(tmp_path):

@@ -8,17 +8,11 @@ import statistics
 import pytest
 
 from meshllm.config import Config, PlanSection
+from meshllm.device import calibrate, memory_budget, probe_ranges
 from meshllm.model.manifest import Manifest
 from meshllm.model.ranges import LayerRange
 from meshllm.pipeline.profiling import partition_request
-from meshllm.plan.profile import (
-    LinkStats,
-    Profile,
-    ProfileError,
-    calibrate,
-    memory_budget,
-    probe_ranges,
-)
+from meshllm.plan.profile import LinkStats, Profile, ProfileError
 
 
 def profile(**kw) -> Profile:
@@ -121,7 +115,7 @@ class _Machine:
 
 
 def test_probe_timings_keep_their_proportions_on_a_drifting_machine(monkeypatch):
-    from meshllm.plan import profile as prof
+    from meshllm import device as prof
 
     costs = {"a": 1e-3, "b": 2e-3, "first": 1.2e-3, "last": 1.5e-3}
     machine = _Machine(slow_during="b")

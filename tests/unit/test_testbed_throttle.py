@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from meshllm import netbed, testbed
+from meshllm import netbed, testbed, testbed_profile
 from meshllm.cli import main
 from tests.integration.mesh_helpers import cli
 
@@ -46,7 +46,7 @@ def phones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     root.mkdir()
     source = tmp_path / "phones.toml"
     source.write_text(PROFILE)
-    prof = netbed.load_profile(source)
+    prof = testbed_profile.load_profile(source)
     net = netbed.plan(root, prof, cpu_mount=tmp_path / "cg")
     monkeypatch.setattr(netbed, "host_cpus", lambda: 2)
     for p in net.peers:
