@@ -54,6 +54,7 @@ log = structlog.get_logger("meshllm.daemon")
 
 
 MAX_SAVED_PEERS = 256
+STOP_GRACE_S = 2.0  # for queries coordinated here to finish when the daemon is asked to stop
 
 
 class Daemon:
@@ -61,7 +62,9 @@ class Daemon:
         self.home = home
         self.config = config
         self.secret = MeshSecret.load(home)
-        transport = TransportRegistry(get_plugin_manager()).get(config.mesh.transport)
+        # One plugin manager for the whole daemon: every registry reads the same plugins.
+        self.plugins = get_plugin_manager()
+        transport = TransportRegistry(self.plugins).get(config.mesh.transport)
         self.endpoint = transport.create_endpoint(
             EndpointOptions(
                 key_seed=load_identity(home),
@@ -75,7 +78,7 @@ class Daemon:
         )
         from meshllm.pipeline.service import ServingService
 
-        self.serving = ServingService(home, config, self.endpoint, self.node)
+        self.serving = ServingService(home, config, self.endpoint, self.node, self.plugins)
         self.api = self._make_api() if config.api.enabled else None
         self.api_address: dict[str, Any] | None = None  # where the API listens, once it does
         self._stop = trio.Event()
@@ -185,11 +188,15 @@ class Daemon:
             task_status.started()
             await self._stop.wait()
             log.info("daemon_stopping")
-            # Goodbyes first: the others drop this peer from the roster at once (two phones,
-            # one stopping, leave the other leading) instead of waiting it out as a crash.
+            # Grace: the queries coordinated here may finish (new ones are refused), while
+            # this peer still runs its stage for them.
+            self.serving.gateway.stopping = True
+            with trio.move_on_after(STOP_GRACE_S):
+                await self.serving.gateway.drained()
+            # Goodbyes: the others drop this peer from the roster at once (two phones, one
+            # stopping, leave the other leading) instead of waiting it out as a crash.
             with trio.move_on_after(1.0):
                 await self.node.leave()
-            nursery.cancel_scope.deadline = trio.current_time() + 2.0  # grace for handlers
             nursery.cancel_scope.cancel()
         (self.home / DAEMON_FILE).unlink(missing_ok=True)
 

@@ -88,6 +88,18 @@ class Partitioner(Protocol):
         ...
 
 
+@runtime_checkable
+class UsesProfiles(Protocol):
+    """Optional for a partitioner: ``uses_profiles = True`` has the leader measure every peer
+    (a profile) before it plans, as ``lp`` and ``memory`` need."""
+
+    uses_profiles: bool
+
+
+def uses_profiles(partitioner: object) -> bool:
+    return isinstance(partitioner, UsesProfiles) and bool(partitioner.uses_profiles)
+
+
 class EvenPartitioner:
     """Equal numbers of layers per worker (sizes differ by at most one)."""
 

@@ -8,6 +8,7 @@ fire-and-forget delivery of small control messages to connected peers. Built-ins
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -49,6 +50,30 @@ class Stream(Protocol):
 
 
 StreamHandler = Callable[[Stream], Awaitable[None]]
+
+
+@runtime_checkable
+class SendsNow(Protocol):
+    """Optional for a stream: a write from a thread other than the event loop's (a stage's
+    compute thread), done at once or not at all."""
+
+    def send_now(self, data: bytes, timeout: float = 5.0) -> bool:
+        """True once *data* is sent; False, having sent nothing, when it cannot be done
+        without the event loop (the caller then uses ``write``)."""
+        ...
+
+
+@runtime_checkable
+class ReadsBlocking(Protocol):
+    """Optional for a stream: reads on a thread of its own, without the event loop."""
+
+    def read_blocking(self, max_bytes: int, stop: threading.Event) -> bytes:
+        """Like ``read``; b"" at the end of the stream or once *stop* is set."""
+        ...
+
+    def close_reader(self) -> None:
+        """The reading thread is done with the stream."""
+        ...
 
 
 @dataclass(frozen=True)

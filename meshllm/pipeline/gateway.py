@@ -58,6 +58,13 @@ class QueryGateway:
             peer_alive=node.peer_alive if config.mesh.move_kv else None,
             why_stalled=lambda plan: why_stalled(plan, state.stage_view),
         )  # fmt: skip
+        self.stopping = False  # the daemon is stopping: no new queries
+        self._query_ended = trio.Event()
+
+    async def drained(self) -> None:
+        """Return once no query coordinated here is running."""
+        while self.coordinator.in_flight:
+            await self._query_ended.wait()
 
     # -- what is served -----------------------------------------------------------------------
     def model_names(self) -> list[str]:
@@ -157,6 +164,8 @@ class QueryGateway:
                 f"this peer is already coordinating {self.coordinator.in_flight} queries, its "
                 "limit ([limits] max_concurrent_requests): try again, or ask another peer",
             )
+        if self.stopping:
+            raise ControlError("not_serving", "this peer is stopping: ask another peer")
         plan, manifest, _tok = self._ready_plan()
         if len(prompt_ids) > limits.max_prompt_tokens:
             raise ControlError(
@@ -173,6 +182,9 @@ class QueryGateway:
             raise ControlError("too_large", str(exc)) from None
         except QueryFailed as exc:
             raise ControlError("query_failed", str(exc)) from None
+        finally:
+            self._query_ended.set()
+            self._query_ended = trio.Event()
 
     async def _next_plan(self, after: int, reason: str) -> Plan:
         """For an interrupted query: the next plan once every stage of it is ready."""

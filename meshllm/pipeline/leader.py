@@ -22,6 +22,7 @@ from meshllm.errors import MeshError
 from meshllm.mesh.contain import supervised
 from meshllm.mesh.node import LEADER, MeshNode
 from meshllm.model.manifest import Manifest
+from meshllm.partitioners import uses_profiles
 from meshllm.pipeline import appmsg
 from meshllm.pipeline.plan import Plan, PlanError, Stage
 from meshllm.pipeline.profiling import Profiler, partition_request, predict, slowed
@@ -33,6 +34,7 @@ log = structlog.get_logger("meshllm.serve")
 EPOCH_LEAP = 1 << 20  # how far ahead of this peer's plan another's epoch may credibly be
 WATCH_EVERY_S = 0.2
 REPLAN_EVERY_S = 2.0  # while a plan that lost a peer cannot be replaced
+MODEL_WAIT_S = 6.0  # for a model named in a serve request to be advertised
 
 
 class Leader:
@@ -61,7 +63,8 @@ class Leader:
         # A model imported a moment ago is advertised within a couple of heartbeats: retry
         # for a few seconds before giving up. A plan that cannot exist (the model does not
         # fit) is not retried.
-        for attempt in range(12):
+        deadline = trio.current_time() + MODEL_WAIT_S
+        while True:
             try:
                 plan = await self.make_plan(
                     ask.model,
@@ -73,10 +76,9 @@ class Leader:
             except PlanError:
                 raise
             except MeshError:
-                if attempt == 11:
+                if trio.current_time() >= deadline:
                     raise
-            await trio.sleep(0.5)
-        raise AssertionError("unreachable")
+            await self.state.news(0.5)  # a heartbeat that advertises it
 
     # -- models -------------------------------------------------------------------------------
     def find_model(self, model: str) -> tuple[dict[str, Any], str]:
@@ -165,7 +167,7 @@ class Leader:
         ends = await self.profiler.end_bytes(sha, source)
         # Profiles cost a few seconds once per model; they are skipped where nothing uses
         # them (a partitioner that ignores them, and no balancer that would re-plan).
-        if getattr(impl, "uses_profiles", False) or balance != "none":
+        if uses_profiles(impl) or balance != "none":
             profiles = await self.gather_profiles(sha, source, workers, refresh=False)
         else:  # what is known already still predicts the plan's speed
             known = {w: self.profiler.profile_of(w, sha) for w in workers}

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable
-from typing import Any
 
 import structlog
 import trio
@@ -22,7 +21,7 @@ from meshllm.errors import MeshError
 from meshllm.mesh.contain import contain_sync
 from meshllm.mesh.framing import BlockingFrameReader, FrameError, FrameReader, frame
 from meshllm.mesh.node import MeshNode
-from meshllm.mesh.transport import Endpoint, PeerUnreachable, Stream
+from meshllm.mesh.transport import Endpoint, PeerUnreachable, ReadsBlocking, SendsNow, Stream
 from meshllm.pipeline.frames import (
     ERROR,
     FWD,
@@ -124,10 +123,10 @@ class Links:
         if peer == self.me:
             return False
         link = self._links.get(peer)
-        send_now = getattr(link.stream, "send_now", None) if link is not None else None
-        if send_now is None:
+        stream = link.stream if link is not None else None
+        if not isinstance(stream, SendsNow):
             return False
-        return bool(send_now(frame(encode_frame(f))))
+        return stream.send_now(frame(encode_frame(f)))
 
     async def _send_quietly(self, peer: str, f: Frame) -> None:
         with contextlib.suppress(MeshError):
@@ -154,7 +153,7 @@ class Links:
                                             error="stage overloaded"))  # fmt: skip
 
     async def _on_act_stream(self, stream: Stream) -> None:
-        if getattr(stream, "read_blocking", None) is not None:
+        if isinstance(stream, ReadsBlocking):
             await self._read_on_thread(stream)
             return
         reader = FrameReader(stream.read, self.config.limits.max_frame_mb << 20)
@@ -182,7 +181,7 @@ class Links:
                                               *back)  # fmt: skip
             return None
 
-    async def _read_on_thread(self, stream: Any) -> None:
+    async def _read_on_thread(self, stream: ReadsBlocking) -> None:
         """Read a fast link on a thread of its own (see StageRunner.run_here): a decode
         frame for an idle stage is run there and then, without the event loop."""
         token = trio.lowlevel.current_trio_token()
@@ -195,7 +194,9 @@ class Links:
         finally:
             stop.set()
 
-    def _read_frames(self, stream: Any, token: trio.lowlevel.TrioToken, stop: Any) -> None:
+    def _read_frames(
+        self, stream: ReadsBlocking, token: trio.lowlevel.TrioToken, stop: threading.Event
+    ) -> None:
         reader = BlockingFrameReader(
             lambda n: stream.read_blocking(n, stop), self.config.limits.max_frame_mb << 20
         )

@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import pluggy
 import structlog
 import trio
 
@@ -67,13 +68,16 @@ def rss_mb() -> float | None:
 
 
 class ServingService:
-    def __init__(self, home: Path, config: Config, endpoint: Endpoint, node: MeshNode):
+    def __init__(
+        self, home: Path, config: Config, endpoint: Endpoint, node: MeshNode,
+        plugins: pluggy.PluginManager | None = None,
+    ):  # fmt: skip
         self.home = home
         self.config = config
         self.node = node
         self.me = endpoint.peer_id
         store = ModelStore(home / "models")
-        plugins = get_plugin_manager()
+        plugins = plugins or get_plugin_manager()  # the daemon's own, passed in
         self.partitioners = PartitionerRegistry(plugins)
         self.policies = BalancingPolicyRegistry(plugins)
         self.state = ServingState(node, store)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from meshllm.balance import Decision
 from meshllm.config import BalanceSection, Config, LimitsSection
 from meshllm.control.protocol import ControlError
 from meshllm.mesh.node import FOLLOWER, LEADER
+from meshllm.model.manifest import Architecture
 from meshllm.model.sampling import SamplingParams
 from meshllm.pipeline import balancing
 from meshllm.pipeline.balancing import Balancer
@@ -25,6 +27,9 @@ from meshllm.pipeline.plan import Plan, Stage
 from meshllm.pipeline.serving_state import ServingState
 
 ME = "peer-a"
+ARCH = Architecture(model_type="llama", num_layers=30, hidden_size=8, num_attention_heads=2,
+                    num_key_value_heads=1, head_size=4, vocab_size=100, context_length=64,
+                    bos_token_id=1, eos_token_ids=(2,), kv_dtype="float32")  # fmt: skip
 
 
 def plan(epoch: int, *stages: tuple[str, int, int], balance: str = "threshold") -> Plan:
@@ -369,3 +374,40 @@ async def test_the_loader_follows_each_plan_and_drops_one_replaced_while_loading
         await trio.sleep(20)
         nursery.cancel_scope.cancel()
     assert loader.loaded == [1, 3] and loader.cancelled == [2]
+
+
+async def test_a_stopping_gateway_refuses_new_queries_and_drains(autojump_clock: Any) -> None:
+    sent: list[Any] = []
+
+    async def park(peer: str, f: Any) -> None:  # the first stage takes it, and never answers
+        sent.append(f)
+
+    gw, _ = gateway({"peer-b": ready(1), "peer-c": ready(1), "peer-d": ready(1)})
+    gw.coordinator.send = park
+    gw.state.manifest = SimpleNamespace(architecture=ARCH)  # type: ignore[assignment]
+    gw.state.adopt(PLAN)
+    drained: list[float] = []
+    async with trio.open_nursery() as nursery:
+        query = trio.CancelScope()
+
+        async def one_query() -> None:
+            with query:
+                await gw.generate([5, 6, 7], max_tokens=4, sampling=SamplingParams())
+
+        async def drain() -> None:
+            await gw.drained()
+            drained.append(trio.current_time())
+
+        nursery.start_soon(one_query)
+        with trio.fail_after(5):
+            while not sent:
+                await trio.sleep(0.01)
+        gw.stopping = True
+        nursery.start_soon(drain)
+        await trio.sleep(5)
+        assert drained == [] and gw.coordinator.in_flight == 1
+        why = await ask(gw, [1])
+        assert why.startswith("not_serving") and "stopping" in why
+        t0 = trio.current_time()
+        query.cancel()
+    assert drained and drained[0] - t0 < 0.1
