@@ -24,6 +24,7 @@ from meshllm.model.runtime import KVLayer, SegmentRuntime
 from meshllm.model.sampling import Sampler, SamplingParams
 from meshllm.pipeline.compute import ComputeThread
 from meshllm.pipeline.frames import END, ERROR, FWD, TOKEN, Frame
+from meshllm.pipeline.step_times import StepTimes
 
 Send = Callable[[str, Frame], Awaitable[None]]
 # Called on the compute thread: put a frame on the wire now if that needs no event loop
@@ -136,46 +137,13 @@ class StageRunner:
         self._last_step_at = time.monotonic()  # when a step last finished (or the start)
         self.compute_s = 0.0
         self.inner_s = 0.0
-        # Decode-step compute for the balancer: a baseline once warm, then a moving average.
-        self.decode_steps = 0
-        self.baseline_s = 0.0
-        self.recent_s = 0.0
-        self._baseline_sum = 0.0
-        # (time, decode steps) marks for the recent step rate shown by `meshllm status`.
-        self._rate_marks: deque[tuple[float, int]] = deque()
-
-    WARMUP_STEPS, BASELINE_STEPS, EWMA = 4, 16, 0.2
-
-    def _note_decode_step(self, spent: float) -> None:
-        self.decode_steps += 1
-        n = self.decode_steps - self.WARMUP_STEPS
-        if n <= 0:
-            return
-        if n <= self.BASELINE_STEPS:
-            self._baseline_sum += spent
-            self.recent_s = self._baseline_sum / n
-            if n == self.BASELINE_STEPS:
-                self.baseline_s = self.recent_s
-            return
-        self.recent_s += self.EWMA * (spent - self.recent_s)
-
-    RATE_WINDOW_S = 10.0
-
-    def recent_rate(self, now: float | None = None) -> float:
-        """Decode steps per second over the last ~10 s (all requests together)."""
-        now = time.monotonic() if now is None else now
-        marks = self._rate_marks
-        marks.append((now, self.decode_steps))
-        while len(marks) > 2 and now - marks[1][0] >= self.RATE_WINDOW_S:
-            marks.popleft()
-        (t0, n0), (t1, n1) = marks[0], marks[-1]
-        return (n1 - n0) / (t1 - t0) if t1 - t0 >= 0.5 else 0.0
+        self.times = StepTimes()  # decode-step compute, for the balancer and status
 
     def stats(self) -> dict[str, float | int]:
         """What the leader's balancer (and `meshllm status`) sees of this stage."""
-        measured = max(0, self.decode_steps - self.WARMUP_STEPS - self.BASELINE_STEPS)
-        return {"epoch": self.epoch, "steps": measured, "baseline_s": self.baseline_s,
-                "recent_s": self.recent_s, "steps_per_s": round(self.recent_rate(), 2),
+        t = self.times
+        return {"epoch": self.epoch, "steps": t.measured, "baseline_s": t.baseline_s,
+                "recent_s": t.recent_s, "steps_per_s": round(t.recent_rate(), 2),
                 "open_requests": len(self.runtime.open_requests),
                 "batches": self.batches, "batched_steps": self.batched_steps,
                 # What a coordinator that got no token reads (see pipeline.stall).
@@ -607,7 +575,7 @@ class StageRunner:
         if f.new == 1 and not f.force:
             # Replayed steps come in a burst right after a plan change: not typical load. A
             # batch's time is shared by its rows: what the stage costs a token.
-            self._note_decode_step(spent / share)
+            self.times.note(spent / share)
         timings = [*f.compute_s, spent]
         if self.is_last:
             force, sent = f.force, sent_on
