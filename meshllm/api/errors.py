@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from meshllm.control.protocol import ControlError
+from meshllm.errors import Refused
 
 INVALID = "invalid_request_error"
 SERVER = "server_error"
@@ -33,8 +33,8 @@ class ApiError(Exception):
         }
 
 
-# The serving path's error codes (shared with the control socket's `query`), as HTTP sees them.
-_FROM_CONTROL: dict[str, tuple[int, str, int | None]] = {
+# The serving path's refusals (the control socket sends their codes), as HTTP sees them.
+_FROM_CODE: dict[str, tuple[int, str, int | None]] = {
     "bad_request": (400, INVALID, None),
     "too_large": (400, INVALID, None),
     "busy": (429, "rate_limit_error", 1),
@@ -44,7 +44,7 @@ _FROM_CONTROL: dict[str, tuple[int, str, int | None]] = {
 }
 
 
-def from_control(err: ControlError) -> ApiError:
-    status, kind, retry = _FROM_CONTROL.get(err.code, (500, SERVER, None))
+def from_refusal(err: Refused) -> ApiError:
+    status, kind, retry = _FROM_CODE.get(err.code, (500, SERVER, None))
     headers = () if retry is None else (("retry-after", str(retry)),)
-    return ApiError(status, err.message, kind, err.code, headers=headers)
+    return ApiError(status, str(err), kind, err.code, headers=headers)

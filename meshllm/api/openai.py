@@ -16,11 +16,10 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from meshllm.api import schema
-from meshllm.api.errors import SERVER, ApiError, from_control
+from meshllm.api.errors import SERVER, ApiError, from_refusal
 from meshllm.api.http import Request, Responder
 from meshllm.api.text import TextOutput
-from meshllm.control.protocol import ControlError
-from meshllm.errors import MeshError
+from meshllm.errors import MeshError, Refused
 from meshllm.model.sampling import SamplingParams
 from meshllm.model.tokenizer import ChatTemplateError
 
@@ -49,7 +48,7 @@ class Generated(Protocol):
 
 class Backend(Protocol):
     """What the API needs of the mesh (``QueryGateway`` in the daemon). Errors are
-    ControlErrors with the codes of the control socket's ``query``."""
+    :class:`~meshllm.errors.Refused`, each with its code."""
 
     def served_model(self) -> str | None: ...
     def model_names(self) -> list[str]: ...
@@ -166,8 +165,8 @@ class OpenAIApi:
             raise _not_served(requested, served)
         try:
             ready = self.backend.ready_model()
-        except ControlError as err:
-            raise from_control(err) from None
+        except Refused as err:
+            raise from_refusal(err) from None
         if requested is not None and requested != ready.name:
             raise _not_served(requested, ready.name)
         return ready.name, ready.tokenizer
@@ -193,8 +192,8 @@ class OpenAIApi:
             result = await self.backend.generate(
                 prompt_ids, max_tokens=max_tokens, sampling=gen.sampling, on_token=on_token
             )
-        except ControlError as err:
-            raise from_control(err) from None
+        except Refused as err:
+            raise from_refusal(err) from None
         except MeshError as exc:  # deliberate, but not one of query's codes
             raise ApiError(503, str(exc), SERVER, "mesh_error") from None
         rest = out.finish(result.token_ids)

@@ -21,7 +21,7 @@ from meshllm.control.protocol import (
     parse_request,
     request_id,
 )
-from meshllm.errors import MeshError
+from meshllm.errors import MeshError, Refused
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
@@ -141,6 +141,8 @@ class ControlServer:
             return ok(req.id, await handler(req.args))
         except ControlError as err:
             return error(req.id, err)
+        except Refused as exc:  # the serving layer's own reasons, with their codes
+            return error(req.id, ControlError(exc.code, str(exc)))
         except MeshError as exc:
             return error(req.id, ControlError("failed", str(exc)))
         except Exception as exc:  # a bug: report it, keep serving

@@ -13,7 +13,7 @@ import numpy as np
 import structlog
 import trio
 
-from meshllm.errors import MeshError
+from meshllm.errors import MeshError, QueryFailed
 from meshllm.model.generate import check_context
 from meshllm.model.manifest import Architecture
 from meshllm.model.sampling import SamplingParams
@@ -24,8 +24,6 @@ Send = Callable[[str, Frame], Awaitable[None]]
 log = structlog.get_logger("meshllm.coordinator")
 
 
-class QueryFailed(MeshError):
-    """A query could not be completed by the mesh."""
 
 
 @dataclass

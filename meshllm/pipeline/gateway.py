@@ -15,8 +15,7 @@ import structlog
 import trio
 
 from meshllm.config import Config
-from meshllm.control.protocol import ControlError
-from meshllm.errors import PromptTooLong
+from meshllm.errors import BadRequest, Busy, NotReady, NotServing, TooLarge
 from meshllm.mesh.node import MeshNode
 from meshllm.model.manifest import Manifest
 from meshllm.model.sampling import SamplingParams
@@ -77,7 +76,7 @@ class QueryGateway:
 
     def ready_model(self) -> ReadyModel:
         """The served model's name and tokenizer, once every stage of its plan is ready;
-        else a ControlError (not_serving, not_ready) saying why not."""
+        else NotServing or NotReady, saying why not."""
         plan, _manifest, tok = self._ready_plan()
         return ReadyModel(plan.model, tok)
 
@@ -87,9 +86,8 @@ class QueryGateway:
             while True:
                 try:
                     return self.ready_model()
-                except ControlError as exc:
-                    if exc.code != "not_ready":
-                        raise
+                except NotReady:
+                    pass
                 await self.state.news(0.5)  # woken by every heartbeat
         return self.ready_model()
 
@@ -97,25 +95,22 @@ class QueryGateway:
         st = self.state
         plan, manifest, tok = st.plan, st.manifest, st.tokenizer
         if plan is None:
-            raise ControlError("not_serving", "no model is served: run `meshllm serve MODEL`")
+            raise NotServing("no model is served: run `meshllm serve MODEL`")
         if not st.plan_ready() or manifest is None or tok is None:
             why = self.leader.replan_failure(plan.epoch)
             if why is not None:
-                raise ControlError(
-                    "not_serving",
-                    f"the mesh cannot serve {plan.model} now: {why} (it resumes when peers return)",
+                raise NotServing(
+                    f"the mesh cannot serve {plan.model} now: {why} (it resumes when peers return)"
                 )
             why = first_unready(plan, st.stage_view) or "this peer is loading the tokenizer"
-            raise ControlError(
-                "not_ready", f"the mesh is still loading {plan.model} ({why}); try again"
-            )
+            raise NotReady(f"the mesh is still loading {plan.model} ({why}); try again")
         return plan, manifest, tok
 
     # -- queries ------------------------------------------------------------------------------
     async def op_query(self, args: dict[str, Any], emit) -> Any:  # type: ignore[no-untyped-def]
         prompt = args.get("prompt")
         if not isinstance(prompt, str) or not prompt:
-            raise ControlError("bad_request", "query needs args.prompt (a non-empty string)")
+            raise BadRequest("query needs args.prompt (a non-empty string)")
         max_tokens = args.get("max_tokens", 128)
         sampling = sampling_from(args)
         model, tok = await self.ready_model_soon()
@@ -147,41 +142,34 @@ class QueryGateway:
     ) -> QueryResult:
         """Run one tokenized query on the mesh, coordinated here: the one path behind the
         control socket's ``query`` and the HTTP API, so both get this peer's ``[limits]``
-        and the same errors (ControlError: bad_request, too_large, busy, not_serving,
-        not_ready, query_failed). *on_token* is as for :meth:`Coordinator.run_query`."""
+        and the same errors (:class:`~meshllm.errors.Refused`: BadRequest, TooLarge, Busy,
+        NotServing, NotReady, QueryFailed). *on_token* is as for :meth:`Coordinator.run_query`."""
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-            raise ControlError("bad_request", "args.max_tokens must be a positive integer")
+            raise BadRequest("args.max_tokens must be a positive integer")
         limits = self.config.limits
         if max_tokens > limits.max_new_tokens:
-            raise ControlError(
-                "too_large",
+            raise TooLarge(
                 f"max_tokens {max_tokens} is over this peer's limit of {limits.max_new_tokens} "
-                "([limits] max_new_tokens)",
+                "([limits] max_new_tokens)"
             )
         if self.coordinator.in_flight >= limits.max_concurrent_requests:
-            raise ControlError(
-                "busy",
+            raise Busy(
                 f"this peer is already coordinating {self.coordinator.in_flight} queries, its "
-                "limit ([limits] max_concurrent_requests): try again, or ask another peer",
+                "limit ([limits] max_concurrent_requests): try again, or ask another peer"
             )
         if self.stopping:
-            raise ControlError("not_serving", "this peer is stopping: ask another peer")
+            raise NotServing("this peer is stopping: ask another peer")
         plan, manifest, _tok = self._ready_plan()
         if len(prompt_ids) > limits.max_prompt_tokens:
-            raise ControlError(
-                "too_large",
+            raise TooLarge(
                 f"the prompt is {len(prompt_ids)} tokens; this peer accepts at most "
-                f"{limits.max_prompt_tokens} ([limits] max_prompt_tokens)",
+                f"{limits.max_prompt_tokens} ([limits] max_prompt_tokens)"
             )
         try:
             return await self.coordinator.run_query(
                 plan, manifest.architecture, prompt_ids, max_tokens=max_tokens,
                 sampling=sampling, on_token=on_token,
             )  # fmt: skip
-        except PromptTooLong as exc:
-            raise ControlError("too_large", str(exc)) from None
-        except QueryFailed as exc:
-            raise ControlError("query_failed", str(exc)) from None
         finally:
             self._query_ended.set()
             self._query_ended = trio.Event()

@@ -30,7 +30,7 @@ from meshllm.api.http import (
 )
 from meshllm.api.openai import OpenAIApi
 from meshllm.config import ConfigError, parse_config
-from meshllm.control.protocol import ControlError
+from meshllm.errors import Busy, NotReady, NotServing, QueryFailed, TooLarge
 from meshllm.model.sampling import SamplingParams
 from meshllm.model.tokenizer import ChatTemplateError
 from meshllm.pipeline.coordinator import QueryResult
@@ -79,7 +79,7 @@ class FakeMesh:
 
     def ready_model(self):
         if self.served is None:
-            raise ControlError("not_serving", "no model is served: run `meshllm serve MODEL`")
+            raise NotServing("no model is served: run `meshllm serve MODEL`")
         return ReadyModel(self.served, self.tokenizer)
 
     async def generate(self, prompt_ids, *, max_tokens, sampling, on_token=None):
@@ -597,14 +597,14 @@ async def test_bad_requests_get_openai_error_objects(method, path, body, status,
     ("error", "status", "kind"),
     [
         (
-            ControlError("busy", "this peer is already coordinating 16 queries"),
+            Busy("this peer is already coordinating 16 queries"),
             429,
             "rate_limit_error",
         ),
-        (ControlError("not_ready", "the mesh is still loading m; try again"), 503, "server_error"),
-        (ControlError("query_failed", "a stage is gone"), 503, "server_error"),
+        (NotReady("the mesh is still loading m; try again"), 503, "server_error"),
+        (QueryFailed("a stage is gone"), 503, "server_error"),
         (
-            ControlError("too_large", "max_tokens 9999 is over this peer's limit of 2048"),
+            TooLarge("max_tokens 9999 is over this peer's limit of 2048"),
             400,
             "invalid_request_error",
         ),
@@ -618,7 +618,7 @@ async def test_mesh_errors_map_to_status_codes(error, status, kind):
         reply = await client.request("POST", "/v1/chat/completions", CHAT)
         assert reply.status == status
         err = reply.error()
-        assert err["type"] == kind and str(getattr(error, "message", error)) in err["message"]
+        assert err["type"] == kind and str(error) in err["message"]
         if status in (429, 503) and error.code != "query_failed":
             assert int(reply.headers["retry-after"]) >= 1
         mesh.error = None
@@ -631,7 +631,7 @@ async def test_nothing_served_is_503():
 
 
 async def test_failure_mid_stream_ends_the_stream_with_an_error_event():
-    mesh = FakeMesh(error=ControlError("query_failed", "the mesh cannot go on"), fail_after=3)
+    mesh = FakeMesh(error=QueryFailed("the mesh cannot go on"), fail_after=3)
     reply = await call("POST", "/v1/chat/completions", {**CHAT, "stream": True}, mesh)
     assert reply.status == 200
     events = reply.events()

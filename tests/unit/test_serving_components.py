@@ -14,7 +14,7 @@ import trio
 
 from meshllm.balance import Decision
 from meshllm.config import BalanceSection, Config, LimitsSection
-from meshllm.control.protocol import ControlError
+from meshllm.errors import Refused
 from meshllm.mesh.node import FOLLOWER, LEADER
 from meshllm.model.manifest import Architecture
 from meshllm.model.sampling import SamplingParams
@@ -272,9 +272,9 @@ def gateway(states: dict[str, PeerState], **limits: Any) -> tuple[QueryGateway, 
 
 
 async def ask(gw: QueryGateway, prompt_ids: list[int], max_tokens: Any = 8) -> str:
-    with pytest.raises(ControlError) as info:
+    with pytest.raises(Refused) as info:
         await gw.generate(prompt_ids, max_tokens=max_tokens, sampling=SamplingParams())
-    return f"{info.value.code}: {info.value.message}"
+    return f"{info.value.code}: {info.value}"
 
 
 async def test_the_gateway_says_why_it_cannot_answer(autojump_clock: Any) -> None:
@@ -332,7 +332,7 @@ async def test_a_query_waits_for_a_plan_that_is_loading(autojump_clock: Any) -> 
     assert got[0].name == "m"
     states["peer-c"] = PeerState(serving={"epoch": 1, "state": "loading"})
     t0 = trio.current_time()
-    with pytest.raises(ControlError, match="still loading"):
+    with pytest.raises(Refused, match="still loading"):
         await gw.ready_model_soon()
     assert trio.current_time() - t0 == pytest.approx(QueryGateway.READY_WAIT_S, abs=1)
 
