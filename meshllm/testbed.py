@@ -52,7 +52,7 @@ def _state_path(root: Path) -> Path:
     return root / STATE_FILE
 
 
-def _load_raw(root: Path) -> dict[str, Any]:
+def load_raw(root: Path) -> dict[str, Any]:
     try:
         return json.loads(_state_path(root).read_text())
     except FileNotFoundError:
@@ -60,20 +60,20 @@ def _load_raw(root: Path) -> dict[str, Any]:
 
 
 def load_state(root: Path) -> list[TestbedPeer]:
-    return [TestbedPeer(**p) for p in _load_raw(root)["peers"]]
+    return [TestbedPeer(**p) for p in load_raw(root)["peers"]]
 
 
 def load_network(root: Path) -> Netbed | None:
     """The namespaces, links and cgroups this testbed made (None: a loopback testbed)."""
 
-    raw = _load_raw(root).get("network")
+    raw = load_raw(root).get("network")
     return None if raw is None else Netbed.from_json(raw)
 
 
-def _save_state(root: Path, peers: list[TestbedPeer], **sections: Any) -> None:
+def save_state(root: Path, peers: list[TestbedPeer], **sections: Any) -> None:
     """Write the peers; other sections (profile, network) are kept unless given anew."""
     try:
-        state = _load_raw(root)
+        state = load_raw(root)
     except (TestbedError, ValueError):
         state = {}
     state.update(sections, peers=[asdict(p) for p in peers])
@@ -82,7 +82,7 @@ def _save_state(root: Path, peers: list[TestbedPeer], **sections: Any) -> None:
     tmp.replace(_state_path(root))  # never a half-written record of what to clean up
 
 
-def _is_our_daemon(pid: int) -> bool:
+def is_our_daemon(pid: int) -> bool:
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
@@ -162,7 +162,7 @@ def up(
     if n < 1:
         raise TestbedError("a testbed needs at least one peer")
     cpu_mount = netbed.check_host() if prof is not None else None
-    if _state_path(root).exists() and any(_is_our_daemon(p.pid) for p in load_state(root)):
+    if _state_path(root).exists() and any(is_our_daemon(p.pid) for p in load_state(root)):
         raise TestbedError(f"a testbed is already running in {root}: `meshllm testbed down` first")
     root.mkdir(parents=True, exist_ok=True)
     # A testbed that died without `down` may have left its network behind: it is recorded.
@@ -174,7 +174,7 @@ def up(
     try:
         if net is not None and prof is not None:
             # Recorded before it exists: whatever part of it gets made, `down` removes.
-            _save_state(root, [], network=net.to_json(), profile=_profile_record(profile, prof))
+            save_state(root, [], network=net.to_json(), profile=profile_record(profile, prof))
             netbed.create(net)
             report(f"network {net.subnet} in namespaces {net.prefix}-*, cgroups {net.cgroup_dir}")
         for i in range(n):
@@ -199,7 +199,7 @@ def up(
                 if np is None
                 else TestbedPeer(i, str(home), proc.pid, np.device_class, np.netns, np.address)
             )
-            _save_state(root, peers)
+            save_state(root, peers)
             status = wait_ready(home, proc)
             # Each peer joins through the previous one: the mesh forms from a single chain.
             token = JoinToken(secret, tuple(status["self"]["addrs"]))
@@ -210,14 +210,14 @@ def up(
                 else ""
             )
             report(f"peer-{i} up: {status['self']['id']} pid {proc.pid}{where}")
-        _wait_for_mesh([Path(p.home) for p in peers], timeout=30)
+        wait_for_mesh([Path(p.home) for p in peers], timeout=30)
     except BaseException:
         down(root)
         raise
     return peers
 
 
-def _profile_record(path: Path, prof: TestbedProfile) -> dict[str, Any]:
+def profile_record(path: Path, prof: TestbedProfile) -> dict[str, Any]:
     return {
         "source": str(path.resolve()),
         "classes": {c.name: asdict(c) for c in prof.classes},
@@ -260,7 +260,7 @@ def set_config_keys(home: Path, section: str, values: dict[str, str]) -> None:
     load_config(path)
 
 
-def _wait_for_mesh(homes: list[Path], timeout: float) -> None:
+def wait_for_mesh(homes: list[Path], timeout: float) -> None:
     """Until every peer sees all of them alive and they agree on one leader."""
     deadline = time.monotonic() + timeout
     while True:
@@ -324,7 +324,7 @@ def throttle(root: Path, peer: int | str, cpu: float | None) -> dict[str, Any]:
     quota = netbed.set_cpu_quota(old, cores)
     peers = list(net.peers)
     peers[index] = dataclasses.replace(old, cpu=cores)
-    _save_state(
+    save_state(
         root, load_state(root), network=dataclasses.replace(net, peers=tuple(peers)).to_json()
     )
     return {
@@ -342,7 +342,7 @@ def throttle(root: Path, peer: int | str, cpu: float | None) -> dict[str, Any]:
 
 def _peer_names(root: Path, net: Netbed) -> list[str]:
     """Each peer's profile name (``peer-<i>`` where the record has none)."""
-    recorded = (_load_raw(root).get("profile") or {}).get("peers") or []
+    recorded = (load_raw(root).get("profile") or {}).get("peers") or []
     names = [f"peer-{p.index}" for p in net.peers]
     for i, entry in enumerate(recorded[: len(names)]):
         if isinstance(entry, dict) and isinstance(entry.get("name"), str):
@@ -381,17 +381,17 @@ def down(root: Path, grace: float = 5.0) -> int:
         return 0
     if net is not None:
         netbed.check_host()  # its daemons run as root, and only root can remove the rest
-    running = [p for p in peers if _is_our_daemon(p.pid)]
+    running = [p for p in peers if is_our_daemon(p.pid)]
     for p in running:
         os.kill(p.pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
     for p in running:
-        while _is_our_daemon(p.pid) and time.monotonic() < deadline:
-            _reap(p.pid)
+        while is_our_daemon(p.pid) and time.monotonic() < deadline:
+            reap(p.pid)
             time.sleep(0.05)
-        if _is_our_daemon(p.pid):
+        if is_our_daemon(p.pid):
             os.kill(p.pid, signal.SIGKILL)
-        _reap(p.pid)
+        reap(p.pid)
     if net is not None:
         netbed.teardown(net)
     _state_path(root).unlink(missing_ok=True)
@@ -409,6 +409,6 @@ def _raise_exit(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
-def _reap(pid: int) -> None:
+def reap(pid: int) -> None:
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
+from contextlib import suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from meshllm import testbed
 from meshllm.control.client import call
 from meshllm.errors import MeshError
+from meshllm.mesh.identity import MeshSecret
 
 
 def cli(home: Path | None, *args: str, check: bool = True, timeout: float = 30):
@@ -114,3 +119,76 @@ class = "midrange"
 [[peer]]
 class = "budget"
 """
+
+
+# -- a mesh of real daemons serving a real model ------------------------------------------------
+MAX_TOKENS = 24
+
+
+def monolithic(model, prompt: str, max_tokens: int = MAX_TOKENS) -> list[int]:
+    """The oracle: greedy token ids of the whole model in one process."""
+    home = model.path.parent.parent
+    out = cli(home, "generate", "--model", model.name, prompt, "--max-tokens", str(max_tokens),
+              "--monolithic", "--json", "--threads", "1")  # fmt: skip
+    return json.loads(out.stdout)["token_ids"]
+
+
+def link_model(model, home: Path) -> None:
+    """Give the source peer the imported model (hard links: no copy, no conversion)."""
+    dest = home / "models" / model.name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(model.path, dest, copy_function=os.link,
+                    ignore=shutil.ignore_patterns("segments", "*.lock"))  # fmt: skip
+
+
+def query(home: Path, prompt: str, max_tokens: int = MAX_TOKENS) -> dict:
+    out = cli(home, "query", prompt, "--max-tokens", str(max_tokens), "--json", timeout=300)
+    return json.loads(out.stdout)
+
+
+def restart(root: Path, peers, index: int) -> None:
+    """Stop testbed peer *index* and start its daemon again."""
+    home = Path(peers[index].home)
+    cli(home, "stop")
+    proc = testbed.start_daemon(home)
+    testbed.wait_ready(home, proc)
+    peers[index] = testbed.TestbedPeer(index, str(home), proc.pid)
+    testbed.save_state(root, peers)
+
+
+# -- processes ----------------------------------------------------------------------------------
+def listening_tcp_ports(pid: int) -> set[int]:
+    """TCP ports *pid* listens on, from /proc (its socket inodes in the LISTEN state)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        with suppress(OSError):
+            for row in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+                cols = row.split()
+                if cols[3] == "0A" and cols[9] in inodes:  # 0A: TCP_LISTEN
+                    ports.add(int(cols[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@dataclass(frozen=True)
+class PnetOnly(MeshSecret):
+    """Holds a stolen private-network key but a random auth key: `pnet_key` and `auth_key`
+    are independent derivations of the raw secret, so one can be had without the other."""
+
+    stolen_pnet: bytes = b""
+
+    @property
+    def pnet_key(self) -> bytes:
+        return self.stolen_pnet

@@ -25,9 +25,15 @@ from meshllm.pipeline.profiling import (
     probe_dir,
 )
 from meshllm.plan.profile import Profile
-from tests.integration.mesh_helpers import cli, cli_status, status
-from tests.integration.test_mesh_generation import link_model, monolithic, query
-from tests.integration.test_planner_mesh import restart
+from tests.integration.mesh_helpers import (
+    cli,
+    cli_status,
+    link_model,
+    monolithic,
+    query,
+    restart,
+    status,
+)
 
 pytestmark = pytest.mark.real_model
 PROMPT = "Name three colours of the rainbow."
@@ -94,7 +100,7 @@ def speed_mesh(smollm_models, tmp_path_factory):
         # alone would, and share the rest out by speed.
         testbed.set_config_keys(homes[1], "peer", {"memory_limit_mb": str(CAPPED_MIB)})
         restart(root, peers, 1)
-        testbed._wait_for_mesh(homes, timeout=30)
+        testbed.wait_for_mesh(homes, timeout=30)
         # --balance none: the plan stays the plugin's (the balancer re-plans with lp).
         out = cli(homes[2], "serve", model.name, "--partitioner", "speed", "--balance", "none",
                   "--timeout", "280", "--json", timeout=300)  # fmt: skip

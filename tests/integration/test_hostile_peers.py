@@ -64,8 +64,7 @@ from meshllm.mesh.transport import EndpointOptions, PeerUnreachable, Stream
 from meshllm.model.ranges import LayerRange
 from meshllm.model.store import ImportedModel
 from tests import hostile_values as hv
-from tests.integration.mesh_helpers import cli, status
-from tests.integration.test_security import PnetOnly, listening_tcp_ports, running
+from tests.integration.mesh_helpers import PnetOnly, cli, listening_tcp_ports, running, status
 
 SEED = 19
 PROMPT = "hello world"

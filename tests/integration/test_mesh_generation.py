@@ -6,9 +6,6 @@ The oracle: greedy `meshllm query` on the mesh gives the token ids of
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,7 +13,7 @@ import onnx
 import pytest
 
 from meshllm import testbed
-from tests.integration.mesh_helpers import cli, status
+from tests.integration.mesh_helpers import cli, link_model, monolithic, query, status
 
 pytestmark = pytest.mark.real_model
 
@@ -26,14 +23,8 @@ PROMPTS = [
     "Write one sentence about the sea.",
     "Why do cats purr?",
 ]
-MAX_TOKENS = 24
 
 
-def monolithic(model, prompt: str) -> list[int]:
-    home = model.path.parent.parent
-    out = cli(home, "generate", "--model", model.name, prompt, "--max-tokens", str(MAX_TOKENS),
-              "--monolithic", "--json", "--threads", "1")  # fmt: skip
-    return json.loads(out.stdout)["token_ids"]
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +36,6 @@ def oracle(smollm_models):
     }
 
 
-def link_model(model, home: Path) -> None:
-    """Give the source peer the imported model (hard links: no copy, no conversion)."""
-    dest = home / "models" / model.name
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(model.path, dest, copy_function=os.link,
-                    ignore=shutil.ignore_patterns("segments", "*.lock"))  # fmt: skip
 
 
 @pytest.fixture(scope="module", params=[(3, "int4"), (4, "int4"), (3, "fp32"), (4, "fp32")],
@@ -68,8 +53,8 @@ def served_mesh(request, smollm_models, tmp_path_factory):
         proc = testbed.start_daemon(homes[0])
         testbed.wait_ready(homes[0], proc)
         peers[0] = testbed.TestbedPeer(0, str(homes[0]), proc.pid)
-        testbed._save_state(root, peers)
-        testbed._wait_for_mesh(homes, timeout=30)
+        testbed.save_state(root, peers)
+        testbed.wait_for_mesh(homes, timeout=30)
         # Even split and no balancer: these tests are about generation and read the plan
         # they asked for; the planner and the balancer have their own tests (on a busy
         # machine the balancer would rightly re-plan a stage that runs slower).
@@ -82,9 +67,6 @@ def served_mesh(request, smollm_models, tmp_path_factory):
         testbed.down(root)
 
 
-def query(home: Path, prompt: str) -> dict:
-    out = cli(home, "query", prompt, "--max-tokens", str(MAX_TOKENS), "--json", timeout=300)
-    return json.loads(out.stdout)
 
 
 def test_query_at_every_peer_equals_monolithic(served_mesh, oracle):

@@ -19,8 +19,7 @@ from meshllm.model.chain import LocalChain
 from meshllm.model.generate import generate_ids
 from meshllm.model.sampling import SamplingParams
 from meshllm.model.tokenizer import ChatTokenizer
-from tests.integration.mesh_helpers import cli, status, wait_for
-from tests.integration.test_mesh_generation import link_model
+from tests.integration.mesh_helpers import cli, link_model, status, wait_for
 
 pytestmark = pytest.mark.real_model
 
@@ -69,8 +68,8 @@ def api_mesh(smollm_models, tmp_path_factory):
         proc = testbed.start_daemon(homes[1], args=("--api", "127.0.0.1:0"))
         testbed.wait_ready(homes[1], proc)
         peers[1] = testbed.TestbedPeer(1, str(homes[1]), proc.pid)
-        testbed._save_state(root, peers)
-        testbed._wait_for_mesh(homes, timeout=30)
+        testbed.save_state(root, peers)
+        testbed.wait_for_mesh(homes, timeout=30)
         # Even split, no balancer: these tests are about the API, not the planner.
         cli(homes[2], "serve", model.name, "--partitioner", "even", "--balance", "none",
             "--timeout", "120", timeout=150)  # fmt: skip
@@ -83,8 +82,8 @@ def api_mesh(smollm_models, tmp_path_factory):
 
 
 def _running(pid: int) -> bool:
-    testbed._reap(pid)
-    return testbed._is_our_daemon(pid)
+    testbed.reap(pid)
+    return testbed.is_our_daemon(pid)
 
 
 def test_the_bound_port_is_reported(api_mesh):

@@ -9,20 +9,12 @@ from pathlib import Path
 import pytest
 
 from meshllm import testbed
-from tests.integration.mesh_helpers import cli, status
-from tests.integration.test_mesh_generation import link_model, monolithic
+from tests.integration.mesh_helpers import cli, link_model, monolithic, restart, status
 
 pytestmark = pytest.mark.real_model
 PROMPT = "Name three colours of the rainbow."
 
 
-def restart(root: Path, peers, index: int) -> None:
-    home = Path(peers[index].home)
-    cli(home, "stop")
-    proc = testbed.start_daemon(home)
-    testbed.wait_ready(home, proc)
-    peers[index] = testbed.TestbedPeer(index, str(home), proc.pid)
-    testbed._save_state(root, peers)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +26,7 @@ def lp_mesh(smollm_models, tmp_path_factory):
     try:
         link_model(model, homes[0])
         restart(root, peers, 0)
-        testbed._wait_for_mesh(homes, timeout=30)
+        testbed.wait_for_mesh(homes, timeout=30)
         out = cli(homes[2], "serve", model.name, "--json", timeout=400)  # the default: lp
         yield {"model": model, "homes": homes, "root": root, "serve": json.loads(out.stdout)}
     finally:
@@ -100,7 +92,7 @@ def test_a_model_that_cannot_fit_is_a_clear_error(lp_mesh, tmp_path):
             text = text.replace("[peer]\n", "[peer]\nmemory_limit_mb = 1\n", 1)
         cfg.write_text(text)
         restart(root, peers, i)
-    testbed._wait_for_mesh([Path(p.home) for p in peers], timeout=30)
+    testbed.wait_for_mesh([Path(p.home) for p in peers], timeout=30)
     proc = cli(Path(peers[2].home), "serve", lp_mesh["model"].name, "--partitioner", "lp",
                check=False, timeout=400)  # fmt: skip
     assert proc.returncode == 1

@@ -18,8 +18,7 @@ import pytest
 
 from meshllm import testbed
 from meshllm.control.client import call_stream
-from tests.integration.mesh_helpers import cli, status, wait_for
-from tests.integration.test_mesh_generation import link_model
+from tests.integration.mesh_helpers import cli, link_model, status, wait_for
 
 pytestmark = pytest.mark.real_model
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
@@ -141,7 +140,7 @@ def test_not_enough_peers_is_a_clear_error_and_serving_resumes(smollm_models, tm
         proc = testbed.start_daemon(homes[source])
         testbed.wait_ready(homes[source], proc)
         peers[source] = testbed.TestbedPeer(source, str(homes[source]), proc.pid)
-        testbed._save_state(root, peers)
+        testbed.save_state(root, peers)
 
         def answers() -> bool:
             q = cli(homes[other], "query", PROMPT, "--max-tokens", "4", "--json", check=False,

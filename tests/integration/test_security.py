@@ -28,7 +28,6 @@ import socket
 import stat
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +47,14 @@ from meshllm.mesh.p2p import AUTH_PROTOCOL, CTL_PROTOCOL, DATAPLANE_PROTOCOL, Li
 from meshllm.mesh.transport import AdmissionRefused, EndpointOptions, PeerUnreachable
 from meshllm.model.store import ImportedModel
 from meshllm.pipeline import files
-from tests.integration.mesh_helpers import agreement, status, wait_for
+from tests.integration.mesh_helpers import (
+    PnetOnly,
+    agreement,
+    listening_tcp_ports,
+    running,
+    status,
+    wait_for,
+)
 
 HANDSHAKE_S = 2.0  # the daemons' [mesh] handshake_timeout_s (the default)
 ATTEMPT_S = HANDSHAKE_S + 2.0  # long enough for a slow 2-core machine, short enough to fail fast
@@ -57,17 +63,6 @@ ATTEMPT_S = HANDSHAKE_S + 2.0  # long enough for a slow 2-core machine, short en
 APP_PROTOCOLS = ("act", "files", "probe", "kv")
 GUARDED = [TProtocol(f"/meshllm/{p}/1.0.0") for p in APP_PROTOCOLS] + [CTL_PROTOCOL]
 
-
-@dataclass(frozen=True)
-class PnetOnly(MeshSecret):
-    """Holds a stolen private-network key but a random auth key: `pnet_key` and `auth_key`
-    are independent derivations of the raw secret, so one can be had without the other."""
-
-    stolen_pnet: bytes = b""
-
-    @property
-    def pnet_key(self) -> bytes:
-        return self.stolen_pnet
 
 
 @pytest.fixture
@@ -149,29 +144,6 @@ def refused_protocols(home: Path, other: str) -> set[str]:
     return out
 
 
-def listening_tcp_ports(pid: int) -> set[int]:
-    """TCP ports *pid* listens on, from /proc (its socket inodes in the LISTEN state)."""
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        with suppress(OSError):
-            target = os.readlink(fd)
-            if target.startswith("socket:["):
-                inodes.add(target[8:-1])
-    ports = set()
-    for table in ("tcp", "tcp6"):
-        with suppress(OSError):
-            for row in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
-                cols = row.split()
-                if cols[3] == "0A" and cols[9] in inodes:  # 0A: TCP_LISTEN
-                    ports.add(int(cols[1].rsplit(":", 1)[1], 16))
-    return ports
-
-
-def running(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def assert_mesh_intact(mesh: dict[str, Any], strangers: list[str]) -> None:

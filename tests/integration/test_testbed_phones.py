@@ -135,7 +135,7 @@ def test_phone_testbed_shapes_throttles_meshes_and_cleans_up(tmp_path):
             assert int((cg / "cpu.cfs_quota_us").read_text()) == expected
             assert int((cg / "cpu.cfs_period_us").read_text()) == netbed.CFS_PERIOD_US
             # Every thread of the daemon is in its peer's cgroup and network namespace.
-            assert testbed._is_our_daemon(tp.pid)
+            assert testbed.is_our_daemon(tp.pid)
             assert _cgroup_of(tp.pid, mount) == {np.cgroup}
             assert tp.pid in {int(x) for x in (cg / "cgroup.procs").read_text().split()}
             assert (
@@ -201,7 +201,7 @@ def test_phone_testbed_shapes_throttles_meshes_and_cleans_up(tmp_path):
 
         # --- down removes every namespace, link, cgroup and daemon -----------------------------
         assert testbed.down(root) == len(peers)
-        assert not any(testbed._is_our_daemon(p.pid) for p in peers)
+        assert not any(testbed.is_our_daemon(p.pid) for p in peers)
         assert not {net.hub_netns, *(p.netns for p in net.peers)} & netbed.list_netns()
         assert netbed.leftovers(net) == []
         assert not Path(net.cgroup_dir).exists()
@@ -214,7 +214,7 @@ def test_phone_testbed_shapes_throttles_meshes_and_cleans_up(tmp_path):
             netbed.teardown(net)
         for p in peers:
             with contextlib.suppress(ProcessLookupError):
-                if testbed._is_our_daemon(p.pid):
+                if testbed.is_our_daemon(p.pid):
                     os.kill(p.pid, signal.SIGKILL)
 
 
@@ -259,7 +259,7 @@ def test_a_half_built_testbed_is_removed_completely(tmp_path, monkeypatch, fail_
             testbed.up(root, profile=profile_path)
         assert len(started) == (0 if fail_at == "create" else 1)
         assert netbed.leftovers(net) == []
-        assert not any(testbed._is_our_daemon(pid) for pid in started)
+        assert not any(testbed.is_our_daemon(pid) for pid in started)
         assert not (root / "testbed.json").exists()
         netbed.teardown(net)  # idempotent: nothing left to remove is no error
     finally:

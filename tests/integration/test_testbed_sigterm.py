@@ -13,7 +13,7 @@ from pathlib import Path
 from meshllm import testbed
 
 # A daemon of ours still running (a zombie's command line is empty: it does not count).
-_alive = testbed._is_our_daemon
+_alive = testbed.is_our_daemon
 
 REPO = Path(__file__).resolve().parents[2]
 

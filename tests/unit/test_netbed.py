@@ -221,7 +221,7 @@ def test_down_of_a_phone_testbed_needs_root_and_keeps_the_record(tmp_path, monke
     root = tmp_path / "tb"
     root.mkdir()
     net = netbed.plan(root, _big_profile(2), cpu_mount=Path("/cg"))
-    testbed._save_state(root, [], network=net.to_json())
+    testbed.save_state(root, [], network=net.to_json())
     assert testbed.load_network(root) == net
     monkeypatch.setattr(netbed.os, "geteuid", lambda: 1000)
     with pytest.raises(testbed.TestbedError, match="must run as root"):

@@ -58,8 +58,8 @@ def phones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
                             p.address)
         for p in net.peers
     ]  # fmt: skip
-    testbed._save_state(
-        root, peers, network=net.to_json(), profile=testbed._profile_record(source, prof)
+    testbed.save_state(
+        root, peers, network=net.to_json(), profile=testbed.profile_record(source, prof)
     )
     monkeypatch.setattr(testbed.os, "geteuid", lambda: 0)
     return root
@@ -82,7 +82,7 @@ def test_throttle_sets_the_quota_and_records_it(phones):
     assert [p.cpu for p in net.peers] == [1.0, 0.25, 0.25]
     # Everything else of the record is kept: the peers, the profile, the rest of the network.
     assert len(testbed.load_state(phones)) == 3
-    assert testbed._load_raw(phones)["profile"]["peers"][1]["name"] == "pixel"
+    assert testbed.load_raw(phones)["profile"]["peers"][1]["name"] == "pixel"
     assert net.peers[1].netns.endswith("-p1") and net.peers[1].bandwidth_mbit == 400
 
 
@@ -144,7 +144,7 @@ def test_a_cgroup_that_is_gone_is_a_clear_error(phones):
 def test_a_loopback_testbed_cannot_be_throttled(tmp_path):
     root = tmp_path / "tb"
     root.mkdir()
-    testbed._save_state(root, [testbed.TestbedPeer(0, str(root / "peer-0"), 0)])
+    testbed.save_state(root, [testbed.TestbedPeer(0, str(root / "peer-0"), 0)])
     with pytest.raises(testbed.TestbedError, match="throttle needs a testbed started with "):
         testbed.throttle(root, 0, 0.5)
     res = cli(None, "testbed", "throttle", "0", "0.5", "--dir", str(root), check=False)
