@@ -201,7 +201,7 @@ class Daemon:
         (self.home / DAEMON_FILE).unlink(missing_ok=True)
 
     async def _start_api(self, nursery: trio.Nursery) -> None:
-        from meshllm.api.http import url_host
+        from meshllm.api.browser import url_host
 
         host, port = await nursery.start(self.api.run)  # type: ignore[union-attr]
         url = f"http://{url_host(host)}:{port}/v1"

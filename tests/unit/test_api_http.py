@@ -20,12 +20,12 @@ import pytest
 import trio
 import trio.testing
 
+from meshllm.api.browser import BrowserRules
 from meshllm.api.http import (
     HEAD_TIMEOUT_S,
     IDLE_TIMEOUT_S,
     MAX_BODY,
     MAX_CONNECTIONS,
-    BrowserRules,
     HttpServer,
 )
 from meshllm.api.openai import OpenAIApi
