@@ -6,8 +6,9 @@ and either answers through it or raises :class:`ApiError`. A handler's bug becom
 is logged; the server itself keeps serving whatever clients send.
 
 It keeps to the rules that stop a web page from using it through a visitor's browser
-(:class:`~meshllm.api.browser.BrowserRules`): a ``Host`` it does not listen as (DNS rebinding) is refused, and so
-is an ``Origin`` it was not told to trust (cross-site requests), and a POST that is not
+(:class:`~meshllm.api.browser.BrowserRules`): a ``Host`` it does not listen as (DNS
+rebinding) is refused, and so is an ``Origin`` it was not told to trust (cross-site
+requests), and a POST that is not
 ``application/json`` (a form's or ``text/plain`` body, which browsers send cross-site without
 asking first). A connection holds one of the MAX_CONNECTIONS slots only from a complete
 request (head and body) to the end of its response: a silent, slow or idle client costs no
