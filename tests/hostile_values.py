@@ -691,7 +691,7 @@ def templates(ctx: Context | None = None) -> dict[str, dict[str, Any]]:
         "auth.answer": {"mac": b"m" * 32},
         # What a peer answers when *it* is asked (the victim as the client): a file header
         # (files.fetch_file), a KV layer (kvmove._pull), a data-plane offer (p2p._open_fast),
-        # the challenge's reply and verdict (p2p._authenticate), probe replies.
+        # the challenge's reply and verdict (admission.Admission.challenge), probe replies.
         "files.header": {"ok": True, "size": 26, "sha256": "ab" * 32},
         "files.refusal": {"ok": False, "error": "no such file"},
         "kv.layer": {"r": "hostile-request-0", "n": 1, "l": 0, "k": b"\0" * 64, "v": b"\0" * 64},

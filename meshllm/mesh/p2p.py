@@ -15,9 +15,7 @@ deadline, so both sides report a clear refusal within it.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import logging
-import secrets
 from contextlib import suppress
 from typing import Any
 
@@ -42,6 +40,7 @@ from multiaddr import Multiaddr
 from meshllm import wire
 from meshllm.mesh import dataplane
 from meshllm.mesh.addrs import expand_wildcards
+from meshllm.mesh.admission import AUTH_PROTOCOL, Admission
 from meshllm.mesh.contain import contain, contained
 from meshllm.mesh.dataplane import DataPlaneListener
 from meshllm.mesh.framing import FrameError, FrameReader, frame
@@ -54,7 +53,6 @@ from meshllm.mesh.transport import (
     StreamHandler,
 )
 
-AUTH_PROTOCOL = TProtocol("/meshllm/auth/1.0.0")
 DATAPLANE_PROTOCOL = TProtocol("/meshllm/dataplane/1.0.0")
 # Bulk protocols that use the encrypted TCP data plane when it can be set up.
 FAST_PROTOCOLS = frozenset({"act", "probe", "kv"})
@@ -130,7 +128,9 @@ class Libp2pEndpoint:
             ),
             listen_addrs=[Multiaddr(a) for a in options.listen],
         )
-        self._admitted: set[str] = set()
+        # Peers that proved they hold the mesh secret (see admission.py).
+        self._admission = Admission(self, self.options.secret.auth_key)
+        self._admitted = self._admission.admitted
         self._out: dict[str, Any] = {}
         self._locks: dict[str, trio.Lock] = {}
         self._send_ch, self._recv_ch = trio.open_memory_channel[Message](_QUEUE)
@@ -140,6 +140,14 @@ class Libp2pEndpoint:
         self.log = log.bind(peer=self.peer_id)
 
     # -- Endpoint API -------------------------------------------------------------------------
+    @property
+    def host(self) -> Any:
+        return self._host
+
+    @property
+    def timeout_s(self) -> float:
+        return self._timeout
+
     def listen_addrs(self) -> list[str]:
         return expand_wildcards([str(a) for a in self._host.get_addrs()])
 
@@ -194,7 +202,7 @@ class Libp2pEndpoint:
             await network.auto_connector.stop()
             self._guard_inbound(network)
             network.register_notifee(_Watcher(self))
-            for proto, handler in ((AUTH_PROTOCOL, self._on_auth_stream),
+            for proto, handler in ((AUTH_PROTOCOL, self._admission.answer),
                                    (CTL_PROTOCOL, self._on_ctl_stream),
                                    (DATAPLANE_PROTOCOL, self._on_dataplane_request)):
                 self._host.set_stream_handler(proto, contained(proto, handler, _remote_peer))
@@ -248,14 +256,14 @@ class Libp2pEndpoint:
             raise PeerUnreachable(f"cannot connect to {addr}: {_root_cause(exc)}") from None
         try:
             with trio.fail_after(self._timeout):
-                await self._authenticate(info.peer_id)
+                await self._admission.challenge(info.peer_id)
         except trio.TooSlowError:
-            await self._drop(pid)
+            await self.drop(pid)
             raise AdmissionRefused(f"{addr} did not complete the mesh challenge in time") from None
         except AdmissionRefused:
             raise
         except Exception as exc:  # the connection died during the challenge
-            await self._drop(pid)
+            await self.drop(pid)
             raise PeerUnreachable(f"lost {addr} during the mesh challenge: {exc}") from None
         return pid
 
@@ -336,81 +344,6 @@ class Libp2pEndpoint:
             await contain(protocol, stream.peer_id, handler, stream)
 
     # -- admission ----------------------------------------------------------------------------
-    def _mac(self, role: bytes, dialer: str, listener: str, nd: bytes, nl: bytes) -> bytes:
-        msg = b"|".join([b"meshllm-auth-v1", role, dialer.encode(), listener.encode(), nd, nl])
-        return hmac.new(self.options.secret.auth_key, msg, hashlib.sha256).digest()
-
-    async def _authenticate(self, remote: ID) -> None:
-        """Dialer side of the challenge-response."""
-        pid = str(remote)
-        stream = await self._host.new_stream(remote, [AUTH_PROTOCOL])
-        reader = FrameReader(stream.read, 4096)
-        try:
-            nd = secrets.token_bytes(32)
-            await stream.write(frame(cbor2.dumps({"v": 1, "nonce": nd})))
-            reply = auth_message(wire.loads(await reader.read_frame()))
-            nl, ml = reply.get("nonce"), reply.get("mac")
-            good = isinstance(nl, bytes) and isinstance(ml, bytes)
-            if not good or not hmac.compare_digest(ml, self._mac(b"L", self.peer_id, pid, nd, nl)):
-                self.log.warning(
-                    "admission_refused", other=pid, reason="it cannot prove the secret"
-                )
-                raise AdmissionRefused(f"peer {pid} does not hold the mesh secret")
-            self._admitted.add(pid)
-            await stream.write(
-                frame(cbor2.dumps({"mac": self._mac(b"D", self.peer_id, pid, nd, nl)}))
-            )
-            verdict = auth_message(wire.loads(await reader.read_frame()))
-            if verdict.get("ok") is not True:
-                self._admitted.discard(pid)
-                raise AdmissionRefused(f"peer {pid} refused us: {verdict.get('error', 'refused')}")
-            self.log.info("peer_admitted", other=pid, direction="outbound")
-        except AdmissionRefused:
-            await self._drop(pid)
-            raise
-        except (EOFError, FrameError, ValueError, wire.BadMessage) as exc:
-            self._admitted.discard(pid)
-            await self._drop(pid)
-            raise AdmissionRefused(f"peer {pid} broke off the mesh challenge: {exc}") from None
-        finally:
-            with suppress(Exception):
-                await stream.close()
-
-    async def _on_auth_stream(self, stream: Any) -> None:
-        """Listener side of the challenge-response."""
-        pid = str(stream.muxed_conn.peer_id)
-        reader = FrameReader(stream.read, 4096)
-        try:
-            with trio.fail_after(self._timeout):
-                hello = auth_message(wire.loads(await reader.read_frame()))
-                nd = hello.get("nonce")
-                if not isinstance(nd, bytes) or len(nd) != 32:
-                    raise ValueError("bad challenge")
-                nl = secrets.token_bytes(32)
-                ml = self._mac(b"L", pid, self.peer_id, nd, nl)
-                await stream.write(frame(cbor2.dumps({"nonce": nl, "mac": ml})))
-                answer = auth_message(wire.loads(await reader.read_frame()))
-                md = answer.get("mac")
-                expected = self._mac(b"D", pid, self.peer_id, nd, nl)
-                if not isinstance(md, bytes) or not hmac.compare_digest(md, expected):
-                    await stream.write(
-                        frame(cbor2.dumps({"ok": False, "error": "wrong mesh secret"}))
-                    )
-                    self.log.warning("admission_refused", other=pid, reason="wrong mesh secret")
-                    await self._drop(pid)
-                    return
-                self._admitted.add(pid)
-                await stream.write(frame(cbor2.dumps({"ok": True})))
-                self.log.info("peer_admitted", other=pid, direction="inbound")
-        except (trio.TooSlowError, EOFError, FrameError, ValueError, wire.BadMessage) as exc:
-            self.log.warning("admission_refused", other=pid, reason=f"bad challenge: {exc}")
-            await self._drop(pid)
-        except Exception as exc:  # stream reset and the like: the dialer gave up
-            self.log.info("auth_stream_failed", other=pid, reason=str(exc))
-        finally:
-            with suppress(Exception):
-                await stream.close()
-
     def _guard_inbound(self, network: Any) -> None:
         """Report inbound connections that fail the secure handshake (wrong secret, plaintext)."""
         original = network.upgrade_inbound_raw_conn
@@ -443,7 +376,7 @@ class Libp2pEndpoint:
             ID.from_base58(pid)
         ):
             self.log.warning("admission_refused", other=pid, reason="never completed the challenge")
-            await self._drop(pid)
+            await self.drop(pid)
 
     def _on_disconnected(self, pid: str) -> None:
         if not self._host.get_network().get_connections(ID.from_base58(pid)):
@@ -451,7 +384,7 @@ class Libp2pEndpoint:
             self._out.pop(pid, None)
             self.log.info("peer_disconnected", other=pid)
 
-    async def _drop(self, pid: str) -> None:
+    async def drop(self, pid: str) -> None:
         self._admitted.discard(pid)
         self._out.pop(pid, None)
         with suppress(Exception), trio.move_on_after(2):
@@ -525,7 +458,3 @@ class _P2PStream:
 def _remote_peer(stream: Any) -> str:
     return str(stream.muxed_conn.peer_id)
 
-
-def auth_message(obj: Any) -> dict[str, Any]:
-    """One message of the mesh challenge, a small map (its fields are checked where read)."""
-    return wire.mapping(obj, "message", 8)

@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 
 from meshllm import wire
 from meshllm.mesh import dataplane
+from meshllm.mesh.admission import auth_message
 from meshllm.mesh.ctlmsg import decode_message
-from meshllm.mesh.p2p import auth_message
 from meshllm.pipeline import appmsg, files, kvmove
 from meshllm.pipeline.frames import decode_frame
 from meshllm.pipeline.peerstate import PeerState
