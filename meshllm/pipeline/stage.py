@@ -21,15 +21,13 @@ import trio
 from meshllm.errors import MeshError
 from meshllm.mesh.transport import PeerUnreachable
 from meshllm.model.runtime import KVLayer, SegmentRuntime
-from meshllm.model.sampling import Sampler, SamplingParams
+from meshllm.model.sampling import SamplingParams
 from meshllm.pipeline.compute import ComputeThread
 from meshllm.pipeline.frames import END, ERROR, FWD, TOKEN, Frame
+from meshllm.pipeline.onward import Onward, SendNow
 from meshllm.pipeline.step_times import StepTimes
 
 Send = Callable[[str, Frame], Awaitable[None]]
-# Called on the compute thread: put a frame on the wire now if that needs no event loop
-# (True), else leave it to Send (False, nothing sent).
-SendNow = Callable[[str, Frame], bool]
 REPLAY_WINDOW = 8
 
 
@@ -105,7 +103,6 @@ class StageRunner:
         self.next_peer = next_peer
         self.first_peer = first_peer
         self.context_length = context_length
-        self.eos = set(eos_token_ids)
         self.send = send
         self.max_requests = max_requests
         self.fetch_kv = fetch_kv
@@ -129,8 +126,9 @@ class StageRunner:
         # plan's stages to fetch (see kvmove).
         self.keep_caches = False
         self._compute = ComputeThread(f"meshllm-stage{index}")
-        self._samplers: dict[str, Sampler] = {}
-        self._caps: dict[str, int] = {}
+        self.onward = Onward(next_peer=next_peer, first_peer=first_peer,
+                             eos_token_ids=eos_token_ids, data_inputs=runtime.data_inputs,
+                             send_now=send_now)  # fmt: skip
         self._in, self._out = trio.open_memory_channel[Frame](queue_size)
         self._mask = np.ones((1, 0), dtype=np.int64)
         self.steps = 0
@@ -366,7 +364,7 @@ class StageRunner:
             inner = time.perf_counter() - t
             self.inner_s += inner
             if quick:
-                return self._pass_on_batch(frames, results, inner)
+                return self.onward.pass_on_batch(frames, results, inner)
             return [((res, None, False), None) for res in results]
 
         done = await self._compute.run(run)
@@ -387,8 +385,7 @@ class StageRunner:
 
     def _drop(self, rid: str) -> None:
         self.runtime.close(rid)
-        self._samplers.pop(rid, None)
-        self._caps.pop(rid, None)
+        self.onward.drop(rid)
 
     async def _fail(
         self, f: Frame, reason: str, *, retry: bool = False, busy: bool = False
@@ -398,31 +395,6 @@ class StageRunner:
                         error=f"stage {self.index}: {reason}", retry=retry, busy=busy)  # fmt: skip
             with contextlib.suppress(MeshError):
                 await self.send(f.coord, err)
-
-    def _continue(self, f: Frame, token: int, force: list[int]) -> Frame | None:
-        """The last stage's next step for a request, or None when it stops.
-
-        The token goes straight back to stage 0 as the next step (one hop fewer per token
-        than a round trip through the coordinator), and to the coordinator, which streams
-        it. Both apply the same stop rule: end of sequence or a full KV cache.
-        """
-        if token in self.eos or f.pos + 1 >= self._caps.get(f.rid, 0):
-            return None
-        ids = np.asarray([[token]], dtype=np.int64)
-        return Frame(kind=FWD, rid=f.rid, epoch=f.epoch, step=f.step + 1, pos=f.pos + 1,
-                     new=1, coord=f.coord, tensors={"input_ids": ids}, force=force)  # fmt: skip
-
-    def _onward(
-        self, f: Frame, outs: dict[str, np.ndarray], timings: list[float],
-        force: list[int], fed: bool,
-    ) -> Frame:  # fmt: skip
-        """The frame for the next stage: what this stage made plus anything it received but
-        did not use (a tensor skipping over this stage to a later one)."""
-        tensors = {k: v for k, v in f.tensors.items() if k not in self.runtime.data_inputs}
-        tensors.update(outs)
-        return Frame(kind=FWD, rid=f.rid, epoch=f.epoch, step=f.step, pos=f.pos, new=f.new,
-                     cap=f.cap, coord=f.coord, sampling=f.sampling, tensors=tensors,
-                     compute_s=timings, force=force, fed=fed, kv_from=f.kv_from)  # fmt: skip
 
     async def _process(self, f: Frame) -> None:
         early = self._early
@@ -478,10 +450,8 @@ class StageRunner:
                     raise
                 raise KVMoveFailed(f"the moved KV cache does not fit: {exc}") from None
             if self.is_last:
-                self._samplers[rid] = Sampler(sampling_from(f.sampling))
-                self._caps[rid] = f.cap
-                if f.kv_from is not None:
-                    self._samplers[rid].skip(f.kv_from.drawn)
+                drawn = f.kv_from.drawn if f.kv_from is not None else 0
+                self.onward.open(rid, sampling_from(f.sampling), f.cap, drawn)
         return self._start(f)
 
     def _start(self, f: Frame, *, here: bool = False) -> _Step:
@@ -509,60 +479,10 @@ class StageRunner:
             res = self.runtime.step(f.rid, feeds, f.new)
             inner = time.perf_counter() - t
             self.inner_s += inner
-            return self._pass_on(f, res, inner) if quick else (res, None, False)
+            return self.onward.pass_on(f, res, inner) if quick else (res, None, False)
 
         step.job = self._compute.claim(run) if here else self._compute.start(run)
         return step
-
-    def _next_frame(
-        self, f: Frame, res: dict[str, np.ndarray], inner: float
-    ) -> tuple[int | None, Frame | None]:
-        """After a plain decode step: the token it sampled (last stage) and the frame to send
-        on (None: the request stops here)."""
-        if not self.is_last:
-            return None, self._onward(f, res, [*f.compute_s, inner], [], False)
-        token = self._samplers[f.rid](res["logits"][0, -1])
-        return token, self._continue(f, token, [])
-
-    @property
-    def _onward_peer(self) -> str:
-        peer = self.first_peer if self.is_last else self.next_peer
-        assert peer is not None
-        return peer
-
-    def _pass_on(
-        self, f: Frame, res: dict[str, np.ndarray], inner: float
-    ) -> tuple[dict[str, np.ndarray], int | None, bool]:
-        """On the compute thread, right after a plain decode step: put its output on the
-        wire if that needs no event loop. (outputs, the token sampled or None, sent)."""
-        assert self.send_now is not None
-        token, nxt = self._next_frame(f, res, inner)
-        return res, token, nxt is not None and self.send_now(self._onward_peer, nxt)
-
-    def _pass_on_batch(
-        self, frames: list[Frame], results: list[dict[str, np.ndarray]], inner: float
-    ) -> list[tuple[Any, Exception | None]]:
-        """``_pass_on`` for a batch's rows, each with its own failure if it failed. What goes
-        on to the next peer goes as a group, for it to run as one batch again."""
-        assert self.send_now is not None
-        rows: list[tuple[int | None, Frame | None, Exception | None]] = []
-        for f, res in zip(frames, results, strict=True):
-            try:
-                rows.append((*self._next_frame(f, res, inner), None))
-            except Exception as exc:  # the row's own failure, as for a single step
-                rows.append((None, None, exc))
-        group = sum(nxt is not None for _, nxt, _ in rows)
-        done: list[tuple[Any, Exception | None]] = []
-        for res, (token, nxt, error) in zip(results, rows, strict=True):
-            sent = False
-            if error is None and nxt is not None:
-                nxt.group = group
-                try:
-                    sent = self.send_now(self._onward_peer, nxt)
-                except Exception as exc:
-                    error = exc
-            done.append((None, error) if error is not None else ((res, token, sent), None))
-        return done
 
     async def _finish(self, f: Frame, step: _Step, share: int = 1) -> None:
         """Wait for a frame's step and pass on what it made."""
@@ -581,7 +501,7 @@ class StageRunner:
             force, sent = f.force, sent_on
             # A quick step was sampled on the thread, which also sent the next step on unless
             # its link was busy.
-            token = self._samplers[rid](outs["logits"][0, -1]) if sampled is None else sampled
+            token = self.onward.sample(rid, outs) if sampled is None else sampled
             if f.fed:
                 # Stage 0 already fed this forced token onwards: only report it.
                 token, sent = force[0], True
@@ -589,7 +509,7 @@ class StageRunner:
                 # Replaying: the sample above is drawn anyway (a seeded sampler's state then
                 # matches the original run's), and the token the request already had wins.
                 token, force = force[0], force[1:]
-            if not sent and (again := self._continue(f, token, force)) is not None:
+            if not sent and (again := self.onward.next_step(f, token, force)) is not None:
                 await self.send(self.first_peer, again)
             reply = Frame(kind=TOKEN, rid=rid, epoch=f.epoch, step=f.step, token=token,
                           compute_s=timings)  # fmt: skip
@@ -611,6 +531,6 @@ class StageRunner:
             if not self.submit(follow):
                 raise MeshError("stage queue full while replaying")
             fed = True
-        nxt = self._onward(f, outs, timings, force[:1] if fed else force, fed)
+        nxt = self.onward.frame_for_next(f, outs, timings, force[:1] if fed else force, fed)
         assert self.next_peer is not None
         await self.send(self.next_peer, nxt)
