@@ -7,13 +7,13 @@ Task tree::
     ├── transport endpoint (listener, per-connection tasks)
     ├── mesh node (receive loop, heartbeats, election timer)
     ├── serving (meshllm.pipeline.service), one task per component:
+    │   ├── peer requests: profiling asked by the leader; new imports advertised
     │   ├── links: activation frames in and out (a reader per inbound link)
     │   ├── kv caches: old plans' caches kept, prefetched and served
     │   ├── segment loader: each adopted plan's segment fetched, loaded; the stage running
     │   ├── serve desk: `serve` requests sent to the leader, and answered when leading
     │   ├── leader: a new plan when a stage's peer is lost
-    │   ├── balancer: layers moved off a stage that slowed down
-    │   └── peer requests: profiling asked by the leader; new imports advertised
+    │   └── balancer: layers moved off a stage that slowed down
     ├── bootstrap dials
     ├── HTTP API, when enabled (one task per HTTP client)
     └── control server (one task per local client)

@@ -152,13 +152,13 @@ class QueryGateway:
                 f"max_tokens {max_tokens} is over this peer's limit of {limits.max_new_tokens} "
                 "([limits] max_new_tokens)"
             )
+        if self.stopping:
+            raise NotServing("this peer is stopping: ask another peer")
         if self.coordinator.in_flight >= limits.max_concurrent_requests:
             raise Busy(
                 f"this peer is already coordinating {self.coordinator.in_flight} queries, its "
                 "limit ([limits] max_concurrent_requests): try again, or ask another peer"
             )
-        if self.stopping:
-            raise NotServing("this peer is stopping: ask another peer")
         plan, manifest, _tok = self._ready_plan()
         if len(prompt_ids) > limits.max_prompt_tokens:
             raise TooLarge(

@@ -34,7 +34,7 @@ log = structlog.get_logger("meshllm.serve")
 EPOCH_LEAP = 1 << 20  # how far ahead of this peer's plan another's epoch may credibly be
 WATCH_EVERY_S = 0.2
 REPLAN_EVERY_S = 2.0  # while a plan that lost a peer cannot be replaced
-MODEL_WAIT_S = 6.0  # for a model named in a serve request to be advertised
+MODEL_TRIES, MODEL_RETRY_S = 12, 0.5  # for a model named in a serve request to be advertised
 
 
 class Leader:
@@ -63,8 +63,7 @@ class Leader:
         # A model imported a moment ago is advertised within a couple of heartbeats: retry
         # for a few seconds before giving up. A plan that cannot exist (the model does not
         # fit) is not retried.
-        deadline = trio.current_time() + MODEL_WAIT_S
-        while True:
+        for attempt in range(MODEL_TRIES):
             try:
                 plan = await self.make_plan(
                     ask.model,
@@ -76,9 +75,10 @@ class Leader:
             except PlanError:
                 raise
             except MeshError:
-                if trio.current_time() >= deadline:
+                if attempt == MODEL_TRIES - 1:
                     raise
-            await self.state.news(0.5)  # a heartbeat that advertises it
+            await trio.sleep(MODEL_RETRY_S)
+        raise AssertionError("unreachable")
 
     # -- models -------------------------------------------------------------------------------
     def find_model(self, model: str) -> tuple[dict[str, Any], str]:

@@ -108,6 +108,8 @@ class SegmentLoader:
             st.tokenizer = await trio.to_thread.run_sync(ChatTokenizer, meta_dir)
             st.manifest = manifest
         # else: a new plan for the same model (a rebalance); its files are here already.
+        if self.state.plan is not plan:
+            return  # replaced while the files loaded (a thread is not cancelled): it loads
         idx = plan.stage_of(self.me)
         if idx is None:
             st.set_state("ready", role="coordinator")
@@ -121,6 +123,8 @@ class SegmentLoader:
             seg_path = await self._segment_path(plan, r, local, report=True)
             st.set_state("loading")
             runtime = await self._load_runtime(seg_path, manifest)
+        if self.state.plan is not plan:
+            return  # replaced while the segment loaded: the newer plan's load takes over
         self._prepared = None
         nxt = plan.stages[idx + 1].peer if idx + 1 < len(plan.stages) else None
         stage = StageRunner(

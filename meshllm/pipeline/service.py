@@ -101,13 +101,13 @@ class ServingService:
     def components(self) -> list[tuple[str, Run]]:
         """Every long-running part, in the order to start them (name, ``run``)."""
         return [
+            ("peer requests", self._run_requests),  # first: it takes the peers' asks
             ("links", self.links.run),
             ("kv caches", self.kv.run),
             ("segment loader", self.loader.run),
             ("serve desk", self.desk.run),
             ("leader", self.leader.run),
             ("balancer", self.balancer.run),
-            ("peer requests", self._run_requests),
         ]
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

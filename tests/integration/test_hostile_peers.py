@@ -393,7 +393,7 @@ class Attacker:
         self.reconnects += 1
         self._ctl.pop(i, None)
         with trio.move_on_after(HANDSHAKE_S * 2):
-            await self.ep._drop(self.mesh.ids[i])
+            await self.ep.drop(self.mesh.ids[i])
         await self.ensure_admitted(i)
 
     async def raw_stream(self, i: int, protocol: TProtocol) -> Any:
