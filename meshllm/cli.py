@@ -51,10 +51,22 @@ def cli(ctx: click.Context, home: str | None, log_level: str | None) -> None:
 
 
 for command in (
-    model_group, generate_cmd, init_cmd, join_cmd, invite_cmd, daemon_cmd, status_cmd,
-    stop_cmd, peers_group, config_group, testbed_group, serve_cmd, query_cmd, profile_cmd,
+    model_group,
+    generate_cmd,
+    init_cmd,
+    join_cmd,
+    invite_cmd,
+    daemon_cmd,
+    status_cmd,
+    stop_cmd,
+    peers_group,
+    config_group,
+    testbed_group,
+    serve_cmd,
+    query_cmd,
+    profile_cmd,
     plugins_cmd,
-):  # fmt: skip
+):
     cli.add_command(command)
 
 

@@ -137,8 +137,13 @@ class LimitsSection:
     max_batch: int = 8
 
     def __post_init__(self) -> None:
-        for key in ("max_prompt_tokens", "max_new_tokens", "max_concurrent_requests",
-                    "max_frame_mb", "max_batch"):  # fmt: skip
+        for key in (
+            "max_prompt_tokens",
+            "max_new_tokens",
+            "max_concurrent_requests",
+            "max_frame_mb",
+            "max_batch",
+        ):
             if getattr(self, key) < 1:
                 raise ConfigError(f"[limits] {key} must be >= 1")
 

@@ -89,8 +89,13 @@ class Daemon:
 
         handler = OpenAIApi(self.serving.gateway, max_new_tokens=self.config.limits.max_new_tokens)
         api = self.config.api
-        return HttpServer(handler, api.host, api.port, allowed_hosts=api.allowed_hosts,
-                          allowed_origins=api.allowed_origins)  # fmt: skip
+        return HttpServer(
+            handler,
+            api.host,
+            api.port,
+            allowed_hosts=api.allowed_hosts,
+            allowed_origins=api.allowed_origins,
+        )
 
     def _save_members(self, members: dict[str, list[str]]) -> None:
         # Members now first, then what was saved before (peers away for a while), up to a
@@ -122,8 +127,9 @@ class Daemon:
         try:
             return self.endpoint.stats()
         except Exception as exc:  # a plugin's bug must not take status down with it
-            log.warning("transport_stats_failed", transport=self.config.mesh.transport,
-                        reason=repr(exc))  # fmt: skip
+            log.warning(
+                "transport_stats_failed", transport=self.config.mesh.transport, reason=repr(exc)
+            )
             return {"error": repr(exc)}
 
     async def op_peers(self, args: dict[str, Any]) -> Any:
@@ -208,13 +214,19 @@ class Daemon:
         self.api_address = {"host": host, "port": port, "url": url}
         log.info("api_listening", url=url, host=host, port=port)
         if not _is_loopback(host):
-            log.warning("api_not_local", host=host,
-                        reason="the HTTP API has no authentication: anyone who can reach "
-                               "this address can use the mesh")  # fmt: skip
+            log.warning(
+                "api_not_local",
+                host=host,
+                reason="the HTTP API has no authentication: anyone who can reach "
+                "this address can use the mesh",
+            )
 
     def _write_daemon_file(self) -> None:
-        info = {"pid": os.getpid(), "peer_id": self.endpoint.peer_id,
-                "addrs": self.endpoint.listen_addrs()}  # fmt: skip
+        info = {
+            "pid": os.getpid(),
+            "peer_id": self.endpoint.peer_id,
+            "addrs": self.endpoint.listen_addrs(),
+        }
         (self.home / DAEMON_FILE).write_text(json.dumps(info))
 
     async def _bootstrap(self, addrs: list[str]) -> None:
@@ -249,8 +261,9 @@ def run_daemon(home: Path, api: ApiSection | None = None) -> None:
     """Run the daemon of *home* until stopped; *api* replaces the config's ``[api]``."""
     config = load_config(home / CONFIG_FILE)
     if api is not None:  # --api: where to listen; the config's browser rules still apply
-        config = replace(config, api=replace(config.api, enabled=api.enabled, host=api.host,
-                                             port=api.port))  # fmt: skip
+        config = replace(
+            config, api=replace(config.api, enabled=api.enabled, host=api.host, port=api.port)
+        )
     configure(config.log.level)
     daemon = Daemon(home, config)
     try:

@@ -231,9 +231,15 @@ def _time_pair(ref: _Probe, other: _Probe, budget_s: float) -> _Pairing:
 
 
 def time_probes(
-    segs: dict[str, Path], arch: Any, kv: Any, *, threads: int, reference: str,
-    budget_s: float = 0.2, prompt: int = 32,
-) -> dict[str, ProbeTiming]:  # fmt: skip
+    segs: dict[str, Path],
+    arch: Any,
+    kv: Any,
+    *,
+    threads: int,
+    reference: str,
+    budget_s: float = 0.2,
+    prompt: int = 32,
+) -> dict[str, ProbeTiming]:
     """Time every probe segment of *segs* (kind -> segment.onnx), each in turn beside the
     *reference* probe, which stays loaded throughout (so at most two are in memory).
 
@@ -280,8 +286,12 @@ def probe_ranges(num_layers: int, layer_bytes: int) -> dict[str, tuple[int, int]
         raise ProfileError(f"a model of {num_layers} layers is too small to profile")
     room = num_layers - 2  # middle layers: 1 .. num_layers-2
     a = max(1, min(room // 2, -(-PROBE_TARGET_BYTES // max(layer_bytes, 1))))
-    return {"first": (0, 1), "a": (1, 1 + a), "b": (1, 1 + 2 * a), "last": (num_layers - 1,
-            num_layers)}  # fmt: skip
+    return {
+        "first": (0, 1),
+        "a": (1, 1 + a),
+        "b": (1, 1 + 2 * a),
+        "last": (num_layers - 1, num_layers),
+    }
 
 
 @dataclass(frozen=True)
@@ -294,9 +304,13 @@ class Calibration:
 
 
 def calibrate(
-    probes: dict[str, Path], ranges: dict[str, tuple[int, int]], arch: Any, kv: Any, *,
+    probes: dict[str, Path],
+    ranges: dict[str, tuple[int, int]],
+    arch: Any,
+    kv: Any,
+    *,
     threads: int,
-) -> tuple[Calibration, Calibration]:  # fmt: skip
+) -> tuple[Calibration, Calibration]:
     """(sustained, after idle) costs from the probes in *probes* (kind -> directory), whose
     layers are *ranges*."""
     segs: dict[str, Path] = {}
@@ -327,8 +341,9 @@ def _fit(t: dict[str, ProbeTiming], ranges: dict[str, tuple[int, int]], key: str
     run = max(0.0, d("a") - na * layer)
     one = run + layer  # what a one-layer segment costs: the ends are measured against it
     return Calibration(
-        layer_s=layer, run_s=run,
+        layer_s=layer,
+        run_s=run,
         first_s=max(0.0, d("first") - one),
         last_s=max(0.0, d("last") - one),
         prefill_layer_s=pre,
-    )  # fmt: skip
+    )

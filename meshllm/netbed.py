@@ -223,9 +223,22 @@ def _tbf(ns: str, dev: str, mbit: float) -> None:
     rate_bps = round(mbit * 1_000_000)
     burst = max(TBF_MIN_BURST_BYTES, round(rate_bps / 8 * TBF_BURST_S))
     _run(
-        "tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf",
-        "rate", f"{rate_bps}bit", "burst", str(burst), "latency", f"{TBF_LATENCY_MS}ms",
-    )  # fmt: skip
+        "tc",
+        "-n",
+        ns,
+        "qdisc",
+        "replace",
+        "dev",
+        dev,
+        "root",
+        "tbf",
+        "rate",
+        f"{rate_bps}bit",
+        "burst",
+        str(burst),
+        "latency",
+        f"{TBF_LATENCY_MS}ms",
+    )
 
 
 # --- create, enter, throttle, remove ---------------------------------------------------------
@@ -253,9 +266,20 @@ def create(net: Netbed) -> None:
         # Created inside the hub namespace with its other end straight in the peer's: no
         # interface ever appears in the host's namespace.
         _run(
-            "ip", "-n", hub, "link", "add", p.veth_hub,
-            "type", "veth", "peer", "name", p.veth_peer, "netns", p.netns,
-        )  # fmt: skip
+            "ip",
+            "-n",
+            hub,
+            "link",
+            "add",
+            p.veth_hub,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            p.veth_peer,
+            "netns",
+            p.netns,
+        )
         _run("ip", "-n", hub, "link", "set", p.veth_hub, "master", net.bridge, "up")
         _run("ip", "-n", p.netns, "addr", "add", f"{p.address}/24", "dev", p.veth_peer)
         _run("ip", "-n", p.netns, "link", "set", p.veth_peer, "up")
@@ -302,9 +326,13 @@ def peer_command(peer: NetPeer, argv: Sequence[str]) -> list[str]:
     makes inherits the quota. (Moving the pid after spawning would let start-up run
     unthrottled; a preexec_fn would do the same but is unsafe in a parent that has threads.)"""
     return [
-        "/bin/sh", "-c", 'echo $$ > "$1/cgroup.procs" && shift && exec "$@"', "meshllm-netbed",
-        peer.cgroup, *netns_command(peer.netns, argv),
-    ]  # fmt: skip
+        "/bin/sh",
+        "-c",
+        'echo $$ > "$1/cgroup.procs" && shift && exec "$@"',
+        "meshllm-netbed",
+        peer.cgroup,
+        *netns_command(peer.netns, argv),
+    ]
 
 
 def _cgroup_pids(cg: Path) -> set[int]:

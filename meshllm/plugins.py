@@ -129,8 +129,11 @@ def describe_plugins(pm: pluggy.PluginManager) -> dict[str, object]:
     plugins = []
     for name, plugin in pm.list_name_plugin():
         hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or [])
-        kind = "built-in" if name in DEFAULT_PLUGINS else ("entry point" if name in entry
-                                                           else "registered")  # fmt: skip
+        kind = (
+            "built-in"
+            if name in DEFAULT_PLUGINS
+            else ("entry point" if name in entry else "registered")
+        )
         plugins.append({"name": name, "kind": kind, "hooks": hooks})
     registries = {
         "partitioners": PartitionerRegistry(pm),

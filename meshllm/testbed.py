@@ -105,9 +105,12 @@ def start_daemon(
     argv = [sys.executable, "-m", "meshllm", "--home", str(home), "daemon", *args]
     return subprocess.Popen(
         [*wrap, *argv],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        start_new_session=True, env=env,
-    )  # fmt: skip
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        env=env,
+    )
 
 
 def wait_ready(home: Path, proc: subprocess.Popen | None = None, timeout: float = 30.0) -> dict:
@@ -298,7 +301,6 @@ def throttle(root: Path, peer: int | str, cpu: float | None) -> dict[str, Any]:
     The new figure is what the cgroup enforces; the planner's memory figure and the link stay.
     """
     import dataclasses
-
 
     net = load_network(root)
     if net is None:

@@ -254,9 +254,17 @@ def _hostile_string(rng: Chooser) -> tuple[str, bytes]:
 
 def _hostile_int(rng: Chooser) -> tuple[str, bytes]:
     values = (
-        -1, -(2**31), -(2**63), -(2**64), 2**31, 2**32, 2**53 + 1, 2**62, 2**63,
+        -1,
+        -(2**31),
+        -(2**63),
+        -(2**64),
+        2**31,
+        2**32,
+        2**53 + 1,
+        2**62,
+        2**63,
         2**64 - 1,
-    )  # fmt: skip
+    )
     i = rng.randrange(len(values) + 2)
     if i < len(values):
         return f"int:{values[i]}", integer(values[i])
@@ -299,13 +307,16 @@ def _hostile_decimal(rng: Chooser) -> tuple[str, bytes]:
 
 
 def _hostile_bigfloat(rng: Chooser) -> tuple[str, bytes]:
-    name, (e, m) = _choice(rng, (
-        ("bigfloat:2**600000", (600_000, 1)),
-        ("bigfloat:2**3000000", (3_000_000, 1)),
-        ("bigfloat:3*2**-1000", (-1000, 3)),
-        ("bigfloat:2**40", (40, 1)),
-        ("bigfloat:huge-exponent", (2**40, 1)),
-    ))  # fmt: skip
+    name, (e, m) = _choice(
+        rng,
+        (
+            ("bigfloat:2**600000", (600_000, 1)),
+            ("bigfloat:2**3000000", (3_000_000, 1)),
+            ("bigfloat:3*2**-1000", (-1000, 3)),
+            ("bigfloat:2**40", (40, 1)),
+            ("bigfloat:huge-exponent", (2**40, 1)),
+        ),
+    )
     return name, bigfloat(e, m)
 
 
@@ -494,9 +505,17 @@ HOSTILE_KINDS: tuple[str, ...] = tuple(_GENERATORS)
 # Kinds whose items stay well-formed CBOR (the message around them still decodes), so a
 # decoder's *validation* is what meets them, not cbor2's parser.
 WELL_FORMED_KINDS: tuple[str, ...] = (
-    "string", "int", "bignum", "decimal", "bigfloat", "float", "simple", "bytes", "tag",
+    "string",
+    "int",
+    "bignum",
+    "decimal",
+    "bigfloat",
+    "float",
+    "simple",
+    "bytes",
+    "tag",
     "container",
-)  # fmt: skip
+)
 
 
 def hostile_item(rng: Chooser, kind: str | None = None, *, depth: int = 0) -> tuple[str, bytes]:
@@ -545,24 +564,39 @@ def plan_obj(ctx: Context, epoch: int | None = None) -> dict[str, Any]:
     n, k = ctx.num_layers, len(ctx.peers)
     cuts = [round(i * n / k) for i in range(k + 1)]
     return {
-        "epoch": ctx.epoch if epoch is None else epoch, "model": ctx.model,
-        "model_sha": ctx.model_sha, "source": ctx.source, "num_layers": n,
+        "epoch": ctx.epoch if epoch is None else epoch,
+        "model": ctx.model,
+        "model_sha": ctx.model_sha,
+        "source": ctx.source,
+        "num_layers": n,
         "partitioner": "even",
         "stages": [[p, cuts[i], cuts[i + 1]] for i, p in enumerate(ctx.peers)],
-        "predicted": {"objective": "latency", "step_s": 0.01, "stage_s": [0.005] * k,
-                      "bottleneck_s": 0.005},
+        "predicted": {
+            "objective": "latency",
+            "step_s": 0.01,
+            "stage_s": [0.005] * k,
+            "bottleneck_s": 0.005,
+        },
         "balance": "none",
-    }  # fmt: skip
+    }
 
 
 def profile_obj(ctx: Context) -> dict[str, Any]:
     """A profile as ``Profile.to_obj`` writes it."""
     return {
-        "model_sha": ctx.model_sha, "layer_s": 0.001, "first_s": 0.0005, "last_s": 0.002,
-        "prefill_layer_s": 0.0001, "hop_s": 0.0003, "idle": [0.001, 0.0005, 0.002, 0.0003],
-        "memory_bytes": 1 << 30, "memory_exact": False, "threads": 1,
-        "measured_at": 1_700_000_000.0, "links": {p: [0.001, 1.0e8] for p in ctx.peers},
-    }  # fmt: skip
+        "model_sha": ctx.model_sha,
+        "layer_s": 0.001,
+        "first_s": 0.0005,
+        "last_s": 0.002,
+        "prefill_layer_s": 0.0001,
+        "hop_s": 0.0003,
+        "idle": [0.001, 0.0005, 0.002, 0.0003],
+        "memory_bytes": 1 << 30,
+        "memory_exact": False,
+        "threads": 1,
+        "measured_at": 1_700_000_000.0,
+        "links": {p: [0.001, 1.0e8] for p in ctx.peers},
+    }
 
 
 def heartbeat_extra(ctx: Context) -> dict[str, Any]:
@@ -579,7 +613,7 @@ def heartbeat_extra(ctx: Context) -> dict[str, Any]:
         "staged": plan_obj(ctx),
         "prepared": ctx.epoch,
         "plan": plan_obj(ctx),
-    }  # fmt: skip
+    }
 
 
 def _ctl(kind: str, **fields: Any) -> dict[str, Any]:
@@ -605,12 +639,25 @@ def templates(ctx: Context | None = None) -> dict[str, dict[str, Any]]:
     ctx = ctx or Context()
     coord = ctx.me
     fwd = {
-        "k": "fwd", "r": "hostile-request-0", "e": ctx.epoch, "s": 0, "p": 1, "n": 1,
-        "c": coord, "t": {"input_ids": _tensor("int64", [1, 1])},
-        "cs": [0.001], "at": 1_700_000_000.0,
-    }  # fmt: skip
-    serve = {"kind": "serve", "model": ctx.serve_model, "partitioner": "even",
-             "rid": "0123456789abcdef", "objective": "latency", "balance": "none"}  # fmt: skip
+        "k": "fwd",
+        "r": "hostile-request-0",
+        "e": ctx.epoch,
+        "s": 0,
+        "p": 1,
+        "n": 1,
+        "c": coord,
+        "t": {"input_ids": _tensor("int64", [1, 1])},
+        "cs": [0.001],
+        "at": 1_700_000_000.0,
+    }
+    serve = {
+        "kind": "serve",
+        "model": ctx.serve_model,
+        "partitioner": "even",
+        "rid": "0123456789abcdef",
+        "objective": "latency",
+        "balance": "none",
+    }
     profile_req = {"kind": "profile", "sha": "cd" * 32, "source": ctx.source, "refresh": False}
     out: dict[str, dict[str, Any]] = {
         "ctl.hb": _ctl(
@@ -790,12 +837,15 @@ def mutate(rng: Chooser, template: dict[str, Any], fixed: Collection[str] = ()) 
         original = _get(template, where)
         if isinstance(original, bytes) and original and rng.randrange(3) == 0:
             # The right size, hostile content: token ids out of range, NaN activations.
-            name, junk = _choice(rng, (
-                ("bytes:same-size-ff", lambda n: b"\xff" * n),
-                ("bytes:same-size-f32-nan", lambda n: (b"\x00\x00\xc0\x7f" * n)[:n]),
-                ("bytes:same-size-f32-inf", lambda n: (b"\x00\x00\x80\x7f" * n)[:n]),
-                ("bytes:same-size-random", rng.randbytes),
-            ))  # fmt: skip
+            name, junk = _choice(
+                rng,
+                (
+                    ("bytes:same-size-ff", lambda n: b"\xff" * n),
+                    ("bytes:same-size-f32-nan", lambda n: (b"\x00\x00\xc0\x7f" * n)[:n]),
+                    ("bytes:same-size-f32-inf", lambda n: (b"\x00\x00\x80\x7f" * n)[:n]),
+                    ("bytes:same-size-random", rng.randbytes),
+                ),
+            )
             item = bstr(junk(len(original)))
         elif rng.randrange(8) == 0:  # sometimes wrap the original value in a tag instead
             number = _choice(rng, (55799, 1234, 28, 258))
@@ -887,9 +937,13 @@ def sweep(
 
 
 def hostile_cases(
-    rng: Chooser, template: dict[str, Any], n: int, *, protocol: str = "",
+    rng: Chooser,
+    template: dict[str, Any],
+    n: int,
+    *,
+    protocol: str = "",
     fixed: Collection[str] = (),
-) -> Iterator[Case]:  # fmt: skip
+) -> Iterator[Case]:
     """*n* hostile messages made from *template*: a :func:`sweep` of its fields first (as
     much of it as *n* allows), then random :func:`mutate` cases."""
     made = 0

@@ -50,8 +50,10 @@ async def memory_pair(nursery, protocol: str, handler, secret: bytes = b"m" * 32
 
     transport = MemoryTransport(MemoryNetwork())
     rng = random.Random(1)
-    a, b = (transport.create_endpoint(EndpointOptions(rng.randbytes(32), MeshSecret(secret), ()))
-            for _ in range(2))  # fmt: skip
+    a, b = (
+        transport.create_endpoint(EndpointOptions(rng.randbytes(32), MeshSecret(secret), ()))
+        for _ in range(2)
+    )
     a.set_stream_handler(protocol, handler)
     await nursery.start(a.run)
     await nursery.start(b.run)

@@ -143,8 +143,9 @@ def run_policy(
             worker.start()
 
     t0 = time.perf_counter()
-    run.answer = call_stream(homes[0], "query", on_event, timeout=900, prompt=PROMPT,
-                             max_tokens=args.tokens)  # fmt: skip
+    run.answer = call_stream(
+        homes[0], "query", on_event, timeout=900, prompt=PROMPT, max_tokens=args.tokens
+    )
     if worker.is_alive() or run.event_token is not None:
         worker.join(timeout=30)
     run.balancer = (call(homes[0], "status").get("serving") or {}).get("balancer")
@@ -210,9 +211,16 @@ def plot(runs: list[Run], path: Path) -> bool:
             i = r.get("tokens_done", 0)
             if 0 < i < len(t):
                 # The first token of the new plan, after the pause the re-plan took.
-                ax.plot([t[i]], [0], marker="^", color=colour, clip_on=False, linestyle="none",
-                        label=f"new plan, epoch {r.get('epoch')} ({run.policy}; "
-                        f"{r.get('wait_s', 0):.1f} s wait)")  # fmt: skip
+                ax.plot(
+                    [t[i]],
+                    [0],
+                    marker="^",
+                    color=colour,
+                    clip_on=False,
+                    linestyle="none",
+                    label=f"new plan, epoch {r.get('epoch')} ({run.policy}; "
+                    f"{r.get('wait_s', 0):.1f} s wait)",
+                )
     ax.set_xlabel("seconds since the query started")
     ax.set_ylabel(f"tokens/s (rolling, {WINDOW} tokens)")
     ax.set_title("Runtime load balancing: 4 equal phones, one throttled mid-query")
@@ -231,13 +239,18 @@ def runs_from_json(path: Path) -> list[Run]:
     data = json.loads(path.read_text())
     return [
         Run(
-            policy=r["policy"], balance_sent=r["balance_sent"], serve_epoch=r["serve_epoch"],
-            stages=r["stages"], throttled=r["throttled_peer"], times=r["token_times_s"],
-            event_token=r["event_token"], event_s=r["event_s"],
+            policy=r["policy"],
+            balance_sent=r["balance_sent"],
+            serve_epoch=r["serve_epoch"],
+            stages=r["stages"],
+            throttled=r["throttled_peer"],
+            times=r["token_times_s"],
+            event_token=r["event_token"],
+            event_s=r["event_s"],
             answer={"recoveries": r["recoveries"] or []},
         )
         for r in data["runs"]
-    ]  # fmt: skip
+    ]
 
 
 def fmt(x: float | None, spec: str = ".1f") -> str:
@@ -250,7 +263,9 @@ def main() -> None:
     ap.add_argument("--precision", default="int4", choices=["int4", "fp32"])
     ap.add_argument("--event-at", type=int, default=48, help="Throttle after this many tokens.")
     ap.add_argument(
-        "--rounds", type=int, default=3,
+        "--rounds",
+        type=int,
+        default=3,
         help="pairs of runs (none, then threshold) in one testbed; the headline is the median "
         "of the pairs' ratios, since one pair on a shared machine is noisy",
     )
@@ -274,8 +289,13 @@ def main() -> None:
         raise SystemExit(f"--event-at must be between {SKIP + 1} and --tokens - 1")
     store = ModelStore(Path(args.home) / "models")
     name = f"smollm2-135m-instruct-{args.precision}"
-    import_model(store.dir, None, precision=args.precision, name=name,
-                 report=lambda m: print(m, file=sys.stderr))  # fmt: skip
+    import_model(
+        store.dir,
+        None,
+        precision=args.precision,
+        name=name,
+        report=lambda m: print(m, file=sys.stderr),
+    )
     model = store.get(name)
     runs: list[Run] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -286,8 +306,12 @@ def main() -> None:
             peers = testbed.up(root, profile=profile, report=print)
             homes = [Path(p.home) for p in peers]
             ids = {call(h, "status")["self"]["id"]: i for i, h in enumerate(homes)}
-            shutil.copytree(model.path, homes[0] / "models" / name, copy_function=os.link,
-                            ignore=shutil.ignore_patterns("segments", "*.lock"))  # fmt: skip
+            shutil.copytree(
+                model.path,
+                homes[0] / "models" / name,
+                copy_function=os.link,
+                ignore=shutil.ignore_patterns("segments", "*.lock"),
+            )
             time.sleep(3)  # the daemon notices the import and advertises it on heartbeats
             for k in range(args.rounds):
                 for policy in POLICIES:
@@ -298,8 +322,10 @@ def main() -> None:
                     print(f"  {json.dumps(m)}", flush=True)
         finally:
             testbed.down(root)
-    rows = [{"policy": r.policy, "round": i // len(POLICIES) + 1, **metrics(r)}
-            for i, r in enumerate(runs)]  # fmt: skip
+    rows = [
+        {"policy": r.policy, "round": i // len(POLICIES) + 1, **metrics(r)}
+        for i, r in enumerate(runs)
+    ]
     for r in rows:
         before, after = r["before_tok_s"], r["after_tok_s"]
         r["after_vs_before"] = after / before if before and after else None
@@ -323,17 +349,25 @@ def main() -> None:
         "identical_token_ids": same,
         "runs": [
             {
-                "policy": r.policy, "balance_sent": r.balance_sent, "serve_epoch": r.serve_epoch,
-                "stages": r.stages, "throttled_peer": r.throttled, "event_token": r.event_token,
-                "event_s": r.event_s, "throttle_s": r.throttle_s,
-                "throttle_error": r.throttle_error, "metrics": row,
-                "token_ids": r.answer.get("token_ids"), "recoveries": r.answer.get("recoveries"),
-                "plan_epoch": r.answer.get("plan_epoch"), "balancer": r.balancer,
+                "policy": r.policy,
+                "balance_sent": r.balance_sent,
+                "serve_epoch": r.serve_epoch,
+                "stages": r.stages,
+                "throttled_peer": r.throttled,
+                "event_token": r.event_token,
+                "event_s": r.event_s,
+                "throttle_s": r.throttle_s,
+                "throttle_error": r.throttle_error,
+                "metrics": row,
+                "token_ids": r.answer.get("token_ids"),
+                "recoveries": r.answer.get("recoveries"),
+                "plan_epoch": r.answer.get("plan_epoch"),
+                "balancer": r.balancer,
                 "token_times_s": [round(x, 4) for x in r.times],
             }
             for r, row in zip(runs, rows, strict=True)
         ],
-    }  # fmt: skip
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -46,8 +46,9 @@ def trial(n: int, idle: float) -> dict:
             formed = time.monotonic()
             time.sleep(idle)
             rss = [rss_mib(p.pid) for p in peers]
-            victim = next(p for p, h in zip(peers, homes, strict=True)
-                          if status(h)["self"]["id"] == leader)  # fmt: skip
+            victim = next(
+                p for p, h in zip(peers, homes, strict=True) if status(h)["self"]["id"] == leader
+            )
             os.kill(victim.pid, signal.SIGKILL)
             killed = time.monotonic()
             rest = [h for p, h in zip(peers, homes, strict=True) if p is not victim]

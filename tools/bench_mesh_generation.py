@@ -92,8 +92,9 @@ def bench_precision(
     source: str | None = None,
     max_batch: int | None = None,
 ) -> dict:
-    manifest, _ = import_model(store.dir, source, precision=precision,
-                               report=lambda m: print(m, file=sys.stderr))  # fmt: skip
+    manifest, _ = import_model(
+        store.dir, source, precision=precision, report=lambda m: print(m, file=sys.stderr)
+    )
     name = manifest.name
     model = store.get(name)
     with tempfile.TemporaryDirectory() as tmp:
@@ -103,10 +104,13 @@ def bench_precision(
         homes = [Path(p.home) for p in peers]
         try:
             dest = homes[0] / "models" / name
-            shutil.copytree(model.path, dest, copy_function=os.link,
-                            ignore=shutil.ignore_patterns("segments", "*.lock"))  # fmt: skip
-            call(homes[1], "serve", timeout=600, model=name, partitioner=partitioner,
-                 wait_s=590)  # fmt: skip
+            shutil.copytree(
+                model.path,
+                dest,
+                copy_function=os.link,
+                ignore=shutil.ignore_patterns("segments", "*.lock"),
+            )
+            call(homes[1], "serve", timeout=600, model=name, partitioner=partitioner, wait_s=590)
             deadline = time.monotonic() + 300
             while not call(homes[1], "status")["serving"]["ready"]:
                 if time.monotonic() > deadline:
@@ -150,13 +154,17 @@ def bench_precision(
                 me = view["self"]["id"]
                 own = view["serving"]["states"].get(me, {})
                 stats = (view["serving"].get("runtime", {}).get(me) or {}).get("stage_stats", {})
-                memory.append({
-                    "peer": p.index, "layers": own.get("layers"), "rss_mib": round(rss, 1),
-                    "segment_mib": round(own.get("segment_bytes", 0) / 2**20, 1),
-                    # Decode steps this stage ran in batches with other requests' steps.
-                    "batches": stats.get("batches", 0),
-                    "batched_steps": stats.get("batched_steps", 0),
-                })  # fmt: skip
+                memory.append(
+                    {
+                        "peer": p.index,
+                        "layers": own.get("layers"),
+                        "rss_mib": round(rss, 1),
+                        "segment_mib": round(own.get("segment_bytes", 0) / 2**20, 1),
+                        # Decode steps this stage ran in batches with other requests' steps.
+                        "batches": stats.get("batches", 0),
+                        "batched_steps": stats.get("batched_steps", 0),
+                    }
+                )
         finally:
             testbed.down(root)
     mono = statistics.median(monos)
@@ -240,9 +248,20 @@ def main() -> None:
     args = ap.parse_args()
     testbed.exit_on_sigterm()  # stopped by `timeout`, it still takes its testbed down
     store = ModelStore(Path(args.home) / "models")
-    results = [bench_precision(store, p, args.peers, args.tokens, args.rounds, args.partitioner,
-                               args.floor, args.source, args.max_batch)
-               for p in args.precisions.split(",")]  # fmt: skip
+    results = [
+        bench_precision(
+            store,
+            p,
+            args.peers,
+            args.tokens,
+            args.rounds,
+            args.partitioner,
+            args.floor,
+            args.source,
+            args.max_batch,
+        )
+        for p in args.precisions.split(",")
+    ]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": "mesh_generation", "results": results}, indent=2))
@@ -263,14 +282,18 @@ def main() -> None:
             f"{r['aggregate_ratio_vs_1']['4']:>5.2f}"
         )
     for r in results:
-        print(f"\n{r['precision']}: {'peer':>4} {'layers':>7} {'segment MiB':>11} {'RSS MiB':>8} "
-              f"{'batched steps':>13} {'rows/batch':>10}")  # fmt: skip
+        print(
+            f"\n{r['precision']}: {'peer':>4} {'layers':>7} {'segment MiB':>11} {'RSS MiB':>8} "
+            f"{'batched steps':>13} {'rows/batch':>10}"
+        )
         for m in r["peer_memory"]:
             layers, seg, rss = m["layers"] or "-", m["segment_mib"], m["rss_mib"]
             pad = " " * (len(r["precision"]) + 1)
             rows = m["batched_steps"] / m["batches"] if m["batches"] else 0.0
-            print(f"{pad} {m['peer']:>4} {layers:>7} {seg:>11.1f} {rss:>8.1f} "
-                  f"{m['batched_steps']:>13} {rows:>10.2f}")  # fmt: skip
+            print(
+                f"{pad} {m['peer']:>4} {layers:>7} {seg:>11.1f} {rss:>8.1f} "
+                f"{m['batched_steps']:>13} {rows:>10.2f}"
+            )
     print(f"\nwritten to {out}")
 
 

@@ -127,14 +127,21 @@ def solve_times(instances: int) -> dict:
                 for i in range(peers)
             )
             problem = PlanProblem(
-                layer_bytes=(20 << 20,) * layers, first_bytes=100 << 20, last_bytes=100 << 20,
-                devices=devices, link_s=link, return_s=link, objective=objective,
-            )  # fmt: skip
+                layer_bytes=(20 << 20,) * layers,
+                first_bytes=100 << 20,
+                last_bytes=100 << 20,
+                devices=devices,
+                link_s=link,
+                return_s=link,
+                objective=objective,
+            )
             t = time.perf_counter()
             solve_milp(problem)
             times.append(time.perf_counter() - t)
-        out[objective] = {"median_ms": round(statistics.median(times) * 1e3, 2),
-                          "max_ms": round(max(times) * 1e3, 2)}  # fmt: skip
+        out[objective] = {
+            "median_ms": round(statistics.median(times) * 1e3, 2),
+            "max_ms": round(max(times) * 1e3, 2),
+        }
     return out
 
 
@@ -156,8 +163,13 @@ def main() -> None:
         raise SystemExit("this benchmark puts peers in network namespaces and cgroups: run as root")
     store = ModelStore(Path(args.home) / "models")
     name = f"smollm2-135m-instruct-{args.precision}"
-    import_model(store.dir, None, precision=args.precision, name=name,
-                 report=lambda m: print(m, file=sys.stderr))  # fmt: skip
+    import_model(
+        store.dir,
+        None,
+        precision=args.precision,
+        name=name,
+        report=lambda m: print(m, file=sys.stderr),
+    )
     model = store.get(name)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -169,8 +181,12 @@ def main() -> None:
             for h, p in zip(homes, peers, strict=True)
         }
         try:
-            shutil.copytree(model.path, homes[0] / "models" / name, copy_function=os.link,
-                            ignore=shutil.ignore_patterns("segments", "*.lock"))  # fmt: skip
+            shutil.copytree(
+                model.path,
+                homes[0] / "models" / name,
+                copy_function=os.link,
+                ignore=shutil.ignore_patterns("segments", "*.lock"),
+            )
             time.sleep(3)  # the daemon notices the import and advertises it on heartbeats
             before = elections(homes)
             for partitioner, objective in PLANS:
@@ -205,10 +221,20 @@ def main() -> None:
     solver = solve_times(args.solver_instances)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "planner", "profile": str(args.profile),
-                               "precision": args.precision, "tokens": args.tokens,
-                               "results": rows, "solver_64x8": solver,
-                               "elections": election}, indent=2))  # fmt: skip
+    out.write_text(
+        json.dumps(
+            {
+                "benchmark": "planner",
+                "profile": str(args.profile),
+                "precision": args.precision,
+                "tokens": args.tokens,
+                "results": rows,
+                "solver_64x8": solver,
+                "elections": election,
+            },
+            indent=2,
+        )
+    )
     print(
         f"\n{'plan':16} {'stages':44} {'pred ms':>7} {'meas ms':>7} {'err':>6} "
         f"{'tok/s':>6} {'x even':>6} {'agg@4':>6} {'x even':>6}"
@@ -224,17 +250,25 @@ def main() -> None:
             f"{r.get('aggregate4_tok_s', float('nan')):>6.1f} "
             f"{r.get('aggregate4_vs_even', float('nan')):>6.2f}"
         )
-    print(f"\n{'peer':10} {'leader chg':>10} {'elections':>9} {'prevotes':>8} "
-          f"{'gaps>dead':>9} {'hb late max':>11} {'hb gap max':>10} {'send max':>8}")
+    print(
+        f"\n{'peer':10} {'leader chg':>10} {'elections':>9} {'prevotes':>8} "
+        f"{'gaps>dead':>9} {'hb late max':>11} {'hb gap max':>10} {'send max':>8}"
+    )
     for peer, e in election.items():
-        print(f"{peer:10} {e['leader_changes']:>10} {e['elections']:>9} {e['prevotes']:>8} "
-              f"{e['hb_gaps_over_dead']:>9} {e['hb_late_max_s']:>10.2f}s "
-              f"{e['hb_gap_max_s']:>9.2f}s {e['hb_send_max_s']:>7.2f}s")
+        print(
+            f"{peer:10} {e['leader_changes']:>10} {e['elections']:>9} {e['prevotes']:>8} "
+            f"{e['hb_gaps_over_dead']:>9} {e['hb_late_max_s']:>10.2f}s "
+            f"{e['hb_gap_max_s']:>9.2f}s {e['hb_send_max_s']:>7.2f}s"
+        )
     for peer, e in election.items():
-        print(f"{peer} heard silences of at most: "
-              + ", ".join(f"{p} {g:.2f} s" for p, g in sorted(e["gap_from"].items())))
-    print("serve took: " + ", ".join(f"{r['partitioner']}/{r['objective']} {r['serve_s']:.1f} s"
-                                     for r in rows))
+        print(
+            f"{peer} heard silences of at most: "
+            + ", ".join(f"{p} {g:.2f} s" for p, g in sorted(e["gap_from"].items()))
+        )
+    print(
+        "serve took: "
+        + ", ".join(f"{r['partitioner']}/{r['objective']} {r['serve_s']:.1f} s" for r in rows)
+    )
     print(f"\nMILP solve, 64 layers x 8 peers: {solver}")
     print(f"written to {out}")
 

@@ -20,8 +20,15 @@ from typing import Any
 import numpy as np
 
 
-def _stage(k: int, store_dir: str, name: str, ranges: list[tuple[int, int]],
-           rx: Connection, tx: Connection, ready: Any) -> None:  # fmt: skip
+def _stage(
+    k: int,
+    store_dir: str,
+    name: str,
+    ranges: list[tuple[int, int]],
+    rx: Connection,
+    tx: Connection,
+    ready: Any,
+) -> None:
     from meshllm.model.ranges import LayerRange
     from meshllm.model.runtime import SegmentRuntime
     from meshllm.model.store import ModelStore

@@ -232,8 +232,11 @@ class HttpServer:
             responder = await self._exchange(conn, stream, idle_until)
             if responder is None:
                 return
-            if (responder.state != "done" or conn.our_state is h11.MUST_CLOSE
-                    or conn.their_state is not h11.DONE):  # fmt: skip
+            if (
+                responder.state != "done"
+                or conn.our_state is h11.MUST_CLOSE
+                or conn.their_state is not h11.DONE
+            ):
                 # The request was not read to its end (or could not be): nothing after it can.
                 await self._hang_up(stream)
                 return
@@ -273,21 +276,22 @@ class HttpServer:
                 if not responder.started:
                     raise RuntimeError(f"no response to {request.method} {request.path}")
         except h11.RemoteProtocolError as exc:
-            err = ApiError(exc.error_status_hint, f"malformed HTTP request: {exc}",
-                           code="bad_http")  # fmt: skip
+            err = ApiError(exc.error_status_hint, f"malformed HTTP request: {exc}", code="bad_http")
         except _Timeout as exc:
             if conn.their_state is h11.IDLE and not conn.trailing_data[0]:
                 return None  # nothing was sent (or an idle kept-alive connection): just close
-            err = ApiError(408, f"the request did not arrive within {exc.limit_s:g} s",
-                           code="request_timeout")  # fmt: skip
+            err = ApiError(
+                408, f"the request did not arrive within {exc.limit_s:g} s", code="request_timeout"
+            )
         except ApiError as exc:
             err = exc
         except ClientGone:
             raise
         except Exception as exc:  # a bug: logged, answered, and the server goes on
             log.exception("api_handler_failed", error=repr(exc))
-            err = ApiError(500, f"internal error: {type(exc).__name__}: {exc}", SERVER,
-                           "internal_error")  # fmt: skip
+            err = ApiError(
+                500, f"internal error: {type(exc).__name__}: {exc}", SERVER, "internal_error"
+            )
         if err is not None:
             if conn.their_state is not h11.DONE:
                 log.info("api_request_refused", status=err.status, reason=err.message)

@@ -19,32 +19,59 @@ from meshllm.model.sampling import SamplingParams
 MAX_STOPS = 4  # as OpenAI
 
 # Accepted and ignored: they do not change what is generated.
-_IGNORED = frozenset({
-    "user", "store", "metadata", "service_tier", "safety_identifier", "prompt_cache_key",
-    "parallel_tool_calls",  # meaningful only with tools, which are refused
-})  # fmt: skip
+_IGNORED = frozenset(
+    {
+        "user",
+        "store",
+        "metadata",
+        "service_tier",
+        "safety_identifier",
+        "prompt_cache_key",
+        "parallel_tool_calls",  # meaningful only with tools, which are refused
+    }
+)
 
 # Accepted only at the value(s) that change nothing; anything else is refused.
 _NEUTRAL_COMMON: dict[str, tuple[Any, ...]] = {
-    "n": (None, 1), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+    "n": (None, 1),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
     "logit_bias": (None, {}),
-}  # fmt: skip
+}
 _NEUTRAL_CHAT: dict[str, tuple[Any, ...]] = {
-    **_NEUTRAL_COMMON, "logprobs": (None, False), "top_logprobs": (None, 0),
-    "tools": (None, []), "functions": (None, []), "tool_choice": (None, "none", "auto"),
-    "function_call": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
-    "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,),
-    "reasoning_effort": (None,), "web_search_options": (None,),
-}  # fmt: skip
+    **_NEUTRAL_COMMON,
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "tools": (None, []),
+    "functions": (None, []),
+    "tool_choice": (None, "none", "auto"),
+    "function_call": (None, "none", "auto"),
+    "response_format": (None, {"type": "text"}),
+    "modalities": (None, ["text"]),
+    "audio": (None,),
+    "prediction": (None,),
+    "reasoning_effort": (None,),
+    "web_search_options": (None,),
+}
 _NEUTRAL_COMPLETION: dict[str, tuple[Any, ...]] = {
-    **_NEUTRAL_COMMON, "logprobs": (None, 0), "best_of": (None, 1), "echo": (None, False),
+    **_NEUTRAL_COMMON,
+    "logprobs": (None, 0),
+    "best_of": (None, 1),
+    "echo": (None, False),
     "suffix": (None, ""),
-}  # fmt: skip
+}
 
 _COMMON = _IGNORED | {
-    "model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream",
+    "model",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "stop",
+    "stream",
     "stream_options",
-}  # fmt: skip
+}
 _CHAT_KEYS = _COMMON | {"messages", "max_completion_tokens"} | set(_NEUTRAL_CHAT)
 _COMPLETION_KEYS = _COMMON | {"prompt"} | set(_NEUTRAL_COMPLETION)
 

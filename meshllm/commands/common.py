@@ -64,14 +64,20 @@ def generation_options(f):  # type: ignore[no-untyped-def]
     that generate text (locally or on the mesh)."""
     options = [
         click.option("--max-tokens", type=click.IntRange(min=1), default=128, show_default=True),
-        click.option("--temperature", type=click.FloatRange(min=0), default=0.0,
-                     show_default=True, help="0 is greedy decoding."),
+        click.option(
+            "--temperature",
+            type=click.FloatRange(min=0),
+            default=0.0,
+            show_default=True,
+            help="0 is greedy decoding.",
+        ),
         click.option("--top-k", type=click.IntRange(min=0), default=0, help="0 disables top-k."),
         click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0),
         click.option("--seed", type=int, help="Seed for sampling (temperature > 0)."),
-        click.option("--raw", is_flag=True,
-                     help="Send the prompt as is, without the chat template."),
-    ]  # fmt: skip
+        click.option(
+            "--raw", is_flag=True, help="Send the prompt as is, without the chat template."
+        ),
+    ]
     for option in reversed(options):
         f = option(f)
     return f

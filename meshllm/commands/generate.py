@@ -94,9 +94,15 @@ def generate_cmd(
         sys.stdout.flush()
 
     result = generate(
-        chain, arch, ChatTokenizer(model.path), prompt, raw=raw, max_tokens=max_tokens,
-        sampling=sampling, on_text=None if as_json else show,
-    )  # fmt: skip
+        chain,
+        arch,
+        ChatTokenizer(model.path),
+        prompt,
+        raw=raw,
+        max_tokens=max_tokens,
+        sampling=sampling,
+        on_text=None if as_json else show,
+    )
     if as_json:
         print_json({"model": model.name, **result.to_dict()})
         return

@@ -31,9 +31,12 @@ def home_option(f):  # type: ignore[no-untyped-def]
             ctx.ensure_object(dict)["home"] = value
 
     return click.option(
-        "--home", type=click.Path(file_okay=False), expose_value=False, callback=set_home,
+        "--home",
+        type=click.Path(file_okay=False),
+        expose_value=False,
+        callback=set_home,
         help="Peer home directory  [env: MESHLLM_HOME; default: ~/.meshllm]",
-    )(f)  # fmt: skip
+    )(f)
 
 
 def home_of(ctx: click.Context) -> Path:
@@ -139,11 +142,13 @@ class ApiAddress(click.ParamType):
 @click.command("daemon")
 @home_option
 @click.option(
-    "--api", type=ApiAddress(), default=None,
+    "--api",
+    type=ApiAddress(),
+    default=None,
     help="Serve the OpenAI-compatible HTTP API on [HOST:]PORT for this run (HOST defaults "
     "to 127.0.0.1; PORT 0 picks a free port, shown by `status --json` under api), whatever "
     "config.toml's [api] says.",
-)  # fmt: skip
+)
 @click.pass_context
 def daemon_cmd(ctx: click.Context, api: ApiSection | None) -> None:
     """Run this peer's daemon in the foreground (stop with Ctrl-C or `meshllm stop`)."""

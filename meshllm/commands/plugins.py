@@ -24,7 +24,10 @@ def plugins_cmd(as_json: bool) -> None:
     click.echo("PLUGIN                          KIND         HOOKS")
     for p in info["plugins"]:  # type: ignore[union-attr]
         click.echo(f"{p['name']:31} {p['kind']:12} {', '.join(p['hooks']) or '-'}")
-    for key, title in (("partitioners", "partitioners"), ("transports", "transports"),
-                       ("balancing_policies", "balancing policies")):  # fmt: skip
+    for key, title in (
+        ("partitioners", "partitioners"),
+        ("transports", "transports"),
+        ("balancing_policies", "balancing policies"),
+    ):
         items = info[key]  # type: ignore[index]
         click.echo(f"\n{title}: " + ", ".join(f"{n} ({o})" for n, o in items.items()))

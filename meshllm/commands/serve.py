@@ -137,9 +137,16 @@ def serve_cmd(
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @click.pass_context
 def query_cmd(
-    ctx: click.Context, prompt: str, max_tokens: int, temperature: float, top_k: int,
-    top_p: float, seed: int | None, raw: bool, as_json: bool,
-) -> None:  # fmt: skip
+    ctx: click.Context,
+    prompt: str,
+    max_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    seed: int | None,
+    raw: bool,
+    as_json: bool,
+) -> None:
     """Ask the mesh: this peer coordinates, every stage runs its own layers."""
 
     def show(ev: dict[str, Any]) -> None:
@@ -148,9 +155,18 @@ def query_cmd(
             sys.stdout.flush()
 
     result = call_stream(
-        home_of(ctx), "query", show, timeout=120, prompt=prompt, max_tokens=max_tokens,
-        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, raw=raw,
-    )  # fmt: skip
+        home_of(ctx),
+        "query",
+        show,
+        timeout=120,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        raw=raw,
+    )
     if as_json:
         print_json(result)
         return

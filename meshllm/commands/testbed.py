@@ -12,9 +12,13 @@ from meshllm.commands.common import print_json, progress
 
 DEFAULT_DIR = Path(".meshllm-testbed")
 dir_option = click.option(
-    "--dir", "root", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_DIR,
-    show_default=True, help="Directory holding the peers' homes and the testbed state.",
-)  # fmt: skip
+    "--dir",
+    "root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DEFAULT_DIR,
+    show_default=True,
+    help="Directory holding the peers' homes and the testbed state.",
+)
 
 
 @click.group("testbed")

@@ -69,9 +69,7 @@ class Admission:
                 )
                 raise AdmissionRefused(f"peer {pid} does not hold the mesh secret")
             self.admitted.add(pid)
-            await stream.write(
-                frame(cbor2.dumps({"mac": self._mac(b"D", me, pid, nd, nl)}))
-            )
+            await stream.write(frame(cbor2.dumps({"mac": self._mac(b"D", me, pid, nd, nl)})))
             verdict = auth_message(wire.loads(await reader.read_frame()))
             if verdict.get("ok") is not True:
                 self.admitted.discard(pid)

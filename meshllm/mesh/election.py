@@ -154,8 +154,7 @@ class Election:
     def on_prevote_request(self, sender: str, term: int, version: Version) -> None:
         self.members.record(sender).last_seen = self.members.now()
         granted = term > self.term and self._can_grant(term, version)
-        self._send(sender, encode_message("pvres", term if granted else self.term,
-                                          granted=granted))  # fmt: skip
+        self._send(sender, encode_message("pvres", term if granted else self.term, granted=granted))
 
     def on_prevote(self, sender: str, term: int, granted: bool) -> None:
         if not granted:
@@ -248,8 +247,13 @@ class Election:
             return
         heard = frozenset([self.me, *self.members.alive_peers()])
         if not self.roster.is_quorum(heard):
-            self.log.warning("stepped_down", term=self.term, reason="lost quorum",
-                             heard=len(heard), roster=len(self.roster.members))  # fmt: skip
+            self.log.warning(
+                "stepped_down",
+                term=self.term,
+                reason="lost quorum",
+                heard=len(heard),
+                roster=len(self.roster.members),
+            )
             self.role, self.leader = FOLLOWER, None
             self.stats.stepdowns += 1
             self.reset_deadline()
@@ -263,8 +267,13 @@ class Election:
         old = self.roster.members
         self.roster = self.roster.changed(members, self.term)
         self.stats.roster_changes += 1
-        self.log.info("roster_changed", version=list(self.roster.version), size=len(members),
-                      added=sorted(members - old), removed=sorted(old - members))  # fmt: skip
+        self.log.info(
+            "roster_changed",
+            version=list(self.roster.version),
+            size=len(members),
+            added=sorted(members - old),
+            removed=sorted(old - members),
+        )
         self._announce()
 
     def on_bye(self, sender: str, roster: Roster | None) -> None:
@@ -289,8 +298,9 @@ class Election:
         self.leaving = True
         fields: dict[str, Any] = {}
         if self.role == LEADER and self.roster is not None and len(self.roster.members) > 1:
-            fields["roster"] = self.roster.changed(self.roster.members - {self.me},
-                                                   self.term).to_wire()  # fmt: skip
+            fields["roster"] = self.roster.changed(
+                self.roster.members - {self.me}, self.term
+            ).to_wire()
         self.role, self.leader = FOLLOWER, None
         return fields
 

@@ -145,10 +145,12 @@ class Members:
         now = self.now()
         limit = self.forget_after_s
         stale = [
-            pid for pid, rec in self.peers.items()
-            if rec.last_seen is None and not self.endpoint.is_connected(pid)
+            pid
+            for pid, rec in self.peers.items()
+            if rec.last_seen is None
+            and not self.endpoint.is_connected(pid)
             and now - rec.learned_at > limit
-        ]  # fmt: skip
+        ]
         for pid in stale:
             del self.peers[pid]
             self.log.info("peer_forgotten", other=pid)
@@ -158,8 +160,13 @@ class Members:
     def changed(self) -> None:
         if self.on_changed is not None:
             # Only members heard from directly: ids that others merely named are not kept.
-            self.on_changed({p: list(r.addrs) for p, r in self.peers.items()
-                             if r.addrs and r.last_seen is not None})  # fmt: skip
+            self.on_changed(
+                {
+                    p: list(r.addrs)
+                    for p, r in self.peers.items()
+                    if r.addrs and r.last_seen is not None
+                }
+            )
 
     # -- dialling -------------------------------------------------------------------------------
     def due_for_dial(self, rec: PeerRecord, now: float) -> bool:

@@ -123,8 +123,9 @@ class MemoryEndpoint:
         if handler is None or peer._nursery is None:
             raise PeerUnreachable(f"{peer_id} does not speak {protocol}")
         ours, theirs = trio.testing.memory_stream_pair()
-        peer._nursery.start_soon(contain, protocol, self.peer_id, handler,
-                                 MemoryStream(self.peer_id, theirs))
+        peer._nursery.start_soon(
+            contain, protocol, self.peer_id, handler, MemoryStream(self.peer_id, theirs)
+        )
         return MemoryStream(peer_id, ours)
 
 

@@ -88,9 +88,15 @@ from meshllm.mesh.transport import Endpoint, Message, PeerUnreachable
 from meshllm.wire import BadMessage
 
 __all__ = [
-    "CANDIDATE", "FOLLOWER", "FORGET_AFTER_MIN_S", "LEADER", "ElectionStats", "MeshNode",
-    "PeerRecord", "encode_message",
-]  # fmt: skip
+    "CANDIDATE",
+    "FOLLOWER",
+    "FORGET_AFTER_MIN_S",
+    "LEADER",
+    "ElectionStats",
+    "MeshNode",
+    "PeerRecord",
+    "encode_message",
+]
 
 log = structlog.get_logger("meshllm.mesh")
 
@@ -120,11 +126,19 @@ class MeshNode:
         self.log = log.bind(peer=endpoint.peer_id)
         self.stats = ElectionStats()
         self._wake = trio.Event()
-        self.members = Members(endpoint, config, self.log, self.stats, self.announce,
-                               on_members_changed)  # fmt: skip
-        self.election = Election(endpoint.peer_id, config, self.members, self.stats,
-                                 rng or random.Random(), self.log, self._spawn_send,
-                                 self.announce)  # fmt: skip
+        self.members = Members(
+            endpoint, config, self.log, self.stats, self.announce, on_members_changed
+        )
+        self.election = Election(
+            endpoint.peer_id,
+            config,
+            self.members,
+            self.stats,
+            rng or random.Random(),
+            self.log,
+            self._spawn_send,
+            self.announce,
+        )
         self.started_at = 0.0
         self._nursery: trio.Nursery | None = None
 
@@ -193,18 +207,20 @@ class MeshNode:
         for pid in sorted(self.peers):
             r = self.peers[pid]
             alive = self.is_alive(r)
-            peers.append({
-                "id": pid,
-                "name": r.name,
-                "role": (LEADER if pid == leader else r.role) if alive else "dead",
-                "alive": alive,
-                "last_seen_s": None if r.last_seen is None else round(now - r.last_seen, 3),
-                "term": r.term,
-                "addrs": list(r.addrs),
-                "connected": self.endpoint.is_connected(pid),
-                "gap_max_s": r.gap_max_s,
-                **({"refused": r.refused} if r.refused else {}),
-            })  # fmt: skip
+            peers.append(
+                {
+                    "id": pid,
+                    "name": r.name,
+                    "role": (LEADER if pid == leader else r.role) if alive else "dead",
+                    "alive": alive,
+                    "last_seen_s": None if r.last_seen is None else round(now - r.last_seen, 3),
+                    "term": r.term,
+                    "addrs": list(r.addrs),
+                    "connected": self.endpoint.is_connected(pid),
+                    "gap_max_s": r.gap_max_s,
+                    **({"refused": r.refused} if r.refused else {}),
+                }
+            )
         roster = self.roster
         return {
             "self": {
@@ -337,9 +353,16 @@ class MeshNode:
         if self.role == LEADER and self.roster is not None:
             fields["roster"] = self.roster.to_wire()
         return encode_message(
-            "hb", self.term, role=self.role, leader=self.current_leader(), name=self.name,
-            addrs=self.endpoint.listen_addrs(), members=members, x=extra, **fields,
-        )  # fmt: skip
+            "hb",
+            self.term,
+            role=self.role,
+            leader=self.current_leader(),
+            name=self.name,
+            addrs=self.endpoint.listen_addrs(),
+            members=members,
+            x=extra,
+            **fields,
+        )
 
     async def send_app(self, peer_id: str, body: dict[str, Any]) -> None:
         """Send an application message to one peer (raises PeerUnreachable)."""

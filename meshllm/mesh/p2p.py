@@ -202,9 +202,11 @@ class Libp2pEndpoint:
             await network.auto_connector.stop()
             self._guard_inbound(network)
             network.register_notifee(_Watcher(self))
-            for proto, handler in ((AUTH_PROTOCOL, self._admission.answer),
-                                   (CTL_PROTOCOL, self._on_ctl_stream),
-                                   (DATAPLANE_PROTOCOL, self._on_dataplane_request)):
+            for proto, handler in (
+                (AUTH_PROTOCOL, self._admission.answer),
+                (CTL_PROTOCOL, self._on_ctl_stream),
+                (DATAPLANE_PROTOCOL, self._on_dataplane_request),
+            ):
                 self._host.set_stream_handler(proto, contained(proto, handler, _remote_peer))
             try:
                 async with trio.open_nursery() as nursery:
@@ -357,11 +359,13 @@ class Libp2pEndpoint:
                     host, port = raw_conn.get_remote_address()
                     remote = f"{host}:{port}"
                 self.log.warning(
-                    "admission_refused", direction="inbound", remote=remote,
+                    "admission_refused",
+                    direction="inbound",
+                    remote=remote,
                     detail=_root_cause(exc),
                     reason="secure handshake failed: wrong mesh secret, plaintext, "
                     "or not a meshllm peer",
-                )  # fmt: skip
+                )
                 raise
 
         network.upgrade_inbound_raw_conn = guarded
@@ -457,4 +461,3 @@ class _P2PStream:
 
 def _remote_peer(stream: Any) -> str:
     return str(stream.muxed_conn.peer_id)
-

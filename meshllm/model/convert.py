@@ -60,10 +60,20 @@ def run_builder(
 ) -> None:
     """Run the onnxruntime-genai model builder in a child process, output logged to a file."""
     cmd = [
-        sys.executable, "-m", "onnxruntime_genai.models.builder",
-        "-i", str(hf_dir), "-o", str(out_dir), "-p", precision, "-e", "cpu",
-        "-c", str(cache_dir),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "onnxruntime_genai.models.builder",
+        "-i",
+        str(hf_dir),
+        "-o",
+        str(out_dir),
+        "-p",
+        precision,
+        "-e",
+        "cpu",
+        "-c",
+        str(cache_dir),
+    ]
     with log_path.open("w") as log:
         proc = subprocess.run(
             cmd, stdout=log, stderr=subprocess.STDOUT, env=builder_env(), check=False

@@ -110,9 +110,13 @@ def generate(
             on_text(delta)
 
     ids, finish, ttft, rate, times = generate_ids(
-        chain, arch, prompt_ids, max_tokens=max_tokens,
-        sampling=sampling or SamplingParams(), on_token=emit,
-    )  # fmt: skip
+        chain,
+        arch,
+        prompt_ids,
+        max_tokens=max_tokens,
+        sampling=sampling or SamplingParams(),
+        on_token=emit,
+    )
     return GenerationResult(
         text=tokenizer.decode(ids),
         token_ids=ids,

@@ -16,6 +16,7 @@ MANIFEST = "manifest.json"
 class BadManifest(MeshError):
     """A manifest that cannot be read or does not describe a model."""
 
+
 MANIFEST_VERSION = 1
 
 

@@ -154,13 +154,16 @@ class SegmentRuntime:
             for got, dim in zip(value.shape[2:], meta.shape[2:], strict=True):
                 if isinstance(dim, int) and got != dim:
                     raise BadInput(f"{meta.name}: shape {value.shape} does not fit {meta.shape}")
-            if meta.name == "input_ids" and value.size and not (
-                int(value.min()) >= 0 and int(value.max()) < self.arch.vocab_size
+            if (
+                meta.name == "input_ids"
+                and value.size
+                and not (int(value.min()) >= 0 and int(value.max()) < self.arch.vocab_size)
             ):
                 # Some embedding kernels (the int4 GatherBlockQuantized) read past their table
                 # for an id out of range instead of failing.
-                raise BadInput(f"input_ids: a token id outside the vocabulary of "
-                               f"{self.arch.vocab_size}")  # fmt: skip
+                raise BadInput(
+                    f"input_ids: a token id outside the vocabulary of {self.arch.vocab_size}"
+                )
 
     # -- request lifecycle --------------------------------------------------------------------
     def open(self, request_id: str, capacity: int, kv: Mapping[int, KVLayer] | None = None) -> None:
@@ -208,8 +211,10 @@ class SegmentRuntime:
         for layer in layers:
             if layer not in self.layers:
                 raise BadInput(f"layer {layer} is not in this segment ({self.path.name})")
-            k, v = (np.ascontiguousarray(cache.arrays[name][:, :, :length])
-                    for name in self._kv.past(layer))  # fmt: skip
+            k, v = (
+                np.ascontiguousarray(cache.arrays[name][:, :, :length])
+                for name in self._kv.past(layer)
+            )
             out[layer] = (k, v)
         return out
 
@@ -311,8 +316,10 @@ class SegmentRuntime:
             if cache is None:
                 raise UnknownRequest(f"no KV cache for request {rid!r} on {self.path.name}")
             if cache.length + 1 > cache.capacity:
-                raise PromptTooLong(f"request {rid} needs {cache.length + 1} positions, "
-                                    f"its cache holds {cache.capacity}")  # fmt: skip
+                raise PromptTooLong(
+                    f"request {rid} needs {cache.length + 1} positions, "
+                    f"its cache holds {cache.capacity}"
+                )
             caches.append(cache)
         if len(set(request_ids)) != len(request_ids):
             raise BadInput("a batch holds one step per request")
@@ -334,8 +341,9 @@ class SegmentRuntime:
                 binding.bind_cpu_input(name, mask)
                 continue
             parts = [f[name] for f in feeds]
-            stacked = np.concatenate([p.numpy() if isinstance(p, ort.OrtValue) else p
-                                      for p in parts])  # fmt: skip
+            stacked = np.concatenate(
+                [p.numpy() if isinstance(p, ort.OrtValue) else p for p in parts]
+            )
             binding.bind_cpu_input(name, stacked)
         outputs = self._run_into(binding, self._output_buffers(1, rows))
         for past, array in slab.arrays.items():
@@ -344,8 +352,7 @@ class SegmentRuntime:
         for row, cache in enumerate(caches):
             cache.length += 1
             slab.synced[row] = cache.length
-        return [{name: out[row : row + 1] for name, out in outputs.items()}
-                for row in range(rows)]  # fmt: skip
+        return [{name: out[row : row + 1] for name, out in outputs.items()} for row in range(rows)]
 
     def _run_into(
         self, binding: ort.IOBinding, fresh: dict[str, tuple[np.ndarray, ort.OrtValue]] | None
@@ -381,8 +388,12 @@ class SegmentRuntime:
         if slab is not None and slab.rids == rids and slab.width >= width:
             return slab
         self._slab = None
-        shape = (len(rids), self.arch.num_key_value_heads, self._batch_width(width),
-                 self.arch.head_size)  # fmt: skip
+        shape = (
+            len(rids),
+            self.arch.num_key_value_heads,
+            self._batch_width(width),
+            self.arch.head_size,
+        )
         size = int(np.prod(shape))
         if self._slab_memory and next(iter(self._slab_memory.values())).size < size:
             self._slab_memory = {}  # let the old memory go before allocating more

@@ -40,8 +40,12 @@ class SamplingParams:
 
     def to_wire(self) -> dict[str, Any]:
         """The parameters as frames and control requests carry them."""
-        return {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p,
-                "seed": self.seed}  # fmt: skip
+        return {
+            "temperature": self.temperature,
+            "top_k": self.top_k,
+            "top_p": self.top_p,
+            "seed": self.seed,
+        }
 
     @classmethod
     def from_wire(cls, obj: Any) -> SamplingParams:

@@ -35,14 +35,18 @@ def make_tiny_llama(out_dir: Path, *, num_layers: int = 6, hidden: int = 64, see
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=384, special_tokens=specials, show_progress=False,
+        vocab_size=384,
+        special_tokens=specials,
+        show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )  # fmt: skip
+    )
     tok.train_from_iterator(_CORPUS, trainer=trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>",
+        tokenizer_object=tok,
+        bos_token="<|endoftext|>",
+        eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-    )  # fmt: skip
+    )
     fast.chat_template = _CHAT_TEMPLATE
     fast.save_pretrained(str(out_dir))
 

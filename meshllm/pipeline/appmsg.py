@@ -26,9 +26,15 @@ class ServeAsk:
     resent: bool = False
 
     def to_obj(self) -> dict[str, Any]:
-        return {"kind": "serve", "rid": self.rid, "model": self.model,
-                "partitioner": self.partitioner, "objective": self.objective,
-                "balance": self.balance, "resent": self.resent}  # fmt: skip
+        return {
+            "kind": "serve",
+            "rid": self.rid,
+            "model": self.model,
+            "partitioner": self.partitioner,
+            "objective": self.objective,
+            "balance": self.balance,
+            "resent": self.resent,
+        }
 
 
 @dataclass(frozen=True)
@@ -55,8 +61,7 @@ class ProfileAsk:
     refresh: bool
 
     def to_obj(self) -> dict[str, Any]:
-        return {"kind": "profile", "sha": self.sha, "source": self.source,
-                "refresh": self.refresh}  # fmt: skip
+        return {"kind": "profile", "sha": self.sha, "source": self.source, "refresh": self.refresh}
 
 
 def decode(body: Any) -> ServeAsk | ServeReply | ProfileAsk:

@@ -37,9 +37,14 @@ STAGING_TIMEOUT_S = 120.0
 
 class Balancer:
     def __init__(
-        self, config: Config, node: MeshNode, state: ServingState, leader: Leader,
-        loader: SegmentLoader, policies: BalancingPolicyRegistry,
-    ):  # fmt: skip
+        self,
+        config: Config,
+        node: MeshNode,
+        state: ServingState,
+        leader: Leader,
+        loader: SegmentLoader,
+        policies: BalancingPolicyRegistry,
+    ):
         self.config = config
         self.node = node
         self.state = state
@@ -61,15 +66,26 @@ class Balancer:
             if not isinstance(raw, dict) or raw.get("epoch") != plan.epoch:
                 return None
             try:
-                stages.append(StageObservation(
-                    peer=st.peer, start=st.start, stop=st.stop, steps=int(raw["steps"]),
-                    baseline_s=float(raw["baseline_s"]), recent_s=float(raw["recent_s"]),
-                ))  # fmt: skip
+                stages.append(
+                    StageObservation(
+                        peer=st.peer,
+                        start=st.start,
+                        stop=st.stop,
+                        steps=int(raw["steps"]),
+                        baseline_s=float(raw["baseline_s"]),
+                        recent_s=float(raw["recent_s"]),
+                    )
+                )
             except (KeyError, TypeError, ValueError):
                 return None
         cfg = self.config.balance
-        return Observation(epoch=plan.epoch, age_s=age_s, stages=tuple(stages),
-                           slowdown_threshold=cfg.slowdown, min_steps=cfg.min_steps)  # fmt: skip
+        return Observation(
+            epoch=plan.epoch,
+            age_s=age_s,
+            stages=tuple(stages),
+            slowdown_threshold=cfg.slowdown,
+            min_steps=cfg.min_steps,
+        )
 
     async def _loop(self) -> None:
         cfg = self.config.balance
@@ -88,10 +104,12 @@ class Balancer:
             obs = self._observe(plan, now - live_since) if self.state.plan_ready() else None
             if obs is None:
                 continue
-            self.status.update(policy=plan.balance, epoch=plan.epoch,
-                               slowdowns={p[-8:]: round(f, 3) for p, f in
-                                          obs.relative_slowdowns().items()},
-                               speed_factors=dict(self.leader.speed_factors))  # fmt: skip
+            self.status.update(
+                policy=plan.balance,
+                epoch=plan.epoch,
+                slowdowns={p[-8:]: round(f, 3) for p, f in obs.relative_slowdowns().items()},
+                speed_factors=dict(self.leader.speed_factors),
+            )
             if now - last_change < cfg.cooldown_s:
                 continue
             try:
@@ -148,9 +166,15 @@ class Balancer:
             self._decided(plan, decision, "dropped", reason="the plan changed while staging")
             return False
         self.leader.speed_factors = factors
-        self._decided(plan, decision, "replanned", gain=gain, epoch=candidate.epoch,
-                      staged_s=trio.current_time() - t0,
-                      stages=[str(st.range) for st in candidate.stages])  # fmt: skip
+        self._decided(
+            plan,
+            decision,
+            "replanned",
+            gain=gain,
+            epoch=candidate.epoch,
+            staged_s=trio.current_time() - t0,
+            stages=[str(st.range) for st in candidate.stages],
+        )
         self.state.adopt(candidate)
         return True
 
@@ -161,10 +185,14 @@ class Balancer:
 
     def _decided(self, plan: Plan, decision: Decision, outcome: str, **extra: Any) -> None:
         rounded = {k: round(v, 3) if isinstance(v, float) else v for k, v in extra.items()}
-        record = {"at": time.time(), "epoch": plan.epoch, "outcome": outcome,
-                  "reason": decision.reason,
-                  "factors": {p[-8:]: f for p, f in decision.factors.items()},
-                  **rounded}  # fmt: skip
+        record = {
+            "at": time.time(),
+            "epoch": plan.epoch,
+            "outcome": outcome,
+            "reason": decision.reason,
+            "factors": {p[-8:]: f for p, f in decision.factors.items()},
+            **rounded,
+        }
         self.status["last_decision"] = record
         history = self.status.setdefault("history", [])
         history.append(record)

@@ -24,8 +24,6 @@ Send = Callable[[str, Frame], Awaitable[None]]
 log = structlog.get_logger("meshllm.coordinator")
 
 
-
-
 @dataclass
 class QueryResult:
     token_ids: list[int]
@@ -139,10 +137,12 @@ class Coordinator:
         the caller found in the text)."""
         capacity = check_context(arch, len(prompt_ids), max_tokens)
         run = _Run(
-            rid=uuid.uuid4().hex, prompt_ids=list(prompt_ids), capacity=capacity,
+            rid=uuid.uuid4().hex,
+            prompt_ids=list(prompt_ids),
+            capacity=capacity,
             budget=capacity - len(prompt_ids),
             sampling=sampling.to_wire(),
-        )  # fmt: skip
+        )
         eos = set(arch.eos_token_ids)
         send_ch, recv_ch = trio.open_memory_channel[Frame](64)
         self._waiting[run.rid] = send_ch
@@ -201,11 +201,15 @@ class Coordinator:
                         await fresh_id()
                     else:
                         moved = self._kv_source(old, run)
-                    run.recoveries.append({
-                        "reason": str(exc), "tokens_done": len(run.out),
-                        "wait_s": round(time.perf_counter() - t, 3), "epoch": plan.epoch,
-                        "moved_kv": moved is not None,
-                    })  # fmt: skip
+                    run.recoveries.append(
+                        {
+                            "reason": str(exc),
+                            "tokens_done": len(run.out),
+                            "wait_s": round(time.perf_counter() - t, 3),
+                            "epoch": plan.epoch,
+                            "moved_kv": moved is not None,
+                        }
+                    )
         finally:
             del self._waiting[run.rid]
             await self._end(plan, run.rid)
@@ -250,9 +254,20 @@ class Coordinator:
             force, replayed = list(run.out), len(run.out)
         # Only the first step is sent from here: the last stage feeds each token back to
         # stage 0 itself (the forced ones first) and copies it to us.
-        first = Frame(kind=FWD, rid=run.rid, epoch=plan.epoch, step=0, pos=pos, new=new,
-                      cap=run.capacity, coord=self.self_id, sampling=run.sampling,
-                      tensors={"input_ids": ids}, force=force, kv_from=moved)  # fmt: skip
+        first = Frame(
+            kind=FWD,
+            rid=run.rid,
+            epoch=plan.epoch,
+            step=0,
+            pos=pos,
+            new=new,
+            cap=run.capacity,
+            coord=self.self_id,
+            sampling=run.sampling,
+            tensors={"input_ids": ids},
+            force=force,
+            kv_from=moved,
+        )
         try:
             await self.send(plan.stages[0].peer, first)
         except MeshError as exc:

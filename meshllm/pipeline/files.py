@@ -33,8 +33,13 @@ SEGMENT_FILES = ("segment.onnx", "segment.onnx.data")
 # A probe is a segment's graph and description without its weights: peers time it with
 # weights they generate (see meshllm.device), so they never hold layers they do not run.
 PROBE_FILES = ("segment.onnx", "segment.json")
-META_FILES = ("manifest.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-              "genai_config.json")  # fmt: skip
+META_FILES = (
+    "manifest.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "genai_config.json",
+)
 CHUNK = 1 << 20
 log = structlog.get_logger("meshllm.files")
 
@@ -80,8 +85,12 @@ class FileRequest:
     offset: int = 0
 
     def to_obj(self) -> dict[str, Any]:
-        obj: dict[str, Any] = {"sha": self.sha, "what": self.what, "file": self.file,
-                               "offset": self.offset}  # fmt: skip
+        obj: dict[str, Any] = {
+            "sha": self.sha,
+            "what": self.what,
+            "file": self.file,
+            "offset": self.offset,
+        }
         if self.what != "meta":
             obj.update(start=self.start, stop=self.stop)
         return obj
@@ -97,8 +106,14 @@ class FileRequest:
         if what != "meta":
             start = wire.integer(obj.get("start"), "start", 0, 4096)
             stop = wire.integer(obj.get("stop"), "stop", start + 1, 4097)
-        return cls(wire.sha256_hex(obj.get("sha"), "sha"), what, name, start, stop,
-                   wire.integer(obj.get("offset", 0), "offset"))  # fmt: skip
+        return cls(
+            wire.sha256_hex(obj.get("sha"), "sha"),
+            what,
+            name,
+            start,
+            stop,
+            wire.integer(obj.get("offset", 0), "offset"),
+        )
 
 
 @dataclass(frozen=True)
@@ -115,8 +130,10 @@ class FileHeader:
             error = obj.get("error")
             shown = error[:300] if isinstance(error, str) else "bad answer"
             raise TransferError(f"{source} refused {name}: {shown}")
-        return cls(wire.integer(obj.get("size"), "size", 0, MAX_FILE_BYTES),
-                   wire.sha256_hex(obj.get("sha256"), "sha256"))  # fmt: skip
+        return cls(
+            wire.integer(obj.get("size"), "size", 0, MAX_FILE_BYTES),
+            wire.sha256_hex(obj.get("sha256"), "sha256"),
+        )
 
 
 class FileServer:
@@ -178,8 +195,9 @@ async def meta_dir(
     try:
         claimed = Manifest.read(meta).model_sha256
         if claimed != sha:
-            raise TransferError(f"{source} sent the manifest of model {claimed[:12]}, not "
-                                f"{sha[:12]}")  # fmt: skip
+            raise TransferError(
+                f"{source} sent the manifest of model {claimed[:12]}, not {sha[:12]}"
+            )
     except MeshError:
         for name in META_FILES:
             (meta / name).unlink(missing_ok=True)
@@ -205,8 +223,9 @@ async def fetch_file(
         try:
             await stream.write(frame(cbor2.dumps(replace(request, offset=offset).to_obj())))
             reader = FrameReader(stream.read, 4096)
-            header = FileHeader.from_obj(wire.loads(await reader.read_frame()), source,
-                                         request.file)  # fmt: skip
+            header = FileHeader.from_obj(
+                wire.loads(await reader.read_frame()), source, request.file
+            )
             size, sha = header.size, header.sha256
             if have:
                 if sidecar.read_text().strip() == sha and offset == size:

@@ -43,8 +43,12 @@ class KVSource:
     drawn: int  # tokens sampled so far (a seeded sampler skips that many draws)
 
     def to_obj(self) -> dict[str, Any]:
-        return {"e": self.epoch, "st": [list(s) for s in self.stages], "n": self.length,
-                "d": self.drawn}  # fmt: skip
+        return {
+            "e": self.epoch,
+            "st": [list(s) for s in self.stages],
+            "n": self.length,
+            "d": self.drawn,
+        }
 
     @classmethod
     def from_obj(cls, obj: Any) -> KVSource:
@@ -63,7 +67,7 @@ class KVSource:
                 and all(is_int(x) and 0 <= x < 1 << 20 for x in s[1:])
                 and s[1] < s[2]
             ):
-                raise ValueError("bad stage")  # fmt: skip
+                raise ValueError("bad stage")
             parsed.append((s[0], s[1], s[2]))
         e, n, d = obj.get("e"), obj.get("n"), obj.get("d")
         if not (is_int(e) and is_int(n) and is_int(d)):
@@ -144,8 +148,9 @@ def decode_tensor(name: str, raw: Any) -> np.ndarray:
 def encode_frame(f: Frame) -> bytes:
     obj: dict[str, Any] = {"k": f.kind, "r": f.rid, "e": f.epoch, "s": f.step}
     if f.kind == FWD:
-        obj.update(p=f.pos, n=f.new, c=f.coord,
-                   t={k: encode_tensor(v) for k, v in f.tensors.items()})  # fmt: skip
+        obj.update(
+            p=f.pos, n=f.new, c=f.coord, t={k: encode_tensor(v) for k, v in f.tensors.items()}
+        )
         if f.cap:
             obj["cap"] = f.cap
         if f.sampling:
@@ -227,9 +232,10 @@ def _decode_frame(data: bytes) -> Frame:
         if (
             not isinstance(force, list)
             or len(force) > MAX_FORCED
-            or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**31
-                       for t in force)
-        ):  # fmt: skip
+            or not all(
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**31 for t in force
+            )
+        ):
             raise BadFrame("bad forced tokens")
         f.force = force
         f.fed = obj.get("fd") is True
@@ -266,10 +272,13 @@ def bounce(data: bytes, reason: str) -> tuple[str, Frame] | None:
         obj = wire.mapping(wire.loads(data, max_items=MAX_ITEMS), "frame")
         if obj.get("k") != FWD:
             return None
-        err = Frame(kind=ERROR, rid=wire.text(obj.get("r"), "rid", 64, empty=False),
-                    epoch=wire.integer(obj.get("e"), "epoch"),
-                    step=wire.integer(obj.get("s"), "step"),
-                    error=f"bad frame: {reason}"[:2000])
+        err = Frame(
+            kind=ERROR,
+            rid=wire.text(obj.get("r"), "rid", 64, empty=False),
+            epoch=wire.integer(obj.get("e"), "epoch"),
+            step=wire.integer(obj.get("s"), "step"),
+            error=f"bad frame: {reason}"[:2000],
+        )
         return wire.peer_id(obj.get("c"), "coordinator"), err
     except wire.BadMessage:
         return None

@@ -51,12 +51,14 @@ class QueryGateway:
         self.state = state
         self.leader = leader
         self.coordinator = Coordinator(
-            node.peer_id, send, config.mesh.step_timeout_s,
+            node.peer_id,
+            send,
+            config.mesh.step_timeout_s,
             current_epoch=lambda: state.epoch,
             next_plan=self._next_plan,
             peer_alive=node.peer_alive if config.mesh.move_kv else None,
             why_stalled=lambda plan: why_stalled(plan, state.stage_view),
-        )  # fmt: skip
+        )
         self.stopping = False  # the daemon is stopping: no new queries
         self._query_ended = trio.Event()
 
@@ -167,9 +169,13 @@ class QueryGateway:
             )
         try:
             return await self.coordinator.run_query(
-                plan, manifest.architecture, prompt_ids, max_tokens=max_tokens,
-                sampling=sampling, on_token=on_token,
-            )  # fmt: skip
+                plan,
+                manifest.architecture,
+                prompt_ids,
+                max_tokens=max_tokens,
+                sampling=sampling,
+                on_token=on_token,
+            )
         finally:
             self._query_ended.set()
             self._query_ended = trio.Event()

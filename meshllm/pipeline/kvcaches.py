@@ -71,8 +71,9 @@ class KVCaches:
         if self.state.manifest is None:
             raise kvmove.KVMoveFailed("no model loaded")
         arch = self.state.manifest.architecture
-        return kvmove.Layout(arch.num_key_value_heads, arch.head_size, np.dtype(arch.kv_dtype),
-                             arch.context_length)  # fmt: skip
+        return kvmove.Layout(
+            arch.num_key_value_heads, arch.head_size, np.dtype(arch.kv_dtype), arch.context_length
+        )
 
     async def fetch(self, f: Frame, layers: list[int]) -> dict[int, Any]:
         """The caches of *f*'s request for *layers*, from this peer's prefetch or from the
@@ -86,15 +87,22 @@ class KVCaches:
             if kv is not None:
                 how = "prefetched"
             else:
-                kv = await kvmove.fetch(self.endpoint, self.me, self.runtime_of, src, f.rid,
-                                        layers, self._layout())  # fmt: skip
+                kv = await kvmove.fetch(
+                    self.endpoint, self.me, self.runtime_of, src, f.rid, layers, self._layout()
+                )
         except MeshError:
             raise
         except Exception as exc:  # a bug here must cost a replay, not the daemon
             log.exception("kv_move_bug", rid=f.rid[:8])
             raise kvmove.KVMoveFailed(f"moving the KV cache failed: {exc!r}") from None
-        log.info("kv_moved", rid=f.rid[:8], layers=f"{layers[0]}-{layers[-1] + 1}", how=how,
-                 positions=src.length, ms=round(1000 * (time.perf_counter() - t), 1))  # fmt: skip
+        log.info(
+            "kv_moved",
+            rid=f.rid[:8],
+            layers=f"{layers[0]}-{layers[-1] + 1}",
+            how=how,
+            positions=src.length,
+            ms=round(1000 * (time.perf_counter() - t), 1),
+        )
         return kv
 
     async def _prefetched(self, src: KVSource, rid: str, layers: list[int]) -> Any:
@@ -119,11 +127,20 @@ class KVCaches:
         t = time.perf_counter()
         try:
             job.caches = await kvmove.prefetch(
-                self.endpoint, self.me, self.runtime_of, old.epoch, old.stage_triples, layers,
+                self.endpoint,
+                self.me,
+                self.runtime_of,
+                old.epoch,
+                old.stage_triples,
+                layers,
                 self._layout(),
-            )  # fmt: skip
-            log.info("kv_prefetched", epoch=epoch, requests=len(job.caches),
-                     ms=round(1000 * (time.perf_counter() - t), 1))  # fmt: skip
+            )
+            log.info(
+                "kv_prefetched",
+                epoch=epoch,
+                requests=len(job.caches),
+                ms=round(1000 * (time.perf_counter() - t), 1),
+            )
         except MeshError as exc:
             log.info("kv_prefetch_failed", epoch=epoch, reason=str(exc))
         except Exception:  # the requests then fetch their caches one by one

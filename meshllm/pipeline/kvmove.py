@@ -99,8 +99,11 @@ def _export(runtime: SegmentRuntime, layers: list[int], rid: str | None, length:
     each at the positions it has."""
     if rid is not None:
         return {rid: (length, runtime.export_kv(rid, layers, length))}
-    return {r: (n, runtime.export_kv(r, layers, n)) for r in runtime.open_requests
-            if (n := runtime.cached_length(r))}  # fmt: skip
+    return {
+        r: (n, runtime.export_kv(r, layers, n))
+        for r in runtime.open_requests
+        if (n := runtime.cached_length(r))
+    }
 
 
 async def _serve(stream: Stream, lookup: Lookup) -> None:
@@ -118,8 +121,11 @@ async def _serve(stream: Stream, lookup: Lookup) -> None:
         if runtime is None:
             raise KVMoveFailed(f"this peer no longer holds plan {epoch}'s caches")
         caches = await trio.to_thread.run_sync(_export, runtime, layers, rid, length)
-        msgs = [{"r": r, "n": n, "l": layer, "k": k.tobytes(), "v": v.tobytes()}
-                for r, (n, kv) in caches.items() for layer, (k, v) in kv.items()]  # fmt: skip
+        msgs = [
+            {"r": r, "n": n, "l": layer, "k": k.tobytes(), "v": v.tobytes()}
+            for r, (n, kv) in caches.items()
+            for layer, (k, v) in kv.items()
+        ]
     except MeshError as exc:
         msgs = [{"err": str(exc)}]
     except Exception as exc:  # a bug here must not take the daemon down with it
@@ -131,10 +137,17 @@ async def _serve(stream: Stream, lookup: Lookup) -> None:
 
 
 # -- fetching --------------------------------------------------------------------------------
-async def _gather(endpoint: Endpoint, me: str, lookup: Lookup, epoch: int,
-                  stages: Stages, layers: list[int],
-                  layout: Layout, rid: str | None = None, length: int = 0,
-                  ) -> list[Caches]:  # fmt: skip
+async def _gather(
+    endpoint: Endpoint,
+    me: str,
+    lookup: Lookup,
+    epoch: int,
+    stages: Stages,
+    layers: list[int],
+    layout: Layout,
+    rid: str | None = None,
+    length: int = 0,
+) -> list[Caches]:
     """What every old stage holding some of *layers* has of them (see :func:`_export`), asked
     of all at once: this peer's own old stage directly, the others over the mesh. Failures
     become one KVMoveFailed."""
@@ -170,12 +183,20 @@ async def _gather(endpoint: Endpoint, me: str, lookup: Lookup, epoch: int,
     return parts
 
 
-async def fetch(endpoint: Endpoint, me: str, lookup: Lookup, src: KVSource, rid: str,
-                layers: list[int], layout: Layout) -> dict[int, KVLayer]:  # fmt: skip
+async def fetch(
+    endpoint: Endpoint,
+    me: str,
+    lookup: Lookup,
+    src: KVSource,
+    rid: str,
+    layers: list[int],
+    layout: Layout,
+) -> dict[int, KVLayer]:
     """Request *rid*'s cache of *layers* at ``src.length`` positions, from the old stages."""
     out: dict[int, KVLayer] = {}
-    for part in await _gather(endpoint, me, lookup, src.epoch, src.stages, layers, layout,
-                              rid, src.length):  # fmt: skip
+    for part in await _gather(
+        endpoint, me, lookup, src.epoch, src.stages, layers, layout, rid, src.length
+    ):
         if set(part) != {rid} or part[rid][0] != src.length:
             raise KVMoveFailed("an old stage sent another request's cache")
         out.update(part[rid][1])
@@ -185,9 +206,15 @@ async def fetch(endpoint: Endpoint, me: str, lookup: Lookup, src: KVSource, rid:
     return out
 
 
-async def prefetch(endpoint: Endpoint, me: str, lookup: Lookup, epoch: int,
-                   stages: Stages, layers: list[int],
-                   layout: Layout) -> Caches:  # fmt: skip
+async def prefetch(
+    endpoint: Endpoint,
+    me: str,
+    lookup: Lookup,
+    epoch: int,
+    stages: Stages,
+    layers: list[int],
+    layout: Layout,
+) -> Caches:
     """Every request's cache of *layers* that plan *epoch*'s stages hold now (each request
     at the fewest positions any of them has)."""
     parts = await _gather(endpoint, me, lookup, epoch, stages, layers, layout)
@@ -233,8 +260,11 @@ def parse_reply(raw: Any, layout: Layout, asked: list[int]) -> KVPart | None:
     if layer not in asked:
         raise wire.BadMessage(f"layer {layer} was not asked for")
     key, value = msg.get("k"), msg.get("v")
-    if not (isinstance(key, bytes) and isinstance(value, bytes)
-            and len(key) == len(value) == layout.nbytes(n)):  # fmt: skip
+    if not (
+        isinstance(key, bytes)
+        and isinstance(value, bytes)
+        and len(key) == len(value) == layout.nbytes(n)
+    ):
         raise wire.BadMessage("a KV layer that does not fit its positions")
     return KVPart(wire.text(msg.get("r"), "request id", 64), n, layer, key, value)
 
@@ -257,8 +287,7 @@ async def _pull(endpoint: Endpoint, peer: str, req: dict[str, Any], layout: Layo
             if part is None:
                 return got
             if part.rid not in got and len(got) >= MAX_REPLY_REQUESTS:
-                raise KVMoveFailed(f"{peer} sent caches of more than {MAX_REPLY_REQUESTS} "
-                                   "requests")  # fmt: skip
+                raise KVMoveFailed(f"{peer} sent caches of more than {MAX_REPLY_REQUESTS} requests")
             held = got.setdefault(part.rid, (part.positions, {}))
             if held[0] != part.positions or part.layer in held[1]:
                 raise KVMoveFailed(f"{peer} sent a KV layer twice or at two lengths")

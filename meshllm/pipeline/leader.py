@@ -39,9 +39,13 @@ MODEL_TRIES, MODEL_RETRY_S = 12, 0.5  # for a model named in a serve request to 
 
 class Leader:
     def __init__(
-        self, config: Config, node: MeshNode, state: ServingState, profiler: Profiler,
+        self,
+        config: Config,
+        node: MeshNode,
+        state: ServingState,
+        profiler: Profiler,
         partitioners: PartitionerRegistry,
-    ):  # fmt: skip
+    ):
         self.config = config
         self.node = node
         self.state = state
@@ -185,19 +189,32 @@ class Leader:
             )
         except Infeasible as exc:
             raise PlanError(f"cannot serve {model} on these {len(workers)} peers: {exc}") from None
-        stages = tuple(Stage(w, r.start, r.stop) for w, r in zip(workers, assignment, strict=True)
-                       if r is not None)  # fmt: skip
+        stages = tuple(
+            Stage(w, r.start, r.stop)
+            for w, r in zip(workers, assignment, strict=True)
+            if r is not None
+        )
         ctx = (workers, profiles, manifest, ends, config)
         predicted = predict(*ctx, stages) if profiles else None
         epoch = max(self.state.epoch, self.max_epoch_seen()) + 1
         plan = Plan(
-            epoch=epoch, model=model, model_sha=sha, source=source,
-            num_layers=int(info["layers"]), partitioner=partitioner, stages=stages,
-            predicted=predicted, balance=balance,
-        )  # fmt: skip
-        log.info("plan_made", epoch=epoch, model=model, stages=[str(s.range) for s in plan.stages],
-                 predicted_step_ms=None if predicted is None else
-                 round(predicted["step_s"] * 1e3, 2))  # fmt: skip
+            epoch=epoch,
+            model=model,
+            model_sha=sha,
+            source=source,
+            num_layers=int(info["layers"]),
+            partitioner=partitioner,
+            stages=stages,
+            predicted=predicted,
+            balance=balance,
+        )
+        log.info(
+            "plan_made",
+            epoch=epoch,
+            model=model,
+            stages=[str(s.range) for s in plan.stages],
+            predicted_step_ms=None if predicted is None else round(predicted["step_s"] * 1e3, 2),
+        )
         return plan, ctx
 
     def majority_plan(self) -> Plan | None:

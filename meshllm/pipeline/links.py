@@ -50,9 +50,13 @@ class _Link:
 
 class Links:
     def __init__(
-        self, endpoint: Endpoint, node: MeshNode, config: Config, state: ServingState,
+        self,
+        endpoint: Endpoint,
+        node: MeshNode,
+        config: Config,
+        state: ServingState,
         deliver: Deliver,
-    ):  # fmt: skip
+    ):
         self.endpoint = endpoint
         self.node = node
         self.config = config
@@ -145,12 +149,18 @@ class Links:
         if stage is None or stage.epoch != f.epoch:
             if f.kind == FWD:
                 reason = "this peer serves no stage of that plan (plan changed?)"
-                self._reply_soon(f.coord, Frame(kind=ERROR, rid=f.rid, epoch=f.epoch,
-                                                step=f.step, error=reason, retry=True))  # fmt: skip
+                self._reply_soon(
+                    f.coord,
+                    Frame(
+                        kind=ERROR, rid=f.rid, epoch=f.epoch, step=f.step, error=reason, retry=True
+                    ),
+                )
             return
         if not stage.submit(f) and f.kind == FWD:
-            self._reply_soon(f.coord, Frame(kind=ERROR, rid=f.rid, epoch=f.epoch, step=f.step,
-                                            error="stage overloaded"))  # fmt: skip
+            self._reply_soon(
+                f.coord,
+                Frame(kind=ERROR, rid=f.rid, epoch=f.epoch, step=f.step, error="stage overloaded"),
+            )
 
     async def _on_act_stream(self, stream: Stream) -> None:
         if isinstance(stream, ReadsBlocking):
@@ -177,8 +187,9 @@ class Links:
             back = bounce(data, str(exc))
             if back is not None and self._token is not None:
                 with contextlib.suppress(trio.RunFinishedError):
-                    self._token.run_sync_soon(contain_sync, "bounce", peer_id, self._reply_soon,
-                                              *back)  # fmt: skip
+                    self._token.run_sync_soon(
+                        contain_sync, "bounce", peer_id, self._reply_soon, *back
+                    )
             return None
 
     async def _read_on_thread(self, stream: ReadsBlocking) -> None:
@@ -188,9 +199,13 @@ class Links:
         stop = threading.Event()
         try:
             await trio.to_thread.run_sync(
-                self._read_frames, stream, token, stop,
-                abandon_on_cancel=True, limiter=self._readers,
-            )  # fmt: skip
+                self._read_frames,
+                stream,
+                token,
+                stop,
+                abandon_on_cancel=True,
+                limiter=self._readers,
+            )
         finally:
             stop.set()
 
@@ -215,8 +230,7 @@ class Links:
                     continue
                 try:
                     # Contained: raised in a callback, it would take the event loop down.
-                    token.run_sync_soon(contain_sync, "act_frame", stream.peer_id,
-                                        self.dispatch, f)  # fmt: skip
+                    token.run_sync_soon(contain_sync, "act_frame", stream.peer_id, self.dispatch, f)
                 except trio.RunFinishedError:
                     return
         finally:

@@ -32,9 +32,15 @@ from meshllm.pipeline.stage import StageRunner
 
 class SegmentLoader:
     def __init__(
-        self, home: Path, config: Config, endpoint: Endpoint, node: MeshNode,
-        state: ServingState, links: Links, kv: KVCaches,
-    ):  # fmt: skip
+        self,
+        home: Path,
+        config: Config,
+        endpoint: Endpoint,
+        node: MeshNode,
+        state: ServingState,
+        links: Links,
+        kv: KVCaches,
+    ):
         self.home = home
         self.config = config
         self.endpoint = endpoint
@@ -128,20 +134,34 @@ class SegmentLoader:
         self._prepared = None
         nxt = plan.stages[idx + 1].peer if idx + 1 < len(plan.stages) else None
         stage = StageRunner(
-            runtime, epoch=plan.epoch, index=idx, next_peer=nxt, first_peer=plan.stages[0].peer,
+            runtime,
+            epoch=plan.epoch,
+            index=idx,
+            next_peer=nxt,
+            first_peer=plan.stages[0].peer,
             context_length=manifest.architecture.context_length,
-            eos_token_ids=manifest.architecture.eos_token_ids, send=self.links.send_frame,
-            max_requests=self.config.limits.max_concurrent_requests, fetch_kv=self.kv.fetch,
-            send_now=self.links.send_now, max_batch=self.config.limits.max_batch,
-        )  # fmt: skip
+            eos_token_ids=manifest.architecture.eos_token_ids,
+            send=self.links.send_frame,
+            max_requests=self.config.limits.max_concurrent_requests,
+            fetch_kv=self.kv.fetch,
+            send_now=self.links.send_now,
+            max_batch=self.config.limits.max_batch,
+        )
         assert self._nursery is not None
         self._stage_scope = trio.CancelScope()
         spawn(self._nursery, "stage", None, _run_stage, stage, self._stage_scope)
         st.stage = stage
         old = st.replaced
         if self.config.mesh.move_kv and old is not None and old.model_sha == plan.model_sha:
-            spawn(self._nursery, "prefetch_kv", None, self.kv.prefetch, old, plan.epoch,
-                  runtime.layers)  # fmt: skip
+            spawn(
+                self._nursery,
+                "prefetch_kv",
+                None,
+                self.kv.prefetch,
+                old,
+                plan.epoch,
+                runtime.layers,
+            )
         seg_bytes = (seg_path.parent / "segment.onnx.data").stat().st_size
         st.set_state("ready", layers=str(r), segment_bytes=seg_bytes)
 
@@ -203,4 +223,3 @@ class SegmentLoader:
 async def _run_stage(stage: StageRunner, scope: trio.CancelScope) -> None:
     with scope:
         await stage.run()
-

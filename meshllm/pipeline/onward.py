@@ -78,8 +78,17 @@ class Onward:
         if token in self.eos or f.pos + 1 >= self._caps.get(f.rid, 0):
             return None
         ids = np.asarray([[token]], dtype=np.int64)
-        return Frame(kind=FWD, rid=f.rid, epoch=f.epoch, step=f.step + 1, pos=f.pos + 1,
-                     new=1, coord=f.coord, tensors={"input_ids": ids}, force=force)  # fmt: skip
+        return Frame(
+            kind=FWD,
+            rid=f.rid,
+            epoch=f.epoch,
+            step=f.step + 1,
+            pos=f.pos + 1,
+            new=1,
+            coord=f.coord,
+            tensors={"input_ids": ids},
+            force=force,
+        )
 
     def frame_for_next(
         self, f: Frame, outs: Outputs, timings: list[float], force: list[int], fed: bool
@@ -88,9 +97,22 @@ class Onward:
         did not use (a tensor skipping over this stage to a later one)."""
         tensors = {k: v for k, v in f.tensors.items() if k not in self.data_inputs}
         tensors.update(outs)
-        return Frame(kind=FWD, rid=f.rid, epoch=f.epoch, step=f.step, pos=f.pos, new=f.new,
-                     cap=f.cap, coord=f.coord, sampling=f.sampling, tensors=tensors,
-                     compute_s=timings, force=force, fed=fed, kv_from=f.kv_from)  # fmt: skip
+        return Frame(
+            kind=FWD,
+            rid=f.rid,
+            epoch=f.epoch,
+            step=f.step,
+            pos=f.pos,
+            new=f.new,
+            cap=f.cap,
+            coord=f.coord,
+            sampling=f.sampling,
+            tensors=tensors,
+            compute_s=timings,
+            force=force,
+            fed=fed,
+            kv_from=f.kv_from,
+        )
 
     def after_decode(self, f: Frame, res: Outputs, inner: float) -> tuple[int | None, Frame | None]:
         """After a plain decode step: the token it sampled (last stage) and the frame to send

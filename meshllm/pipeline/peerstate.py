@@ -59,8 +59,10 @@ def _facts(value: Any, what: str) -> ModelFacts:
 def _serving(value: Any) -> dict[str, Any]:
     obj = wire.mapping(value, "serving")
     state = wire.choice(obj.get("state"), "serving state", SERVING_STATES)
-    out: dict[str, Any] = {"epoch": wire.integer(obj.get("epoch", 0), "serving epoch"),
-                           "state": state}  # fmt: skip
+    out: dict[str, Any] = {
+        "epoch": wire.integer(obj.get("epoch", 0), "serving epoch"),
+        "state": state,
+    }
     if "progress" in obj:
         out["progress"] = wire.number(obj["progress"], "progress", 0.0, 1e3)
     for key in ("bytes", "segment_bytes"):
@@ -77,8 +79,11 @@ def _stage_stats(value: Any) -> dict[str, float | int]:
     out: dict[str, float | int] = {}
     for key, v in obj.items():
         # Every figure is a count or a duration; counts stay ints (status shows them as such).
-        out[key] = v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < wire.INT_MAX \
-            else wire.number(v, f"stage_stats {key}", 0.0)  # fmt: skip
+        out[key] = (
+            v
+            if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < wire.INT_MAX
+            else wire.number(v, f"stage_stats {key}", 0.0)
+        )
     if "epoch" not in out or not isinstance(out["epoch"], int):
         raise wire.BadMessage("stage_stats without an epoch")
     return out
@@ -107,14 +112,17 @@ class PeerState:
         }
         errors = {
             wire.sha256_hex(k, "profile error sha"): _display(v, "profile error")
-            for k, v in wire.mapping(obj.get("profile_errors", {}), "profile_errors",
-                                     MAX_MODELS).items()
+            for k, v in wire.mapping(
+                obj.get("profile_errors", {}), "profile_errors", MAX_MODELS
+            ).items()
         }
         replan = obj.get("replan_error")
         if replan is not None:
             replan = wire.mapping(replan, "replan_error")
-            replan = (wire.integer(replan.get("epoch"), "replan epoch"),
-                      _display(replan.get("error"), "replan error"))  # fmt: skip
+            replan = (
+                wire.integer(replan.get("epoch"), "replan epoch"),
+                _display(replan.get("error"), "replan error"),
+            )
         return cls(
             models=models,
             serving=_serving(obj["serving"]) if "serving" in obj else {},

@@ -60,13 +60,16 @@ class Plan:
 
     def to_obj(self) -> dict[str, Any]:
         return {
-            "epoch": self.epoch, "model": self.model, "model_sha": self.model_sha,
-            "source": self.source, "num_layers": self.num_layers,
+            "epoch": self.epoch,
+            "model": self.model,
+            "model_sha": self.model_sha,
+            "source": self.source,
+            "num_layers": self.num_layers,
             "partitioner": self.partitioner,
             "stages": [[s.peer, s.start, s.stop] for s in self.stages],
             "predicted": self.predicted,
             "balance": self.balance,
-        }  # fmt: skip
+        }
 
     @classmethod
     def from_obj(cls, obj: Any) -> Plan:

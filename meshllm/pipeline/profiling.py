@@ -153,10 +153,14 @@ class Profiler:
             self.mine[sha] = self.latest = prof
             self.node.announce()
             log.info(
-                "profile_measured", sha=sha[:12], layer_ms=round(prof.layer_s * 1e3, 3),
-                last_ms=round(prof.last_s * 1e3, 3), hop_ms=round(prof.hop_s * 1e3, 3),
-                memory_mib=prof.memory_bytes >> 20, links=len(prof.links),
-            )  # fmt: skip
+                "profile_measured",
+                sha=sha[:12],
+                layer_ms=round(prof.layer_s * 1e3, 3),
+                last_ms=round(prof.last_s * 1e3, 3),
+                hop_ms=round(prof.hop_s * 1e3, 3),
+                memory_mib=prof.memory_bytes >> 20,
+                links=len(prof.links),
+            )
             return prof
 
     async def _measure(self, sha: str, source: str) -> Profile:
@@ -178,13 +182,22 @@ class Profiler:
                 # treats a link it has no figures for as free of transfer time.
                 log.warning("link_probe_failed", other=peer, reason=str(exc) or "timeout")
         return Profile(
-            model_sha=sha, layer_s=cal.layer_s, first_s=cal.first_s, last_s=cal.last_s,
-            prefill_layer_s=cal.prefill_layer_s, hop_s=cal.run_s + handoff,
-            idle_layer_s=idle.layer_s, idle_first_s=idle.first_s, idle_last_s=idle.last_s,
+            model_sha=sha,
+            layer_s=cal.layer_s,
+            first_s=cal.first_s,
+            last_s=cal.last_s,
+            prefill_layer_s=cal.prefill_layer_s,
+            hop_s=cal.run_s + handoff,
+            idle_layer_s=idle.layer_s,
+            idle_first_s=idle.first_s,
+            idle_last_s=idle.last_s,
             idle_hop_s=idle.run_s + handoff,
-            memory_bytes=mem, memory_exact=exact, threads=threads,
-            measured_at=time.time(), links=links,
-        )  # fmt: skip
+            memory_bytes=mem,
+            memory_exact=exact,
+            threads=threads,
+            measured_at=time.time(),
+            links=links,
+        )
 
     @staticmethod
     async def _handoff_s() -> float:
@@ -255,11 +268,16 @@ def slowed(prof: Profile, factor: float) -> Profile:
     from dataclasses import replace
 
     return replace(
-        prof, layer_s=prof.layer_s * factor, first_s=prof.first_s * factor,
-        last_s=prof.last_s * factor, hop_s=prof.hop_s * factor,
-        idle_layer_s=prof.idle_layer_s * factor, idle_first_s=prof.idle_first_s * factor,
-        idle_last_s=prof.idle_last_s * factor, idle_hop_s=prof.idle_hop_s * factor,
-    )  # fmt: skip
+        prof,
+        layer_s=prof.layer_s * factor,
+        first_s=prof.first_s * factor,
+        last_s=prof.last_s * factor,
+        hop_s=prof.hop_s * factor,
+        idle_layer_s=prof.idle_layer_s * factor,
+        idle_first_s=prof.idle_first_s * factor,
+        idle_last_s=prof.idle_last_s * factor,
+        idle_hop_s=prof.idle_hop_s * factor,
+    )
 
 
 def regime_for(objective: str) -> str:
@@ -279,9 +297,12 @@ def worker_profile(
         else (prof.layer_s, prof.first_s, prof.last_s)
     )
     return WorkerProfile(
-        name=peer, memory_bytes=max(mem, 1), layer_s=(layer,) * num_layers,
-        first_s=first, last_s=last,
-    )  # fmt: skip
+        name=peer,
+        memory_bytes=max(mem, 1),
+        layer_s=(layer,) * num_layers,
+        first_s=first,
+        last_s=last,
+    )
 
 
 def kv_bytes_per_layer(manifest: Manifest, config: Config) -> int:
@@ -317,10 +338,14 @@ def partition_request(
     layer_bytes = tuple(b + kv for b in manifest.per_layer_weight_bytes)
     if not profiles:
         return PartitionRequest(
-            num_layers=n, num_workers=len(workers),
-            layer_weight_bytes=manifest.per_layer_weight_bytes, layer_bytes=layer_bytes,
-            first_bytes=ends[0], last_bytes=ends[1], objective=config.plan.objective,
-        )  # fmt: skip
+            num_layers=n,
+            num_workers=len(workers),
+            layer_weight_bytes=manifest.per_layer_weight_bytes,
+            layer_bytes=layer_bytes,
+            first_bytes=ends[0],
+            last_bytes=ends[1],
+            objective=config.plan.objective,
+        )
     typical = sorted(profiles.values(), key=lambda p: p.layer_s)[len(profiles) // 2]
     profs = [profiles.get(w, typical) for w in workers]
     act = activation_bytes(manifest)
@@ -338,15 +363,19 @@ def partition_request(
     return_s = tuple(tuple(one_way(i, j, 64) for j in range(w)) for i in range(w))
     frac = config.plan.memory_fraction
     return PartitionRequest(
-        num_layers=n, num_workers=w,
-        layer_weight_bytes=manifest.per_layer_weight_bytes, layer_bytes=layer_bytes,
-        first_bytes=ends[0], last_bytes=ends[1],
+        num_layers=n,
+        num_workers=w,
+        layer_weight_bytes=manifest.per_layer_weight_bytes,
+        layer_bytes=layer_bytes,
+        first_bytes=ends[0],
+        last_bytes=ends[1],
         workers=tuple(
-            worker_profile(p, prof, n, frac, regime)
-            for p, prof in zip(workers, profs, strict=True)
+            worker_profile(p, prof, n, frac, regime) for p, prof in zip(workers, profs, strict=True)
         ),
-        link_s=link_s, return_s=return_s, objective=config.plan.objective,
-    )  # fmt: skip
+        link_s=link_s,
+        return_s=return_s,
+        objective=config.plan.objective,
+    )
 
 
 def predict(

@@ -69,9 +69,13 @@ def rss_mb() -> float | None:
 
 class ServingService:
     def __init__(
-        self, home: Path, config: Config, endpoint: Endpoint, node: MeshNode,
+        self,
+        home: Path,
+        config: Config,
+        endpoint: Endpoint,
+        node: MeshNode,
         plugins: pluggy.PluginManager | None = None,
-    ):  # fmt: skip
+    ):
         self.home = home
         self.config = config
         self.node = node
@@ -82,13 +86,17 @@ class ServingService:
         self.policies = BalancingPolicyRegistry(plugins)
         self.state = ServingState(node, store)
         self.profiler = Profiler(home, config, endpoint, node, store)
-        self.links = Links(endpoint, node, config, self.state,
-                           deliver=lambda f: self.gateway.coordinator.deliver(f))  # fmt: skip
+        self.links = Links(
+            endpoint,
+            node,
+            config,
+            self.state,
+            deliver=lambda f: self.gateway.coordinator.deliver(f),
+        )
         self.kv = KVCaches(endpoint, self.state)
         self.loader = SegmentLoader(home, config, endpoint, node, self.state, self.links, self.kv)
         self.leader = Leader(config, node, self.state, self.profiler, self.partitioners)
-        self.balancer = Balancer(config, node, self.state, self.leader, self.loader,
-                                 self.policies)  # fmt: skip
+        self.balancer = Balancer(config, node, self.state, self.leader, self.loader, self.policies)
         self.gateway = QueryGateway(config, node, self.state, self.leader, self.links.send_frame)
         self.desk = ServeDesk(node, self.leader.plan_for, lambda: self.state.plan)
         self._nursery: trio.Nursery | None = None  # for work peers ask of this one
@@ -166,8 +174,15 @@ class ServingService:
         elif isinstance(ask, appmsg.ServeReply):
             self.desk.on_reply(sender, ask)
         else:
-            spawn(self._nursery, "profile_request", sender, self._profile_quietly, ask.sha,
-                  ask.source, ask.refresh)  # fmt: skip
+            spawn(
+                self._nursery,
+                "profile_request",
+                sender,
+                self._profile_quietly,
+                ask.sha,
+                ask.source,
+                ask.refresh,
+            )
 
     async def _profile_quietly(self, sha: str, source: str, refresh: bool) -> None:
         with contextlib.suppress(MeshError, OSError, ValueError):
@@ -245,9 +260,10 @@ class ServingService:
         peers = sorted([self.me, *self.node.alive_peers()])
         found = await self.leader.gather_profiles(sha, source, peers, refresh=refresh)
         return {
-            "model": model, "sha": sha,
+            "model": model,
+            "sha": sha,
             "profiles": {p: (found[p].to_obj() if p in found else None) for p in peers},
-        }  # fmt: skip
+        }
 
     # -- status -------------------------------------------------------------------------------
     def _runtime_of(self, pid: str) -> dict[str, Any]:
@@ -274,8 +290,11 @@ class ServingService:
             "states": peers,
             "runtime": runtime,
             "models": st.models,
-            "stage": None if stage is None else {
-                "index": stage.index, "steps": stage.steps,
+            "stage": None
+            if stage is None
+            else {
+                "index": stage.index,
+                "steps": stage.steps,
                 "compute_s": round(stage.compute_s, 3),
                 "inner_s": round(stage.inner_s, 3),
                 "open_requests": len(stage.runtime.open_requests),
@@ -288,7 +307,7 @@ class ServingService:
             "profiles": self._plan_profiles(),
             "balancer": self.balancer.status or None,
             "profiling": sorted(self.profiler.busy),
-        }  # fmt: skip
+        }
 
     def _plan_profiles(self) -> dict[str, Any]:
         """Every live peer's profile for the planned model, as heard on heartbeats."""

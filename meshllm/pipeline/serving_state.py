@@ -120,8 +120,13 @@ class ServingState:
         rec = self.node.peers.get(pid)
         name = rec.name if rec is not None and rec.name else pid[-8:]
         state = self.state_of(pid)
-        return StageView(name, self.node.peer_alive(pid), state.serving, state.stage_stats,
-                         rec.state_refused if rec is not None else None)  # fmt: skip
+        return StageView(
+            name,
+            self.node.peer_alive(pid),
+            state.serving,
+            state.stage_stats,
+            rec.state_refused if rec is not None else None,
+        )
 
     def stage_stats_of(self, pid: str) -> Any:
         """A peer's stage figures as last published (this peer's, live)."""

@@ -126,9 +126,13 @@ class StageRunner:
         # plan's stages to fetch (see kvmove).
         self.keep_caches = False
         self._compute = ComputeThread(f"meshllm-stage{index}")
-        self.onward = Onward(next_peer=next_peer, first_peer=first_peer,
-                             eos_token_ids=eos_token_ids, data_inputs=runtime.data_inputs,
-                             send_now=send_now)  # fmt: skip
+        self.onward = Onward(
+            next_peer=next_peer,
+            first_peer=first_peer,
+            eos_token_ids=eos_token_ids,
+            data_inputs=runtime.data_inputs,
+            send_now=send_now,
+        )
         self._in, self._out = trio.open_memory_channel[Frame](queue_size)
         self._mask = np.ones((1, 0), dtype=np.int64)
         self.steps = 0
@@ -140,13 +144,20 @@ class StageRunner:
     def stats(self) -> dict[str, float | int]:
         """What the leader's balancer (and `meshllm status`) sees of this stage."""
         t = self.times
-        return {"epoch": self.epoch, "steps": t.measured, "baseline_s": t.baseline_s,
-                "recent_s": t.recent_s, "steps_per_s": round(t.recent_rate(), 2),
-                "open_requests": len(self.runtime.open_requests),
-                "batches": self.batches, "batched_steps": self.batched_steps,
-                # What a coordinator that got no token reads (see pipeline.stall).
-                "queued": self._queued, "busy": int(self._busy),
-                "idle_s": round(time.monotonic() - self._last_step_at, 3)}  # fmt: skip
+        return {
+            "epoch": self.epoch,
+            "steps": t.measured,
+            "baseline_s": t.baseline_s,
+            "recent_s": t.recent_s,
+            "steps_per_s": round(t.recent_rate(), 2),
+            "open_requests": len(self.runtime.open_requests),
+            "batches": self.batches,
+            "batched_steps": self.batched_steps,
+            # What a coordinator that got no token reads (see pipeline.stall).
+            "queued": self._queued,
+            "busy": int(self._busy),
+            "idle_s": round(time.monotonic() - self._last_step_at, 3),
+        }
 
     @property
     def is_last(self) -> bool:
@@ -288,9 +299,13 @@ class StageRunner:
     def _batchable(self, f: Frame) -> bool:
         """Whether *f* is a plain decode step that may run in a batch with others."""
         if not (
-            f.kind == FWD and f.new == 1 and not f.force and not f.fed and f.kv_from is None
+            f.kind == FWD
+            and f.new == 1
+            and not f.force
+            and not f.fed
+            and f.kv_from is None
             and f.epoch == self.epoch
-        ):  # fmt: skip
+        ):
             return False
         length = self.runtime.cached_length(f.rid)
         if length == 0 or f.pos != length + 1:
@@ -391,8 +406,15 @@ class StageRunner:
         self, f: Frame, reason: str, *, retry: bool = False, busy: bool = False
     ) -> None:
         if f.coord:
-            err = Frame(kind=ERROR, rid=f.rid, epoch=f.epoch, step=f.step,
-                        error=f"stage {self.index}: {reason}", retry=retry, busy=busy)  # fmt: skip
+            err = Frame(
+                kind=ERROR,
+                rid=f.rid,
+                epoch=f.epoch,
+                step=f.step,
+                error=f"stage {self.index}: {reason}",
+                retry=retry,
+                busy=busy,
+            )
             with contextlib.suppress(MeshError):
                 await self.send(f.coord, err)
 
@@ -469,9 +491,12 @@ class StageRunner:
         # per stage, so per generated token several times over. Replays, moved caches and
         # plugin transports take the event loop's path in _finish.
         quick = (
-            self.send_now is not None and f.new == 1 and not f.force and not f.fed
+            self.send_now is not None
+            and f.new == 1
+            and not f.force
+            and not f.fed
             and f.kv_from is None
-        )  # fmt: skip
+        )
         step = _Step(f)
 
         def run() -> tuple[dict[str, np.ndarray], int | None, bool]:
@@ -511,8 +536,9 @@ class StageRunner:
                 token, force = force[0], force[1:]
             if not sent and (again := self.onward.next_step(f, token, force)) is not None:
                 await self.send(self.first_peer, again)
-            reply = Frame(kind=TOKEN, rid=rid, epoch=f.epoch, step=f.step, token=token,
-                          compute_s=timings)  # fmt: skip
+            reply = Frame(
+                kind=TOKEN, rid=rid, epoch=f.epoch, step=f.step, token=token, compute_s=timings
+            )
             await self.send(f.coord, reply)
             return
         if sent_on:  # the compute thread already sent it on
@@ -525,9 +551,17 @@ class StageRunner:
             # REPLAY_WINDOW-th step does go round, so stage 0 never runs further ahead of
             # the slowest stage than that (their queues stay short).
             ids = np.asarray([[force[0]]], dtype=np.int64)
-            follow = Frame(kind=FWD, rid=rid, epoch=f.epoch, step=f.step + 1, pos=f.pos + 1,
-                           new=1, coord=f.coord, tensors={"input_ids": ids},
-                           force=force[1:])  # fmt: skip
+            follow = Frame(
+                kind=FWD,
+                rid=rid,
+                epoch=f.epoch,
+                step=f.step + 1,
+                pos=f.pos + 1,
+                new=1,
+                coord=f.coord,
+                tensors={"input_ids": ids},
+                force=force[1:],
+            )
             if not self.submit(follow):
                 raise MeshError("stage queue full while replaying")
             fed = True

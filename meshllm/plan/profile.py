@@ -64,13 +64,19 @@ class Profile:
 
     def to_obj(self) -> dict[str, Any]:
         return {
-            "model_sha": self.model_sha, "layer_s": self.layer_s, "first_s": self.first_s,
-            "last_s": self.last_s, "prefill_layer_s": self.prefill_layer_s, "hop_s": self.hop_s,
+            "model_sha": self.model_sha,
+            "layer_s": self.layer_s,
+            "first_s": self.first_s,
+            "last_s": self.last_s,
+            "prefill_layer_s": self.prefill_layer_s,
+            "hop_s": self.hop_s,
             "idle": [self.idle_layer_s, self.idle_first_s, self.idle_last_s, self.idle_hop_s],
-            "memory_bytes": self.memory_bytes, "memory_exact": self.memory_exact,
-            "threads": self.threads, "measured_at": self.measured_at,
+            "memory_bytes": self.memory_bytes,
+            "memory_exact": self.memory_exact,
+            "threads": self.threads,
+            "measured_at": self.measured_at,
             "links": {p: [s.rtt_s, s.bandwidth_Bps] for p, s in self.links.items()},
-        }  # fmt: skip
+        }
 
     @classmethod
     def from_obj(cls, obj: Any) -> Profile:
@@ -98,13 +104,18 @@ class Profile:
             )
         return cls(
             model_sha=wire.sha256_hex(obj.get("model_sha"), "model_sha"),
-            layer_s=secs("layer_s"), first_s=secs("first_s"), last_s=secs("last_s"),
-            prefill_layer_s=secs("prefill_layer_s"), hop_s=secs("hop_s"),
-            idle_layer_s=secs("idle", idle[0]), idle_first_s=secs("idle", idle[1]),
-            idle_last_s=secs("idle", idle[2]), idle_hop_s=secs("idle", idle[3]),
+            layer_s=secs("layer_s"),
+            first_s=secs("first_s"),
+            last_s=secs("last_s"),
+            prefill_layer_s=secs("prefill_layer_s"),
+            hop_s=secs("hop_s"),
+            idle_layer_s=secs("idle", idle[0]),
+            idle_first_s=secs("idle", idle[1]),
+            idle_last_s=secs("idle", idle[2]),
+            idle_hop_s=secs("idle", idle[3]),
             memory_bytes=wire.integer(obj.get("memory_bytes"), "memory_bytes"),
             memory_exact=wire.flag(obj.get("memory_exact"), "memory_exact"),
             threads=wire.integer(obj.get("threads"), "threads", 0, 4096),
             measured_at=wire.number(obj.get("measured_at"), "measured_at", 0.0),
             links=links,
-        )  # fmt: skip
+        )

@@ -128,8 +128,19 @@ MAX_TOKENS = 24
 def monolithic(model, prompt: str, max_tokens: int = MAX_TOKENS) -> list[int]:
     """The oracle: greedy token ids of the whole model in one process."""
     home = model.path.parent.parent
-    out = cli(home, "generate", "--model", model.name, prompt, "--max-tokens", str(max_tokens),
-              "--monolithic", "--json", "--threads", "1")  # fmt: skip
+    out = cli(
+        home,
+        "generate",
+        "--model",
+        model.name,
+        prompt,
+        "--max-tokens",
+        str(max_tokens),
+        "--monolithic",
+        "--json",
+        "--threads",
+        "1",
+    )
     return json.loads(out.stdout)["token_ids"]
 
 
@@ -137,8 +148,9 @@ def link_model(model, home: Path) -> None:
     """Give the source peer the imported model (hard links: no copy, no conversion)."""
     dest = home / "models" / model.name
     dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(model.path, dest, copy_function=os.link,
-                    ignore=shutil.ignore_patterns("segments", "*.lock"))  # fmt: skip
+    shutil.copytree(
+        model.path, dest, copy_function=os.link, ignore=shutil.ignore_patterns("segments", "*.lock")
+    )
 
 
 def query(home: Path, prompt: str, max_tokens: int = MAX_TOKENS) -> dict:

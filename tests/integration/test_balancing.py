@@ -54,8 +54,20 @@ def oracle(smollm_models):
     home = model.path.parent.parent
     out = {}
     for prompt in PROMPTS:
-        proc = cli(home, "generate", "--model", model.name, prompt, "--max-tokens", str(TOKENS),
-                   "--monolithic", "--json", "--threads", "1", timeout=120)  # fmt: skip
+        proc = cli(
+            home,
+            "generate",
+            "--model",
+            model.name,
+            prompt,
+            "--max-tokens",
+            str(TOKENS),
+            "--monolithic",
+            "--json",
+            "--threads",
+            "1",
+            timeout=120,
+        )
         out[prompt] = json.loads(proc.stdout)["token_ids"]
     return out
 
@@ -70,10 +82,24 @@ def test_throttled_phone_loses_its_layers_and_answers_stay_exact(
     peers = testbed.up(root / "tb", profile=profile)
     homes = [Path(p.home) for p in peers]
     try:
-        shutil.copytree(model.path, homes[0] / "models" / model.name, copy_function=os.link,
-                        ignore=shutil.ignore_patterns("segments", "*.lock"))  # fmt: skip
-        cli(homes[0], "serve", model.name, "--partitioner", "even", "--balance", "threshold",
-            "--timeout", "200", timeout=220)  # fmt: skip
+        shutil.copytree(
+            model.path,
+            homes[0] / "models" / model.name,
+            copy_function=os.link,
+            ignore=shutil.ignore_patterns("segments", "*.lock"),
+        )
+        cli(
+            homes[0],
+            "serve",
+            model.name,
+            "--partitioner",
+            "even",
+            "--balance",
+            "threshold",
+            "--timeout",
+            "200",
+            timeout=220,
+        )
         plan = call(homes[0], "status")["serving"]["plan"]
         ids = [call(h, "status")["self"]["id"] for h in homes]
         middle = ids.index(plan["stages"][1][0])
@@ -99,10 +125,17 @@ def test_throttled_phone_loses_its_layers_and_answers_stay_exact(
                     started.set()
 
             try:
-                while not (carried_over.is_set() or give_up.is_set()) \
-                        and time.monotonic() < deadline:
-                    out = call_stream(homes[i % len(homes)], "query", on_event, timeout=600,
-                                      prompt=PROMPTS[i], max_tokens=TOKENS)  # fmt: skip
+                while (
+                    not (carried_over.is_set() or give_up.is_set()) and time.monotonic() < deadline
+                ):
+                    out = call_stream(
+                        homes[i % len(homes)],
+                        "query",
+                        on_event,
+                        timeout=600,
+                        prompt=PROMPTS[i],
+                        max_tokens=TOKENS,
+                    )
                     answers.append((PROMPTS[i], out))
                     if any(r["epoch"] > plan["epoch"] for r in out["recoveries"]):
                         carried_over.set()
@@ -132,8 +165,7 @@ def test_throttled_phone_loses_its_layers_and_answers_stay_exact(
         # the old plan's peers (all alive), not replayed.
         assert carried and all(r["epoch"] > plan["epoch"] for r in carried)
         assert all(r["moved_kv"] is True for r in carried)
-        leader_home = next(h for h in homes
-                           if call(h, "status")["self"]["role"] == "leader")  # fmt: skip
+        leader_home = next(h for h in homes if call(h, "status")["self"]["role"] == "leader")
         balancer = call(leader_home, "status")["serving"]["balancer"]
         moves = [d for d in balancer["history"] if d["outcome"] == "replanned"]
         decision = moves[0]  # the first move is about the throttled phone

@@ -55,8 +55,9 @@ def zlib_mesh(smollm_models, tmp_path_factory):
         link_model(model, homes[0])  # advertised within seconds; serve retries meanwhile
         # Even split, so every peer runs a stage; the leader still profiles every peer for
         # the balancer, so link probes travel compressed too.
-        cli(homes[-1], "serve", model.name, "--partitioner", "even", "--timeout", "280",
-            timeout=300)  # fmt: skip
+        cli(
+            homes[-1], "serve", model.name, "--partitioner", "even", "--timeout", "280", timeout=300
+        )
         yield homes
     finally:
         testbed.down(root)
@@ -102,8 +103,19 @@ def speed_mesh(smollm_models, tmp_path_factory):
         restart(root, peers, 1)
         testbed.wait_for_mesh(homes, timeout=30)
         # --balance none: the plan stays the plugin's (the balancer re-plans with lp).
-        out = cli(homes[2], "serve", model.name, "--partitioner", "speed", "--balance", "none",
-                  "--timeout", "280", "--json", timeout=300)  # fmt: skip
+        out = cli(
+            homes[2],
+            "serve",
+            model.name,
+            "--partitioner",
+            "speed",
+            "--balance",
+            "none",
+            "--timeout",
+            "280",
+            "--json",
+            timeout=300,
+        )
         yield {"model": model, "homes": homes, "serve": json.loads(out.stdout)}
     finally:
         testbed.down(root)
@@ -123,19 +135,23 @@ class TestSpeedPartitioner:
         manifest = Manifest.read(model.path)
         ranges = probe_ranges(manifest.architecture.num_layers, median_layer_bytes(manifest))
         sha = manifest.model_sha256
-        ends = end_bytes_of(manifest, {k: probe_dir(homes[0], sha, a, b) for k, (a, b) in
-                                       ranges.items()})  # fmt: skip
+        ends = end_bytes_of(
+            manifest, {k: probe_dir(homes[0], sha, a, b) for k, (a, b) in ranges.items()}
+        )
         config = load_config(homes[0] / CONFIG_FILE)
         request = partition_request(workers, profiles, manifest, ends, config)
         again = SpeedPartitioner().partition(request)
-        assert [[w, r.start, r.stop] for w, r in zip(workers, again, strict=True)
-                if r is not None] == plan["stages"]  # fmt: skip
+        assert [
+            [w, r.start, r.stop] for w, r in zip(workers, again, strict=True) if r is not None
+        ] == plan["stages"]
         # And the memory cap shaped it: the capped peer holds fewer layers than an even third.
         capped = status(homes[1])["self"]["id"]
         (stage,) = [s for s in plan["stages"] if s[0] == capped]
         assert profiles[capped].memory_bytes == CAPPED_MIB << 20
-        print(f"\nspeed plan {plan['stages']}, layer ms",
-              {w[:12]: round(p.layer_s * 1e3, 3) for w, p in profiles.items()})  # fmt: skip
+        print(
+            f"\nspeed plan {plan['stages']}, layer ms",
+            {w[:12]: round(p.layer_s * 1e3, 3) for w, p in profiles.items()},
+        )
         assert stage[2] - stage[1] < 10
 
     def test_speed_mesh_answers_like_the_whole_model(self, speed_mesh, expected) -> None:

@@ -120,8 +120,9 @@ class Mesh:
 def link_model(model: ImportedModel, home: Path) -> None:
     dest = home / "models" / model.name
     dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(model.path, dest, copy_function=os.link,
-                    ignore=shutil.ignore_patterns("segments", "*.lock"))  # fmt: skip
+    shutil.copytree(
+        model.path, dest, copy_function=os.link, ignore=shutil.ignore_patterns("segments", "*.lock")
+    )
 
 
 def build_mesh(root: Path, model: ImportedModel) -> Mesh:
@@ -129,13 +130,30 @@ def build_mesh(root: Path, model: ImportedModel) -> Mesh:
     homes = [Path(p.home) for p in peers]
     try:
         link_model(model, homes[0])  # advertised within seconds; serve retries meanwhile
-        cli(homes[1], "serve", model.name, "--partitioner", "even", "--balance", "none",
-            "--timeout", "150", timeout=180)  # fmt: skip
+        cli(
+            homes[1],
+            "serve",
+            model.name,
+            "--partitioner",
+            "even",
+            "--balance",
+            "none",
+            "--timeout",
+            "150",
+            timeout=180,
+        )
         views = [status(h) for h in homes]
         assert all(v is not None for v in views)
         plan = views[0]["serving"]["plan"]  # type: ignore[index]
-        mesh = Mesh(root, peers, homes, [v["self"]["id"] for v in views],  # type: ignore[index]
-                    [v["self"]["addrs"][0] for v in views], plan, model)  # type: ignore[index]  # fmt: skip
+        mesh = Mesh(
+            root,
+            peers,
+            homes,
+            [v["self"]["id"] for v in views],  # type: ignore[index]
+            [v["self"]["addrs"][0] for v in views],
+            plan,
+            model,
+        )  # type: ignore[index]
         # The homes' parents, and the absolute target of hostile_values' path strings.
         shutil.rmtree(ESCAPED, ignore_errors=True)
         mesh.watched = [root, root.parent, ESCAPED]
@@ -153,8 +171,13 @@ def answer(home: Path, within: float = ANSWER_S) -> dict[str, Any]:
     last: Exception | None = None
     while time.monotonic() < deadline:
         try:
-            return call(home, "query", timeout=max(1.0, deadline - time.monotonic()),
-                        prompt=PROMPT, max_tokens=MAX_TOKENS)  # fmt: skip
+            return call(
+                home,
+                "query",
+                timeout=max(1.0, deadline - time.monotonic()),
+                prompt=PROMPT,
+                max_tokens=MAX_TOKENS,
+            )
         except RequestFailed as exc:
             if exc.code not in ("not_ready", "busy", "query_failed", "no_leader"):
                 raise
@@ -235,8 +258,19 @@ class MeshKeeper:
 def expected(tiny_fp32: ImportedModel) -> list[int]:
     """The monolithic model's greedy tokens for PROMPT."""
     home = tiny_fp32.path.parent.parent
-    out = cli(home, "generate", "--model", tiny_fp32.name, PROMPT, "--max-tokens",
-              str(MAX_TOKENS), "--monolithic", "--json", "--threads", "1")  # fmt: skip
+    out = cli(
+        home,
+        "generate",
+        "--model",
+        tiny_fp32.name,
+        PROMPT,
+        "--max-tokens",
+        str(MAX_TOKENS),
+        "--monolithic",
+        "--json",
+        "--threads",
+        "1",
+    )
     return json.loads(out.stdout)["token_ids"]
 
 
@@ -407,8 +441,10 @@ class Attacker:
         self.by_protocol[case.protocol] += 1
 
     def summary(self) -> str:
-        return (f"{self.count} cases {dict(self.by_protocol)}; pings unanswered "
-                f"{dict(self.unanswered)}, reconnects {self.reconnects}")  # fmt: skip
+        return (
+            f"{self.count} cases {dict(self.by_protocol)}; pings unanswered "
+            f"{dict(self.unanswered)}, reconnects {self.reconnects}"
+        )
 
     def report(self, i: int, label: str, what: str) -> str:
         sent = "\n".join(f"  {c.short()}" for c in self.recent[i]) or "  (nothing yet)"
@@ -472,8 +508,11 @@ class Attacker:
             self.recent[i].clear()
             return
         await self.suspect(i, label, "")
-        await self.wedged(i, label, f"stopped answering on our link (no vote answer in "
-                                    f"{SEND_S:g} s), though it runs")  # fmt: skip
+        await self.wedged(
+            i,
+            label,
+            f"stopped answering on our link (no vote answer in {SEND_S:g} s), though it runs",
+        )
         if await self._pinged(i, label):
             self.recent[i].clear()
             return
@@ -510,8 +549,16 @@ class Attacker:
             self._unpinged[i] = 0
             await self.ping(i, label)
 
-    async def exchange(self, i: int, protocol: TProtocol, data: bytes, case: hv.Case,
-                       label: str, *, reset: bool = False) -> bytes:  # fmt: skip
+    async def exchange(
+        self,
+        i: int,
+        protocol: TProtocol,
+        data: bytes,
+        case: hv.Case,
+        label: str,
+        *,
+        reset: bool = False,
+    ) -> bytes:
         """A stream per request: write *data*, end our side (or reset the stream), and read
         until the victim ends the stream."""
         self.note(i, case)
@@ -523,8 +570,11 @@ class Attacker:
         if stream is None:
             if hung:
                 await self.suspect(i, label, "")
-                await self.wedged(i, label, f"stopped opening streams on our link (none in "
-                                            f"{SEND_S:g} s), though it runs")  # fmt: skip
+                await self.wedged(
+                    i,
+                    label,
+                    f"stopped opening streams on our link (none in {SEND_S:g} s), though it runs",
+                )
             else:  # refused: the victim may have closed our link; dial again
                 await self.reconnect_or_fail(i, label)
             try:
@@ -542,8 +592,9 @@ class Attacker:
                 while chunk := await stream.read(1 << 16):
                     got += chunk
         except trio.TooSlowError:
-            await self.suspect(i, label, f"stalled: the stream did not end {SEND_S:g} s after "
-                               "the request")  # fmt: skip
+            await self.suspect(
+                i, label, f"stalled: the stream did not end {SEND_S:g} s after the request"
+            )
         except Exception:
             pass  # the end of the stream, or a reset: the victim's choice
         finally:
@@ -575,10 +626,12 @@ class Attacker:
 async def attacker(mesh: Mesh) -> AsyncIterator[Attacker]:
     ep = Libp2pEndpoint(
         EndpointOptions(
-            key_seed=secrets.token_bytes(32), secret=MeshSecret.load(mesh.homes[0]),
-            listen=("/ip4/127.0.0.1/tcp/0",), handshake_timeout_s=HANDSHAKE_S,
+            key_seed=secrets.token_bytes(32),
+            secret=MeshSecret.load(mesh.homes[0]),
+            listen=("/ip4/127.0.0.1/tcp/0",),
+            handshake_timeout_s=HANDSHAKE_S,
         )
-    )  # fmt: skip
+    )
     files, act = FileSource(), ActSink()
     ep.set_stream_handler("files", files.handle)
     ep.set_stream_handler("probe", _answer_probes)
@@ -601,10 +654,15 @@ async def attacker(mesh: Mesh) -> AsyncIterator[Attacker]:
 def context(mesh: Mesh, me: Libp2pEndpoint) -> hv.Context:
     plan = mesh.plan
     return hv.Context(
-        peers=tuple(s[0] for s in plan["stages"]), me=me.peer_id, source=plan["source"],
-        model=plan["model"], model_sha=plan["model_sha"], num_layers=plan["num_layers"],
-        epoch=plan["epoch"], addr=me.listen_addrs()[0],
-    )  # fmt: skip
+        peers=tuple(s[0] for s in plan["stages"]),
+        me=me.peer_id,
+        source=plan["source"],
+        model=plan["model"],
+        model_sha=plan["model_sha"],
+        num_layers=plan["num_layers"],
+        epoch=plan["epoch"],
+        addr=me.listen_addrs()[0],
+    )
 
 
 async def check(a: Attacker, label: str, expected: list[int], batch: int) -> None:
@@ -641,14 +699,24 @@ class Batch:
     cases: list[tuple[int, hv.Case]]  # (victim, case)
 
 
-def batches_of(label: str, template_of: Callable[[int], dict[str, Any]], protocol: str,
-               n: int, rng: random.Random, victims: int, *, size: int = 150,
-               fixed: tuple[str, ...] = ()) -> list[Batch]:  # fmt: skip
+def batches_of(
+    label: str,
+    template_of: Callable[[int], dict[str, Any]],
+    protocol: str,
+    n: int,
+    rng: random.Random,
+    victims: int,
+    *,
+    size: int = 150,
+    fixed: tuple[str, ...] = (),
+) -> list[Batch]:
     """*n* cases of *protocol* (hostile_values.hostile_cases: a sweep of every field, then
     random mutations), to the victims in turn, in batches of at most *size*. The sweep is
     shared out: case k goes to victim k % victims, made from that victim's template."""
-    made = [list(hv.hostile_cases(rng, template_of(v), n, protocol=protocol, fixed=fixed))
-            for v in range(victims)]  # fmt: skip
+    made = [
+        list(hv.hostile_cases(rng, template_of(v), n, protocol=protocol, fixed=fixed))
+        for v in range(victims)
+    ]
     cases = [(k % victims, made[k % victims][k]) for k in range(n)]
     return [Batch(f"{label} #{j // size + 1}", cases[j : j + size]) for j in range(0, n, size)]
 
@@ -656,8 +724,13 @@ def batches_of(label: str, template_of: Callable[[int], dict[str, Any]], protoco
 Settle = Callable[[Batch], Awaitable[None]]
 
 
-async def run_batches(a: Attacker, batches: list[Batch], send: Callable[..., Any],
-                      expected: list[int], settle: Settle | None = None) -> None:  # fmt: skip
+async def run_batches(
+    a: Attacker,
+    batches: list[Batch],
+    send: Callable[..., Any],
+    expected: list[int],
+    settle: Settle | None = None,
+) -> None:
     """Send each batch, then check the mesh (after *settle*, which waits for the victims to
     have acted on the batch where that happens in the background)."""
     for k, b in enumerate(batches):
@@ -678,8 +751,12 @@ def stage_inputs(model: ImportedModel, start: int, stop: int) -> dict[str, list[
     ((seg, _info),) = model.segment_files([LayerRange(start, stop)])
     graph = onnx.load(str(seg.parent / "segment.onnx"), load_external_data=False).graph
     tp = onnx.TensorProto
-    dtypes = {tp.INT64: ("int64", 8), tp.FLOAT: ("float32", 4), tp.FLOAT16: ("float16", 2),
-              tp.INT32: ("int32", 4)}  # fmt: skip
+    dtypes = {
+        tp.INT64: ("int64", 8),
+        tp.FLOAT: ("float32", 4),
+        tp.FLOAT16: ("float16", 2),
+        tp.INT32: ("int32", 4),
+    }
     out = {}
     for inp in graph.input:
         if inp.name == "attention_mask" or "past_key_values" in inp.name or "past" in inp.name:
@@ -787,8 +864,9 @@ async def test_hostile_file_answers(mesh: Mesh, expected: list[int]) -> None:
         t = hv.templates(context(mesh, a.ep))
         sha_of = {}
         cases = []
-        for k, case in enumerate(hv.hostile_cases(rng, t["files.header"], 150,
-                                                  protocol="files.header")):  # fmt: skip
+        for k, case in enumerate(
+            hv.hostile_cases(rng, t["files.header"], 150, protocol="files.header")
+        ):
             sha_of[id(case)] = f"{0xF00000 + k:064x}"
             cases.append((k % mesh.n, case))
 
@@ -869,8 +947,9 @@ async def test_hostile_activation_frames(
                         await a.suspect(i, label, f"refused activation frames ({exc!r})")
                     elif isinstance(exc, trio.TooSlowError):  # hung, rather than refused
                         await a.suspect(i, label, "")
-                        await a.wedged(i, label, "stopped taking activation frames on our "
-                                                 "link, though it runs")  # fmt: skip
+                        await a.wedged(
+                            i, label, "stopped taking activation frames on our link, though it runs"
+                        )
 
         async def ping(i: int, label: str) -> None:
             """As Attacker.ping: a frame for no open request, coordinated by us, comes back
@@ -904,8 +983,15 @@ async def test_hostile_activation_frames(
         batches = []
         for name, n in ACT_GROUPS[group]:
             fixed = ("r", "cap") if name == "act.fwd.open" else ()
-            batches += batches_of(f"{name} over {path}", lambda v, name=name: per_victim[v][name],
-                                  name, n, rng, mesh.n, fixed=fixed)  # fmt: skip
+            batches += batches_of(
+                f"{name} over {path}",
+                lambda v, name=name: per_victim[v][name],
+                name,
+                n,
+                rng,
+                mesh.n,
+                fixed=fixed,
+            )
         await run_batches(a, batches, send, expected)
         for s in streams.values():
             with suppress(Exception):
@@ -923,8 +1009,14 @@ async def test_hostile_stream_requests(mesh: Mesh, expected: list[int], protocol
         counts = {"files": 150, "kv": 200, "probe": 150, "dataplane": 150}
         if protocol == "files":
             start, stop = mesh.stage_of(0)  # peer-0 is the source: it has the model
-            segment = {"sha": mesh.plan["model_sha"], "what": "segment", "start": start,
-                       "stop": stop, "file": "segment.onnx", "offset": 0}  # fmt: skip
+            segment = {
+                "sha": mesh.plan["model_sha"],
+                "what": "segment",
+                "start": start,
+                "stop": stop,
+                "file": "segment.onnx",
+                "offset": 0,
+            }
             names = {"files": t["files"], "files.meta": t["files.meta"], "files.segment": segment}
         elif protocol == "kv":
             names = {"kv": {**t["kv"], "e": epoch}}
@@ -934,8 +1026,9 @@ async def test_hostile_stream_requests(mesh: Mesh, expected: list[int], protocol
             names = {"dataplane": t["dataplane"]}
         batches = []
         for name, template in names.items():
-            batches += batches_of(name, lambda _v, tp=template: tp, name, counts[protocol], rng,
-                                  mesh.n)  # fmt: skip
+            batches += batches_of(
+                name, lambda _v, tp=template: tp, name, counts[protocol], rng, mesh.n
+            )
         wire = DATAPLANE_PROTOCOL if protocol == "dataplane" else proto(protocol)
 
         async def send(i: int, case: hv.Case, label: str) -> None:
@@ -973,8 +1066,14 @@ async def test_truncated_frames_and_resets(mesh: Mesh, expected: list[int]) -> N
     rng = random.Random(SEED + 5)
     async with attacker(mesh) as a:
         t = hv.templates(context(mesh, a.ep))
-        valid = {"ctl": t["ctl.hb"], "act": t["act.fwd"], "files": t["files"], "kv": t["kv"],
-                 "probe": t["probe.echo"], "dataplane": t["dataplane"]}  # fmt: skip
+        valid = {
+            "ctl": t["ctl.hb"],
+            "act": t["act.fwd"],
+            "files": t["files"],
+            "kv": t["kv"],
+            "probe": t["probe.echo"],
+            "dataplane": t["dataplane"],
+        }
         wires = {"ctl": CTL_PROTOCOL, "dataplane": DATAPLANE_PROTOCOL}
         batch = []
         for k in range(300):
@@ -986,8 +1085,9 @@ async def test_truncated_frames_and_resets(mesh: Mesh, expected: list[int]) -> N
             wire = wires.get(case.protocol, proto(case.protocol))
             await a.exchange(i, wire, case.data, case, label, reset=rng.randrange(2) == 0)
 
-        await run_batches(a, [Batch("framing #1", batch[:150]), Batch("framing #2", batch[150:])],
-                          send, expected)  # fmt: skip
+        await run_batches(
+            a, [Batch("framing #1", batch[:150]), Batch("framing #2", batch[150:])], send, expected
+        )
         print(f"\nframing: {a.summary()}")
 
 
@@ -1036,8 +1136,14 @@ async def test_outsiders_reset_connections(mesh: Mesh, expected: list[int]) -> N
 
     # With the network key but not the secret: hostile challenge frames on the auth stream.
     stolen = PnetOnly(secrets.token_bytes(32), stolen_pnet=MeshSecret.load(mesh.homes[0]).pnet_key)
-    ep = Libp2pEndpoint(EndpointOptions(secrets.token_bytes(32), stolen, ("/ip4/127.0.0.1/tcp/0",),
-                                        handshake_timeout_s=HANDSHAKE_S))  # fmt: skip
+    ep = Libp2pEndpoint(
+        EndpointOptions(
+            secrets.token_bytes(32),
+            stolen,
+            ("/ip4/127.0.0.1/tcp/0",),
+            handshake_timeout_s=HANDSHAKE_S,
+        )
+    )
     template = hv.templates()["auth.hello"]
     async with trio.open_nursery() as nursery:
         await nursery.start(ep.run)

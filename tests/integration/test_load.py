@@ -27,9 +27,22 @@ def test_fifty_concurrent_queries_end_clearly(
 ) -> None:
     model = smollm_models["int4"]
     out = tmp_path / "load_test.json"
-    cmd = [sys.executable, str(REPO / "tools" / "load_test.py"), "--queries", str(QUERIES),
-           "--max-tokens", "8", "--peers", "4", "--precision", "int4",
-           "--home", str(model.path.parent.parent), "--out", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(REPO / "tools" / "load_test.py"),
+        "--queries",
+        str(QUERIES),
+        "--max-tokens",
+        "8",
+        "--peers",
+        "4",
+        "--precision",
+        "int4",
+        "--home",
+        str(model.path.parent.parent),
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     print(proc.stdout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

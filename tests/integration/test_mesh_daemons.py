@@ -28,8 +28,14 @@ def mesh4(tmp_path):
     homes = [Path(p.home) for p in peers]
     try:
         members, leader = wait_for(lambda: agreement(homes), timeout=20)
-        yield {"root": root, "peers": peers, "homes": homes, "formed_s": time.monotonic() - t0,
-               "members": members, "leader": leader}  # fmt: skip
+        yield {
+            "root": root,
+            "peers": peers,
+            "homes": homes,
+            "formed_s": time.monotonic() - t0,
+            "members": members,
+            "leader": leader,
+        }
     finally:
         testbed.down(root)
 
@@ -189,9 +195,14 @@ def test_malformed_control_requests_get_error_objects(mesh4):
 def test_stop_is_graceful(mesh4):
     home, peer = mesh4["homes"][3], mesh4["peers"][3]
     cli(home, "stop")
-    wait_for(lambda: not Path(f"/proc/{peer.pid}").exists()
-             or b"(Z)" in Path(f"/proc/{peer.pid}/stat").read_bytes()[:64] or
-             _zombie(peer.pid), timeout=10)  # fmt: skip
+    wait_for(
+        lambda: (
+            not Path(f"/proc/{peer.pid}").exists()
+            or b"(Z)" in Path(f"/proc/{peer.pid}/stat").read_bytes()[:64]
+            or _zombie(peer.pid)
+        ),
+        timeout=10,
+    )
     assert not (home / "control.sock").exists()
     res = cli(home, "status", check=False)
     assert res.returncode == 1 and "no daemon is running" in res.stderr

@@ -25,8 +25,6 @@ PROMPTS = [
 ]
 
 
-
-
 @pytest.fixture(scope="module")
 def oracle(smollm_models):
     return {
@@ -36,10 +34,11 @@ def oracle(smollm_models):
     }
 
 
-
-
-@pytest.fixture(scope="module", params=[(3, "int4"), (4, "int4"), (3, "fp32"), (4, "fp32")],
-                ids=lambda p: f"{p[0]}peers-{p[1]}")  # fmt: skip
+@pytest.fixture(
+    scope="module",
+    params=[(3, "int4"), (4, "int4"), (3, "fp32"), (4, "fp32")],
+    ids=lambda p: f"{p[0]}peers-{p[1]}",
+)
 def served_mesh(request, smollm_models, tmp_path_factory):
     n, precision = request.param
     model = smollm_models[precision]
@@ -60,13 +59,21 @@ def served_mesh(request, smollm_models, tmp_path_factory):
         # machine the balancer would rightly re-plan a stage that runs slower).
         # serve waits for every peer's profile and segments: on a clean checkout that means
         # cutting them, so the command gets its own --timeout, not the helper's 30 s.
-        cli(homes[-1], "serve", model.name, "--partitioner", "even", "--balance", "none",
-            "--timeout", "300", timeout=330)  # fmt: skip
+        cli(
+            homes[-1],
+            "serve",
+            model.name,
+            "--partitioner",
+            "even",
+            "--balance",
+            "none",
+            "--timeout",
+            "300",
+            timeout=330,
+        )
         yield {"n": n, "precision": precision, "model": model, "homes": homes, "root": root}
     finally:
         testbed.down(root)
-
-
 
 
 def test_query_at_every_peer_equals_monolithic(served_mesh, oracle):
@@ -124,9 +131,13 @@ def test_each_peer_holds_only_its_own_layers(served_mesh):
                 assert start == 0 or stop == plan["num_layers"], t.name
             else:
                 assert t.name in {"cos_cache", "sin_cache"}, t.name
-        rss_kib = int(next(line.split()[1] for line in
-                           Path(f"/proc/{st['pid']}/status").read_text().splitlines()
-                           if line.startswith("VmRSS:")))  # fmt: skip
+        rss_kib = int(
+            next(
+                line.split()[1]
+                for line in Path(f"/proc/{st['pid']}/status").read_text().splitlines()
+                if line.startswith("VmRSS:")
+            )
+        )
         size = (seg_dir / "segment.onnx.data").stat().st_size
         print(
             f"\n{served_mesh['precision']} stage {start}-{stop}: segment {size / 2**20:.1f} MiB, "

@@ -45,13 +45,20 @@ def reference(smollm_models):
     arch = model.manifest.architecture
 
     def greedy(prompt_ids: list[int]) -> dict:
-        ids, finish, *_ = generate_ids(chain, arch, prompt_ids, max_tokens=MAX_TOKENS,
-                                       sampling=SamplingParams())  # fmt: skip
-        return {"prompt_tokens": len(prompt_ids), "ids": ids, "finish": finish,
-                "text": tok.decode(ids)}  # fmt: skip
+        ids, finish, *_ = generate_ids(
+            chain, arch, prompt_ids, max_tokens=MAX_TOKENS, sampling=SamplingParams()
+        )
+        return {
+            "prompt_tokens": len(prompt_ids),
+            "ids": ids,
+            "finish": finish,
+            "text": tok.decode(ids),
+        }
 
-    return {"chat": greedy(tok.encode_messages(RENDERED)),
-            "completion": greedy(tok.encode_prompt(PROMPT, raw=True))}  # fmt: skip
+    return {
+        "chat": greedy(tok.encode_messages(RENDERED)),
+        "completion": greedy(tok.encode_prompt(PROMPT, raw=True)),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -71,11 +78,20 @@ def api_mesh(smollm_models, tmp_path_factory):
         testbed.save_state(root, peers)
         testbed.wait_for_mesh(homes, timeout=30)
         # Even split, no balancer: these tests are about the API, not the planner.
-        cli(homes[2], "serve", model.name, "--partitioner", "even", "--balance", "none",
-            "--timeout", "120", timeout=150)  # fmt: skip
+        cli(
+            homes[2],
+            "serve",
+            model.name,
+            "--partitioner",
+            "even",
+            "--balance",
+            "none",
+            "--timeout",
+            "120",
+            timeout=150,
+        )
         api = status(homes[1])["api"]
-        client = openai.OpenAI(base_url=api["url"], api_key="unused", max_retries=0,
-                               timeout=120)  # fmt: skip
+        client = openai.OpenAI(base_url=api["url"], api_key="unused", max_retries=0, timeout=120)
         yield {"model": model, "homes": homes, "api": api, "client": client, "pid": proc.pid}
     finally:
         testbed.down(root)
@@ -120,9 +136,13 @@ def test_chat_completion_equals_the_whole_model(api_mesh, reference):
 def test_streamed_chat_completion_equals_the_whole_model(api_mesh, reference):
     ref = reference["chat"]
     stream = api_mesh["client"].chat.completions.create(
-        model=api_mesh["model"].name, messages=MESSAGES, temperature=0, max_tokens=MAX_TOKENS,
-        stream=True, stream_options={"include_usage": True},
-    )  # fmt: skip
+        model=api_mesh["model"].name,
+        messages=MESSAGES,
+        temperature=0,
+        max_tokens=MAX_TOKENS,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     assert all(c.object == "chat.completion.chunk" for c in chunks)
     usage = chunks[-1].usage
@@ -130,8 +150,7 @@ def test_streamed_chat_completion_equals_the_whole_model(api_mesh, reference):
     deltas = [c.choices[0].delta.content or "" for c in chunks[:-1]]
     assert sum(1 for d in deltas if d) > 3  # it really streamed, piece by piece
     assert "".join(deltas) == ref["text"]
-    assert chunks[-2].choices[0].finish_reason == ("stop" if ref["finish"] == "stop"
-                                                   else "length")  # fmt: skip
+    assert chunks[-2].choices[0].finish_reason == ("stop" if ref["finish"] == "stop" else "length")
     assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (
         ref["prompt_tokens"],
         len(ref["ids"]),
@@ -150,9 +169,12 @@ def test_completion_continues_raw_text(api_mesh, reference):
     assert out.usage.completion_tokens == len(ref["ids"])
     # A stop sequence cuts the text before it, and ends generation there.
     cut = api_mesh["client"].completions.create(
-        model=api_mesh["model"].name, prompt=PROMPT, temperature=0, max_tokens=MAX_TOKENS,
+        model=api_mesh["model"].name,
+        prompt=PROMPT,
+        temperature=0,
+        max_tokens=MAX_TOKENS,
         stop=[","],
-    )  # fmt: skip
+    )
     assert "," in ref["text"]
     assert cut.choices[0].text == ref["text"].split(",")[0]
     assert cut.choices[0].finish_reason == "stop"
@@ -169,8 +191,9 @@ def test_errors_reach_the_client_and_the_daemon_serves_on(api_mesh, reference):
         client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
     with pytest.raises(openai.BadRequestError, match="n=2 is not supported"):
         client.chat.completions.create(model=name, messages=MESSAGES, n=2)
-    out = client.chat.completions.create(model=name, messages=MESSAGES, temperature=0,
-                                         max_tokens=MAX_TOKENS)  # fmt: skip
+    out = client.chat.completions.create(
+        model=name, messages=MESSAGES, temperature=0, max_tokens=MAX_TOKENS
+    )
     assert out.choices[0].message.content == reference["chat"]["text"]
     assert _running(api_mesh["pid"])
 

@@ -48,9 +48,21 @@ def test_phones_profile_serve_and_answer_with_one_leader(smollm_models, tmp_path
     model = smollm_models["int4"]
     home0 = model.path.parent.parent
     expected = json.loads(
-        cli(home0, "generate", "--model", model.name, PROMPT, "--max-tokens", str(TOKENS),
-            "--monolithic", "--json", "--threads", "1", timeout=120).stdout
-    )["token_ids"]  # fmt: skip
+        cli(
+            home0,
+            "generate",
+            "--model",
+            model.name,
+            PROMPT,
+            "--max-tokens",
+            str(TOKENS),
+            "--monolithic",
+            "--json",
+            "--threads",
+            "1",
+            timeout=120,
+        ).stdout
+    )["token_ids"]
     profile = tmp_path / "phones3.toml"
     profile.write_text(PHONES3)
     root = tmp_path / "tb"
@@ -61,31 +73,48 @@ def test_phones_profile_serve_and_answer_with_one_leader(smollm_models, tmp_path
         # seconds, and serve waits for it.
         dest = homes[0] / "models" / model.name
         dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(model.path, dest, copy_function=os.link,
-                        ignore=shutil.ignore_patterns("segments", "*.lock"))  # fmt: skip
+        shutil.copytree(
+            model.path,
+            dest,
+            copy_function=os.link,
+            ignore=shutil.ignore_patterns("segments", "*.lock"),
+        )
         leader = status(homes[0])["leader"]
         before = _elections(homes)
         took = {}
         for partitioner in PARTITIONERS:
             t0 = time.monotonic()
             watch = _ReadyWatch(homes[-1])
-            cli(homes[-1], "serve", model.name, "--partitioner", partitioner, "--balance",
-                "none", "--timeout", "400", timeout=420)  # fmt: skip
+            cli(
+                homes[-1],
+                "serve",
+                model.name,
+                "--partitioner",
+                partitioner,
+                "--balance",
+                "none",
+                "--timeout",
+                "400",
+                timeout=420,
+            )
             done = time.monotonic()
             took[partitioner] = done - t0
             # No slower than its own work: the answer comes as soon as the plan is ready
             # (the bug was an asker that waited out its timeout with the plan already live).
             ready_at = watch.stop()
             assert ready_at is not None and done - ready_at < READY_SLACK_S, (
-                partitioner, ready_at and done - ready_at)  # fmt: skip
+                partitioner,
+                ready_at and done - ready_at,
+            )
             for home in homes:
-                out = cli(home, "query", PROMPT, "--max-tokens", str(TOKENS), "--json",
-                          timeout=300)  # fmt: skip
+                out = cli(home, "query", PROMPT, "--max-tokens", str(TOKENS), "--json", timeout=300)
                 assert json.loads(out.stdout)["token_ids"] == expected, (partitioner, home.name)
         answers = _load(homes, expected)
         after = _elections(homes)
-        print(f"\nserve took {took}; {answers} answers under load; elections before {before}"
-              f"\nafter {after}")
+        print(
+            f"\nserve took {took}; {answers} answers under load; elections before {before}"
+            f"\nafter {after}"
+        )
         for name in after:
             for key in STILL:
                 assert after[name][key] == before[name][key], (name, key, before, after)
@@ -137,8 +166,9 @@ def _load(homes: list[Path], expected: list[int]) -> int:
         try:
             while time.monotonic() < stop_at:
                 home = homes[i % len(homes)]
-                out = call_stream(home, "query", None, timeout=300, prompt=PROMPT,
-                                  max_tokens=TOKENS)  # fmt: skip
+                out = call_stream(
+                    home, "query", None, timeout=300, prompt=PROMPT, max_tokens=TOKENS
+                )
                 got.append((home.name, out["token_ids"]))
                 i += 1
         except BaseException as exc:  # reported by the test, not lost in the thread

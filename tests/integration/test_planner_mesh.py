@@ -15,8 +15,6 @@ pytestmark = pytest.mark.real_model
 PROMPT = "Name three colours of the rainbow."
 
 
-
-
 @pytest.fixture(scope="module")
 def lp_mesh(smollm_models, tmp_path_factory):
     model = smollm_models["int4"]
@@ -93,8 +91,15 @@ def test_a_model_that_cannot_fit_is_a_clear_error(lp_mesh, tmp_path):
         cfg.write_text(text)
         restart(root, peers, i)
     testbed.wait_for_mesh([Path(p.home) for p in peers], timeout=30)
-    proc = cli(Path(peers[2].home), "serve", lp_mesh["model"].name, "--partitioner", "lp",
-               check=False, timeout=400)  # fmt: skip
+    proc = cli(
+        Path(peers[2].home),
+        "serve",
+        lp_mesh["model"].name,
+        "--partitioner",
+        "lp",
+        check=False,
+        timeout=400,
+    )
     assert proc.returncode == 1
     assert "MiB" in proc.stderr and "Traceback" not in proc.stderr
     assert all(status(Path(p.home)) is not None for p in peers)  # every daemon still runs

@@ -29,8 +29,20 @@ TOKENS = 64
 def oracle(smollm_models):
     model = smollm_models["int4"]
     home = model.path.parent.parent
-    out = cli(home, "generate", "--model", model.name, PROMPT, "--max-tokens", str(TOKENS),
-              "--monolithic", "--json", "--threads", "1", timeout=120)  # fmt: skip
+    out = cli(
+        home,
+        "generate",
+        "--model",
+        model.name,
+        PROMPT,
+        "--max-tokens",
+        str(TOKENS),
+        "--monolithic",
+        "--json",
+        "--threads",
+        "1",
+        timeout=120,
+    )
     ids = json.loads(out.stdout)["token_ids"]
     assert len(ids) == TOKENS  # long enough to be interrupted mid-way
     return ids
@@ -50,8 +62,18 @@ def start_mesh(root: Path, model, n: int = 4):
     link_model(model, homes[source])
     # The daemon notices the new model within seconds and advertises it; serve retries.
     # No balancer: layers it moved on a busy machine would change which stage is the victim.
-    cli(homes[source], "serve", model.name, "--partitioner", "even", "--balance", "none",
-        "--timeout", "120", timeout=150)  # fmt: skip
+    cli(
+        homes[source],
+        "serve",
+        model.name,
+        "--partitioner",
+        "even",
+        "--balance",
+        "none",
+        "--timeout",
+        "120",
+        timeout=150,
+    )
     return peers, homes, ids, leader, source
 
 
@@ -70,8 +92,9 @@ def query_and_kill(home: Path, victim_pid: int, after_tokens: int = 8) -> tuple[
 
     def run() -> None:
         try:
-            result["answer"] = call_stream(home, "query", on_event, timeout=300, prompt=PROMPT,
-                                           max_tokens=TOKENS)  # fmt: skip
+            result["answer"] = call_stream(
+                home, "query", on_event, timeout=300, prompt=PROMPT, max_tokens=TOKENS
+            )
         except Exception as exc:  # reported below, with the daemon logs' context
             result["error"] = repr(exc)
 
@@ -87,8 +110,9 @@ def query_and_kill(home: Path, victim_pid: int, after_tokens: int = 8) -> tuple[
 
 
 @pytest.mark.parametrize("victim", ["middle", "leader"])
-def test_query_survives_a_peer_killed_mid_generation(victim, smollm_models, oracle,
-                                                     tmp_path_factory):  # fmt: skip
+def test_query_survives_a_peer_killed_mid_generation(
+    victim, smollm_models, oracle, tmp_path_factory
+):
     model = smollm_models["int4"]
     root = tmp_path_factory.mktemp(f"recover-{victim}")
     peers, homes, ids, leader, source = start_mesh(root, model)
@@ -143,8 +167,16 @@ def test_not_enough_peers_is_a_clear_error_and_serving_resumes(smollm_models, tm
         testbed.save_state(root, peers)
 
         def answers() -> bool:
-            q = cli(homes[other], "query", PROMPT, "--max-tokens", "4", "--json", check=False,
-                    timeout=120)  # fmt: skip
+            q = cli(
+                homes[other],
+                "query",
+                PROMPT,
+                "--max-tokens",
+                "4",
+                "--json",
+                check=False,
+                timeout=120,
+            )
             return q.returncode == 0 and len(json.loads(q.stdout)["token_ids"]) == 4
 
         assert wait_for(answers, 90, interval=1.0)

@@ -64,7 +64,6 @@ APP_PROTOCOLS = ("act", "files", "probe", "kv")
 GUARDED = [TProtocol(f"/meshllm/{p}/1.0.0") for p in APP_PROTOCOLS] + [CTL_PROTOCOL]
 
 
-
 @pytest.fixture
 def mesh2(tmp_path: Path, tiny_fp32: ImportedModel) -> Any:
     root = tmp_path / "tb"
@@ -74,12 +73,22 @@ def mesh2(tmp_path: Path, tiny_fp32: ImportedModel) -> Any:
         members, _leader = wait_for(lambda: agreement(homes), timeout=20)
         # The file server lists its model store on every request: linking is enough.
         dest = homes[0] / "models" / tiny_fp32.name
-        shutil.copytree(tiny_fp32.path, dest, copy_function=os.link,
-                        ignore=shutil.ignore_patterns("segments", "*.lock"))  # fmt: skip
+        shutil.copytree(
+            tiny_fp32.path,
+            dest,
+            copy_function=os.link,
+            ignore=shutil.ignore_patterns("segments", "*.lock"),
+        )
         target = status(homes[0])
         assert target is not None
-        yield {"peers": peers, "homes": homes, "members": members, "model": tiny_fp32,
-               "addr": target["self"]["addrs"][0], "pid": target["self"]["id"]}  # fmt: skip
+        yield {
+            "peers": peers,
+            "homes": homes,
+            "members": members,
+            "model": tiny_fp32,
+            "addr": target["self"]["addrs"][0],
+            "pid": target["self"]["id"],
+        }
     finally:
         testbed.down(root)
 
@@ -123,8 +132,13 @@ async def raw_exchange(ep: Libp2pEndpoint, addr: str, proto: TProtocol, request:
 
 
 def segment_request(model: ImportedModel) -> dict[str, Any]:
-    return {"sha": model.manifest.model_sha256, "what": "segment", "start": 0, "stop": 2,
-            "file": "segment.onnx.data"}  # fmt: skip
+    return {
+        "sha": model.manifest.model_sha256,
+        "what": "segment",
+        "start": 0,
+        "stop": 2,
+        "file": "segment.onnx.data",
+    }
 
 
 def requests_for(model: ImportedModel) -> dict[TProtocol, bytes]:
@@ -142,8 +156,6 @@ def refused_protocols(home: Path, other: str) -> set[str]:
             if rec.get("event") == "stream_refused" and rec.get("other") == other:
                 out.add(rec.get("protocol"))
     return out
-
-
 
 
 def assert_mesh_intact(mesh: dict[str, Any], strangers: list[str]) -> None:
@@ -217,8 +229,9 @@ async def test_outsider_with_the_network_key_but_not_the_secret(mesh2: dict[str,
         assert sneak._host.get_network().get_connections(ID.from_base58(target))
         for proto, req in requests_for(model).items():
             assert await raw_exchange(sneak, addr, proto, req) == b"", proto
-        reply = await raw_exchange(sneak, addr, DATAPLANE_PROTOCOL,
-                                   frame(cbor2.dumps({"protocol": "act"})))  # fmt: skip
+        reply = await raw_exchange(
+            sneak, addr, DATAPLANE_PROTOCOL, frame(cbor2.dumps({"protocol": "act"}))
+        )
         answer = cbor2.loads(reply[4:])  # one length-prefixed frame
         assert "ticket" not in answer and "key" not in answer
         assert answer.get("error") == "not admitted"
@@ -232,8 +245,9 @@ async def test_outsider_with_the_network_key_but_not_the_secret(mesh2: dict[str,
             assert await insider.dial(addr) == target
         dest = home0.parent / "insider" / "segment.onnx.data"
         with trio.fail_after(60):
-            await files.fetch_file(insider, target,
-                                       files.FileRequest.from_obj(segment_request(model)), dest)
+            await files.fetch_file(
+                insider, target, files.FileRequest.from_obj(segment_request(model)), dest
+            )
         assert dest.stat().st_size > 0
 
     assert_mesh_intact(mesh2, strangers)

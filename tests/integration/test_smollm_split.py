@@ -95,8 +95,18 @@ def test_cli_generate_split_equals_monolithic(smollm):
     import sys
 
     env = dict(os.environ, MESHLLM_HOME=str(smollm.path.parent.parent))
-    base = [sys.executable, "-m", "meshllm", "generate", "--model", smollm.name,
-            "Name three colours.", "--max-tokens", "24", "--json"]  # fmt: skip
+    base = [
+        sys.executable,
+        "-m",
+        "meshllm",
+        "generate",
+        "--model",
+        smollm.name,
+        "Name three colours.",
+        "--max-tokens",
+        "24",
+        "--json",
+    ]
     out = {}
     for mode in ("--monolithic", "--segments=3", "--segments=5"):
         proc = subprocess.run([*base, mode], capture_output=True, text=True, env=env, check=True)
@@ -122,8 +132,11 @@ def test_small_pages_give_the_same_tokens_and_default_loads_use_huge_ones(
         )
         out = subprocess.run(
             [sys.executable, "-c", code, str(smollm.path.parent), smollm.path.name],
-            capture_output=True, text=True, check=True, timeout=120,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        )
         weights = (smollm.path / "model.onnx.data").stat().st_size
         assert int(out.stdout.split()[-1]) >= weights // 2
     monkeypatch.setenv("MESHLLM_HUGE_PAGES", "0")

@@ -66,8 +66,9 @@ def transfer_mbit(src_ns: str, dst_ns: str, dst_addr: str, nbytes: int = NBYTES)
     """Goodput of one TCP transfer from namespace *src_ns* to *dst_addr* in *dst_ns*."""
     server = subprocess.Popen(
         netbed.netns_command(dst_ns, [sys.executable, "-c", SERVER, dst_addr]),
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         sel = selectors.DefaultSelector()
         sel.register(server.stdout, selectors.EVENT_READ)
@@ -77,8 +78,11 @@ def transfer_mbit(src_ns: str, dst_ns: str, dst_addr: str, nbytes: int = NBYTES)
             netbed.netns_command(
                 src_ns, [sys.executable, "-c", CLIENT, dst_addr, port, str(nbytes)]
             ),
-            capture_output=True, text=True, timeout=60, check=True,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
         seconds, received = client.stdout.split()
         assert int(received) == nbytes
         return nbytes * 8 / float(seconds) / 1e6

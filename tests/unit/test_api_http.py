@@ -201,8 +201,9 @@ class Client:
 async def api(mesh: FakeMesh | None = None, **rules: Any) -> AsyncIterator[Any]:
     """A server with its own connections: ``connect()`` gives a new client stream.
     *rules*: allowed_hosts, allowed_origins."""
-    server = HttpServer(OpenAIApi(mesh or FakeMesh(), max_new_tokens=MAX_NEW), "127.0.0.1",
-                        PORT, **rules)  # fmt: skip
+    server = HttpServer(
+        OpenAIApi(mesh or FakeMesh(), max_new_tokens=MAX_NEW), "127.0.0.1", PORT, **rules
+    )
     async with trio.open_nursery() as nursery:
 
         def connect() -> trio.abc.Stream:
@@ -790,8 +791,12 @@ async def test_an_allowed_origin_gets_cors_headers():
         # Errors too, so that the page can show them.
         reply = await client.request("GET", "/v1/nope", headers=[("origin", page)])
         assert reply.status == 404 and reply.headers["access-control-allow-origin"] == page
-        other = await call("GET", "/v1/models", headers=[("origin", "http://localhost:3001")],
-                           allowed_origins=(page,))  # fmt: skip
+        other = await call(
+            "GET",
+            "/v1/models",
+            headers=[("origin", "http://localhost:3001")],
+            allowed_origins=(page,),
+        )
         assert other.status == 403
 
 

@@ -7,10 +7,15 @@ from meshllm.balance import NoBalancing, Observation, StageObservation, Threshol
 
 def obs(*stages: tuple[str, int, float, float], threshold=1.5, min_steps=12) -> Observation:
     return Observation(
-        epoch=3, age_s=10.0, slowdown_threshold=threshold, min_steps=min_steps,
-        stages=tuple(StageObservation(p, i * 10, i * 10 + 10, n, base, recent)
-                     for i, (p, n, base, recent) in enumerate(stages)),
-    )  # fmt: skip
+        epoch=3,
+        age_s=10.0,
+        slowdown_threshold=threshold,
+        min_steps=min_steps,
+        stages=tuple(
+            StageObservation(p, i * 10, i * 10 + 10, n, base, recent)
+            for i, (p, n, base, recent) in enumerate(stages)
+        ),
+    )
 
 
 def test_a_stage_that_slowed_down_alone_triggers_a_replan():

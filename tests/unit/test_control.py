@@ -43,8 +43,7 @@ async def _echo(args):
 
 
 async def test_server_answers_and_survives_handler_errors(tmp_path):
-    server = ControlServer(tmp_path / "control.sock", {"echo": _echo, "boom": _boom,
-                                                       "fail": _fail})  # fmt: skip
+    server = ControlServer(tmp_path / "control.sock", {"echo": _echo, "boom": _boom, "fail": _fail})
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run)
         sock = tmp_path / "control.sock"

@@ -27,10 +27,20 @@ def test_the_builder_cannot_read_the_checkouts_commit(tmp_path):
     (tmp_path / "f").write_text("x")
     subprocess.run(["git", "-C", str(tmp_path), "add", "f"], check=True)
     subprocess.run(
-        ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", "commit",
-         "-qm", "x"],
+        [
+            "git",
+            "-C",
+            str(tmp_path),
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@t",
+            "commit",
+            "-qm",
+            "x",
+        ],
         check=True,
-    )  # fmt: skip
+    )
     venv_lib = tmp_path / ".venv" / "lib"  # where the builder's own lookup starts
     venv_lib.mkdir(parents=True)
     assert _head(None, venv_lib).returncode == 0  # what the builder saw before

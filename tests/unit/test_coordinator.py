@@ -11,15 +11,32 @@ from meshllm.pipeline.coordinator import Coordinator, QueryFailed
 from meshllm.pipeline.frames import END, ERROR, FWD, TOKEN, Frame
 from meshllm.pipeline.plan import Plan, Stage
 
-ARCH = Architecture(model_type="llama", num_layers=4, hidden_size=8, num_attention_heads=2,
-                    num_key_value_heads=1, head_size=4, vocab_size=100, context_length=64,
-                    bos_token_id=1, eos_token_ids=(2,), kv_dtype="float32")  # fmt: skip
+ARCH = Architecture(
+    model_type="llama",
+    num_layers=4,
+    hidden_size=8,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_size=4,
+    vocab_size=100,
+    context_length=64,
+    bos_token_id=1,
+    eos_token_ids=(2,),
+    kv_dtype="float32",
+)
 ANSWER = [11, 12, 13, 14, 15, 16]
 
 
 def plan(epoch: int) -> Plan:
-    return Plan(epoch=epoch, model="m", model_sha="s", source="a", num_layers=4,
-                partitioner="even", stages=(Stage("a", 0, 2), Stage("b", 2, 4)))  # fmt: skip
+    return Plan(
+        epoch=epoch,
+        model="m",
+        model_sha="s",
+        source="a",
+        num_layers=4,
+        partitioner="even",
+        stages=(Stage("a", 0, 2), Stage("b", 2, 4)),
+    )
 
 
 class FakeMesh:
@@ -47,8 +64,16 @@ class FakeMesh:
         for step, tok in enumerate(tokens):
             deliver(Frame(kind=TOKEN, rid=f.rid, epoch=f.epoch, step=step, token=tok))
         if what == "lose-after-3":
-            deliver(Frame(kind=ERROR, rid=f.rid, epoch=f.epoch, step=3,
-                          error="stage 0: activation link to b failed", retry=True))  # fmt: skip
+            deliver(
+                Frame(
+                    kind=ERROR,
+                    rid=f.rid,
+                    epoch=f.epoch,
+                    step=3,
+                    error="stage 0: activation link to b failed",
+                    retry=True,
+                )
+            )
 
 
 async def run(mesh: FakeMesh, next_plan=None) -> dict:
@@ -60,8 +85,14 @@ async def run(mesh: FakeMesh, next_plan=None) -> dict:
         seen.append(t)
 
     with trio.fail_after(10):
-        result = await coord.run_query(plan(1), ARCH, [5, 6, 7], max_tokens=len(ANSWER),
-                                       sampling=SamplingParams(), on_token=on_token)  # fmt: skip
+        result = await coord.run_query(
+            plan(1),
+            ARCH,
+            [5, 6, 7],
+            max_tokens=len(ANSWER),
+            sampling=SamplingParams(),
+            on_token=on_token,
+        )
     assert seen == result.token_ids  # the client's stream: every token once, in order
     return result.to_dict()
 
@@ -125,8 +156,15 @@ class MovingMesh(FakeMesh):
             what = self.script[len(self.firsts) - 1]
             deliver = self.coordinator.deliver  # type: ignore[union-attr]
             if what == "move-fails":
-                deliver(Frame(kind=ERROR, rid=f.rid, epoch=f.epoch, retry=True,
-                              error="stage 1: cannot move the KV cache: gone"))  # fmt: skip
+                deliver(
+                    Frame(
+                        kind=ERROR,
+                        rid=f.rid,
+                        epoch=f.epoch,
+                        retry=True,
+                        error="stage 1: cannot move the KV cache: gone",
+                    )
+                )
                 return
             for step, tok in enumerate(ANSWER[3:]):
                 deliver(Frame(kind=TOKEN, rid=f.rid, epoch=f.epoch, step=step, token=tok))
@@ -138,12 +176,14 @@ async def run_moving(mesh: FakeMesh, alive: bool = True) -> dict:
     async def next_plan(after: int, reason: str) -> Plan:
         return plan(after + 1)
 
-    coord = Coordinator("c", mesh.send, step_timeout_s=5, peer_alive=lambda p: alive,
-                        next_plan=next_plan)  # fmt: skip
+    coord = Coordinator(
+        "c", mesh.send, step_timeout_s=5, peer_alive=lambda p: alive, next_plan=next_plan
+    )
     mesh.coordinator = coord
     with trio.fail_after(10):
-        result = await coord.run_query(plan(1), ARCH, [5, 6, 7], max_tokens=len(ANSWER),
-                                       sampling=SamplingParams())  # fmt: skip
+        result = await coord.run_query(
+            plan(1), ARCH, [5, 6, 7], max_tokens=len(ANSWER), sampling=SamplingParams()
+        )
     return result.to_dict()
 
 

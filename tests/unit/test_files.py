@@ -80,11 +80,22 @@ async def test_refuses_unknown_models_and_files(served_tiny, model_store, tmp_pa
             ({"sha": "0" * 64, "what": "meta", "file": "tokenizer.json"}, "no model"),
             ({"sha": sha, "what": "meta", "file": "../../secret"}, "not a meta file"),
             ({"sha": "../" + sha[3:], "what": "meta", "file": "manifest.json"}, "sha must be"),
-            ({"sha": sha, "what": "segment", "start": 0, "stop": 99, "file": "segment.onnx"},
-             "has no layer"),
-            ({"sha": sha, "what": "segment", "start": 0, "stop": 2, "file": "segment.onnx",
-              "offset": float("inf")}, "offset must be an integer"),
-        ):  # fmt: skip
+            (
+                {"sha": sha, "what": "segment", "start": 0, "stop": 99, "file": "segment.onnx"},
+                "has no layer",
+            ),
+            (
+                {
+                    "sha": sha,
+                    "what": "segment",
+                    "start": 0,
+                    "stop": 2,
+                    "file": "segment.onnx",
+                    "offset": float("inf"),
+                },
+                "offset must be an integer",
+            ),
+        ):
             header = await _ask(b, a.peer_id, req)
             assert header["ok"] is False and message in header["error"], header
         nursery.cancel_scope.cancel()

@@ -82,12 +82,19 @@ cbor_values = st.recursive(
 )
 # What a peer may really send: no bignums (CBOR tags, which every decoder refuses), string keys.
 plain_values = st.recursive(
-    st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**63 - 1),
-              st.floats(allow_nan=False), st.text(max_size=20), st.binary(max_size=40)),
-    lambda kids: st.one_of(st.lists(kids, max_size=6),
-                           st.dictionaries(st.text(max_size=8), kids, max_size=6)),
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(2**63), 2**63 - 1),
+        st.floats(allow_nan=False),
+        st.text(max_size=20),
+        st.binary(max_size=40),
+    ),
+    lambda kids: st.one_of(
+        st.lists(kids, max_size=6), st.dictionaries(st.text(max_size=8), kids, max_size=6)
+    ),
     max_leaves=30,
-)  # fmt: skip
+)
 # JSON-ish values: what json.dumps accepts (string keys), nested. Decoded objects (profiles,
 # plans) may hold any int; request lines get their bignums as raw digits (json.dumps refuses).
 json_values = st.recursive(
@@ -147,8 +154,11 @@ def tensors(draw: st.DrawFn) -> np.ndarray:
     dtype = np.dtype(DTYPES[draw(st.sampled_from(sorted(DTYPES)))])
     shape = draw(st.lists(st.integers(0, 4), max_size=4))
     # Raw bytes, not values: any bit pattern (NaNs included) must survive byte for byte.
-    data = draw(st.binary(min_size=math.prod(shape) * dtype.itemsize,
-                          max_size=math.prod(shape) * dtype.itemsize))  # fmt: skip
+    data = draw(
+        st.binary(
+            min_size=math.prod(shape) * dtype.itemsize, max_size=math.prod(shape) * dtype.itemsize
+        )
+    )
     return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
@@ -175,17 +185,28 @@ def frames(draw: st.DrawFn) -> Frame:
         f.new = draw(st.integers(1, f.pos))
         f.cap = draw(u62)
         f.coord = draw(peer_ids)
-        f.sampling = draw(st.one_of(st.just({}), st.builds(
-            lambda t, k, p, seed: SamplingParams(t, k, p, seed).to_wire(),
-            st.floats(0.0, 100.0), st.integers(0, 2**31 - 1), st.floats(0.01, 1.0),
-            st.one_of(st.none(), st.integers(0, 2**63 - 1)))))  # fmt: skip
+        f.sampling = draw(
+            st.one_of(
+                st.just({}),
+                st.builds(
+                    lambda t, k, p, seed: SamplingParams(t, k, p, seed).to_wire(),
+                    st.floats(0.0, 100.0),
+                    st.integers(0, 2**31 - 1),
+                    st.floats(0.01, 1.0),
+                    st.one_of(st.none(), st.integers(0, 2**63 - 1)),
+                ),
+            )
+        )
         f.tensors = draw(st.dictionaries(st.text(max_size=8), tensors(), max_size=MAX_TENSORS))
         if f.cap and f.pos > 1 and draw(st.booleans()):
             stage = st.tuples(peer_ids, st.integers(0, 2**19), st.integers(1, 2**19))
             stages = [(p, a, a + b) for p, a, b in draw(st.lists(stage, min_size=1, max_size=4))]
-            f.kv_from = KVSource(draw(u62), tuple(stages),
-                                 draw(st.integers(1, min(f.pos - 1, 2**31 - 1))),
-                                 draw(st.integers(0, 2**31 - 1)))  # fmt: skip
+            f.kv_from = KVSource(
+                draw(u62),
+                tuple(stages),
+                draw(st.integers(1, min(f.pos - 1, 2**31 - 1))),
+                draw(st.integers(0, 2**31 - 1)),
+            )
     elif kind == TOKEN:
         f.token = draw(u62)
     elif kind == ERROR:
@@ -199,8 +220,22 @@ def frames(draw: st.DrawFn) -> Frame:
 @given(frames())
 def test_frame_round_trip(f: Frame) -> None:
     g = decode_frame(encode_frame(f))
-    for name in ("kind", "rid", "epoch", "step", "pos", "new", "cap", "coord", "sampling",
-                 "token", "error", "compute_s", "sent_at", "kv_from"):  # fmt: skip
+    for name in (
+        "kind",
+        "rid",
+        "epoch",
+        "step",
+        "pos",
+        "new",
+        "cap",
+        "coord",
+        "sampling",
+        "token",
+        "error",
+        "compute_s",
+        "sent_at",
+        "kv_from",
+    ):
         assert getattr(g, name) == getattr(f, name), name
     assert g.tensors.keys() == f.tensors.keys()
     for k, a in f.tensors.items():
@@ -230,17 +265,24 @@ def bad_tensor(draw: st.DrawFn) -> Any:
     """[dtype, shape, data] with each part possibly wrong: unknown dtypes, negative or huge
     dimensions (whose product may overflow 64 bits), byte lengths off by a little."""
     dtype = draw(st.one_of(st.sampled_from([*DTYPES, "float64", "object", "<f4"]), cbor_values))
-    shape = draw(st.one_of(st.lists(st.one_of(st.integers(-2, 8), edge_ints,
-                                              st.sampled_from([2**30, 2**31 - 1])), max_size=6),
-                           cbor_values))  # fmt: skip
+    shape = draw(
+        st.one_of(
+            st.lists(
+                st.one_of(st.integers(-2, 8), edge_ints, st.sampled_from([2**30, 2**31 - 1])),
+                max_size=6,
+            ),
+            cbor_values,
+        )
+    )
     size = 0
     if isinstance(shape, list) and all(isinstance(d, int) and 0 <= d < 64 for d in shape):
         size = math.prod(shape) * 4
     nbytes = max(0, size + draw(st.integers(-3, 3)))
     data = draw(st.one_of(st.just(b"\0" * min(nbytes, 4096)), cbor_values))
     parts = [dtype, shape, data]
-    return draw(st.one_of(st.just(parts), st.lists(st.sampled_from(parts), max_size=4),
-                          cbor_values))  # fmt: skip
+    return draw(
+        st.one_of(st.just(parts), st.lists(st.sampled_from(parts), max_size=4), cbor_values)
+    )
 
 
 @st.composite
@@ -248,8 +290,9 @@ def frame_objects(draw: st.DrawFn) -> dict[Any, Any]:
     """The decoded map of a valid frame with garbage fields and garbage tensors swapped in."""
     obj = cbor2.loads(encode_frame(draw(frames())))
     if obj["k"] == FWD and draw(st.booleans()):
-        obj["t"] = draw(st.dictionaries(st.one_of(st.text(max_size=4), edge_ints), bad_tensor(),
-                                        max_size=3))  # fmt: skip
+        obj["t"] = draw(
+            st.dictionaries(st.one_of(st.text(max_size=4), edge_ints), bad_tensor(), max_size=3)
+        )
     return draw(replace_fields(obj))
 
 
@@ -409,16 +452,23 @@ def test_blocking_frame_reader_reads_what_the_async_one_reads(
 
 addr_texts = st.text("/ip4tc0-9", min_size=1, max_size=6)
 valid_messages = st.one_of(
-    st.builds(lambda t, r, m, x: encode_message("hb", t, role=r, leader=None, name="p",
-                                                addrs=["/ip4/1"], members=m, x=x),
-              u62, st.sampled_from(["follower", "candidate", "leader"]),
-              st.dictionaries(peer_ids, st.lists(addr_texts, max_size=3), max_size=3),
-              st.dictionaries(st.text(max_size=6), plain_values, max_size=3)),
+    st.builds(
+        lambda t, r, m, x: encode_message(
+            "hb", t, role=r, leader=None, name="p", addrs=["/ip4/1"], members=m, x=x
+        ),
+        u62,
+        st.sampled_from(["follower", "candidate", "leader"]),
+        st.dictionaries(peer_ids, st.lists(addr_texts, max_size=3), max_size=3),
+        st.dictionaries(st.text(max_size=6), plain_values, max_size=3),
+    ),
     st.builds(lambda t: encode_message("vreq", t), u62),
     st.builds(lambda t, g: encode_message("vres", t, granted=g), u62, st.booleans()),
-    st.builds(lambda t, b: encode_message("app", t, body=b), u62,
-              st.dictionaries(st.text(max_size=6), plain_values, max_size=3)),
-)  # fmt: skip
+    st.builds(
+        lambda t, b: encode_message("app", t, body=b),
+        u62,
+        st.dictionaries(st.text(max_size=6), plain_values, max_size=3),
+    ),
+)
 
 
 def check_message(data: bytes) -> None:
@@ -489,15 +539,15 @@ deep_lines = st.integers(1, 5000).map(
 
 
 @fuzz(1000)
-@given(st.one_of(st.binary(max_size=200), mutations_of(valid_requests), huge_number_lines,
-                 deep_lines))  # fmt: skip
+@given(
+    st.one_of(st.binary(max_size=200), mutations_of(valid_requests), huge_number_lines, deep_lines)
+)
 def test_parse_request_bytes(line: bytes) -> None:
     check_request(line)
 
 
 @fuzz(800)
-@given(st.one_of(dumpable, st.dictionaries(st.sampled_from(["v", "id", "op", "args"]),
-                                           dumpable)))  # fmt: skip
+@given(st.one_of(dumpable, st.dictionaries(st.sampled_from(["v", "id", "op", "args"]), dumpable)))
 def test_parse_request_wrong_shapes(obj: Any) -> None:
     check_request(json.dumps(obj).encode())
 
@@ -521,8 +571,23 @@ def test_parse_request_pathological(line: bytes) -> None:
 
 
 def a_profile() -> Profile:
-    return Profile("5a" * 32, 1e-3, 1e-4, 2e-4, 1e-5, 1e-4, 2e-3, 2e-4, 3e-4, 2e-4, 1 << 30, False,
-                   4, 1.7e9, {"peer": LinkStats(1e-3, 1e7)})  # fmt: skip
+    return Profile(
+        "5a" * 32,
+        1e-3,
+        1e-4,
+        2e-4,
+        1e-5,
+        1e-4,
+        2e-3,
+        2e-4,
+        3e-4,
+        2e-4,
+        1 << 30,
+        False,
+        4,
+        1.7e9,
+        {"peer": LinkStats(1e-3, 1e7)},
+    )
 
 
 def a_plan() -> Plan:
@@ -537,8 +602,11 @@ def deep_replace(draw: st.DrawFn, obj: Any, depth: int = 0) -> Any:
     if depth > 3 or draw(st.integers(0, 9)) == 0:
         return draw(json_values)
     if isinstance(obj, dict):
-        out = {k: draw(deep_replace(v, depth + 1)) if draw(st.booleans()) else v
-               for k, v in obj.items() if draw(st.integers(0, 9))}  # fmt: skip
+        out = {
+            k: draw(deep_replace(v, depth + 1)) if draw(st.booleans()) else v
+            for k, v in obj.items()
+            if draw(st.integers(0, 9))
+        }
         return out
     if isinstance(obj, list):
         return [draw(deep_replace(v, depth + 1)) if draw(st.booleans()) else v for v in obj]

@@ -81,15 +81,17 @@ def _kv_reply(d: bytes) -> Any:
 
 
 # Replies, decoded by the side that asked.
-DECODERS.update({
-    "files.header": _file_header,
-    "files.refusal": _file_header,
-    "kv.layer": _kv_reply,
-    "kv.done": _kv_reply,
-    "dataplane.offer": lambda d: dataplane.Ticket.from_obj(wire.loads(d)),
-    "auth.reply": _auth,
-    "auth.verdict": _auth,
-})  # fmt: skip
+DECODERS.update(
+    {
+        "files.header": _file_header,
+        "files.refusal": _file_header,
+        "kv.layer": _kv_reply,
+        "kv.done": _kv_reply,
+        "dataplane.offer": lambda d: dataplane.Ticket.from_obj(wire.loads(d)),
+        "auth.reply": _auth,
+        "auth.verdict": _auth,
+    }
+)
 # A link probe's replies are only timed, never decoded: nothing to test there.
 UNDECODED = {"probe.echo-reply", "probe.got"}
 
@@ -120,8 +122,9 @@ def test_ten_thousand_hostile_messages_raise_only_bad_message() -> None:
     slowest = (0.0, "")
     for protocol in PROTOCOLS:
         decode = decoder_for(protocol)
-        for case in hv.hostile_cases(rng, hv.templates()[protocol], CASES_PER_PROTOCOL,
-                                     protocol=protocol):  # fmt: skip
+        for case in hv.hostile_cases(
+            rng, hv.templates()[protocol], CASES_PER_PROTOCOL, protocol=protocol
+        ):
             t0 = time.perf_counter()
             try:
                 decode(case.data)
@@ -160,8 +163,11 @@ def test_wire_loads_gives_plain_values_or_bad_message(data: bytes) -> None:
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
-@settings(max_examples=60, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])  # fmt: skip
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(data=st.data())
 def test_hostile_messages_shrink_to_a_named_failure(protocol: str, data: st.DataObject) -> None:
     payload = data.draw(hv.hostile_cbor(hv.templates()[protocol]))
@@ -172,12 +178,17 @@ def test_hostile_messages_shrink_to_a_named_failure(protocol: str, data: st.Data
 def test_scan_refuses_tags_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
     """A CBOR decimal (tag 4) is refused from its header: cbor2 never builds the Decimal whose
     int() held the event loop for seconds."""
+
     def never(*_a: Any, **_k: Any) -> Any:
         raise AssertionError("cbor2 was asked to decode a tagged item")
 
     monkeypatch.setattr(wire.cbor2, "loads", never)
-    for item in (hv.decimal_fraction(600_000, 1), hv.bignum(10**5000 - 1),
-                 hv.bigfloat(10**6, 3), hv.tag(1234, hv.uint(1))):  # fmt: skip
+    for item in (
+        hv.decimal_fraction(600_000, 1),
+        hv.bignum(10**5000 - 1),
+        hv.bigfloat(10**6, 3),
+        hv.tag(1234, hv.uint(1)),
+    ):
         with pytest.raises(wire.BadMessage, match="tag"):
             wire.loads(hv.cmap((hv.tstr("term"), item)))
 

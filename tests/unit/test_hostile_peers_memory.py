@@ -84,15 +84,21 @@ async def still_well(m: Mesh, before: set[Path]) -> None:
     """The victim's tasks run (a crash would have ended the test's nursery), it keeps hearing
     its good peer and agrees with it on the leader, and nothing appeared outside its home."""
     with trio.fail_after(30):
-        while not (m.victim.peer_alive(m.good.peer_id)
-                   and m.victim.current_leader() == m.good.current_leader() is not None):
-            await trio.sleep(0.1)  # fmt: skip
+        while not (
+            m.victim.peer_alive(m.good.peer_id)
+            and m.victim.current_leader() == m.good.current_leader() is not None
+        ):
+            await trio.sleep(0.1)
     assert m.outside_home() == before
 
 
 def ctx_of(m: Mesh) -> hv.Context:
-    return hv.Context(peers=(m.victim.peer_id, m.good.peer_id), me=m.bad.peer_id,
-                      source=m.bad.peer_id, addr=m.bad.listen_addrs()[0])  # fmt: skip
+    return hv.Context(
+        peers=(m.victim.peer_id, m.good.peer_id),
+        me=m.bad.peer_id,
+        source=m.bad.peer_id,
+        addr=m.bad.listen_addrs()[0],
+    )
 
 
 async def send_ctl(m: Mesh, payload: bytes) -> None:
@@ -128,14 +134,20 @@ async def test_a_bignum_where_a_string_belongs(autojump_clock: Any, tmp_path: Pa
     async with mesh(tmp_path) as m:
         before = m.outside_home()
         huge = hv.bignum(10**5000 - 1)  # str() of it raises ValueError
-        bad_hb = hv.cmap(*((hv.tstr(k), hv.encode(v)) for k, v in hb(m).items() if k != "name"),
-                         (hv.tstr("name"), huge))  # fmt: skip
+        bad_hb = hv.cmap(
+            *((hv.tstr(k), hv.encode(v)) for k, v in hb(m).items() if k != "name"),
+            (hv.tstr("name"), huge),
+        )
         ask = {"kind": "profile", "sha": "cd" * 32, "refresh": True}
-        bad_body = hv.cmap(*((hv.tstr(k), hv.encode(v)) for k, v in ask.items()),
-                           (hv.tstr("source"), huge))  # fmt: skip
-        bad_app = hv.cmap((hv.tstr("v"), hv.uint(1)), (hv.tstr("t"), hv.tstr("app")),
-                          (hv.tstr("term"), hv.uint(m.victim.term)),
-                          (hv.tstr("body"), bad_body))  # fmt: skip
+        bad_body = hv.cmap(
+            *((hv.tstr(k), hv.encode(v)) for k, v in ask.items()), (hv.tstr("source"), huge)
+        )
+        bad_app = hv.cmap(
+            (hv.tstr("v"), hv.uint(1)),
+            (hv.tstr("t"), hv.tstr("app")),
+            (hv.tstr("term"), hv.uint(m.victim.term)),
+            (hv.tstr("body"), bad_body),
+        )
         for payload in (bad_hb, bad_app):
             await send_ctl(m, payload)
         await send_ctl(m, cbor2.dumps(hb(m)))  # a good one after it is still heard
@@ -205,8 +217,9 @@ async def test_a_member_away_for_long_rejoins(autojump_clock: Any, tmp_path: Pat
     seeds = [bytes([i]) * 32 for i in (1, 2)]
     config = Config()
 
-    async def peer(seed: bytes, scope: trio.CancelScope, *,
-                   task_status: Any = trio.TASK_STATUS_IGNORED) -> None:  # fmt: skip
+    async def peer(
+        seed: bytes, scope: trio.CancelScope, *, task_status: Any = trio.TASK_STATUS_IGNORED
+    ) -> None:
         ep = transport.create_endpoint(EndpointOptions(seed, SECRET, ()))
         node = MeshNode(ep, config.mesh, rng=random.Random(seed))
         with scope:
@@ -233,8 +246,9 @@ async def test_a_member_away_for_long_rejoins(autojump_clock: Any, tmp_path: Pat
         nursery.cancel_scope.cancel()
 
 
-@pytest.mark.parametrize("sha", ["../../escape", "/tmp/escape", "ab" * 31 + "/.",
-                                 "AB" * 32, "cd" * 32 + "/.."])  # fmt: skip
+@pytest.mark.parametrize(
+    "sha", ["../../escape", "/tmp/escape", "ab" * 31 + "/.", "AB" * 32, "cd" * 32 + "/.."]
+)
 async def test_a_model_hash_never_builds_a_path(
     autojump_clock: Any, tmp_path: Path, sha: str
 ) -> None:
@@ -263,8 +277,9 @@ async def test_a_source_that_serves_an_empty_manifest(autojump_clock: Any, tmp_p
             body = b"{}"
             digest = __import__("hashlib").sha256(body).hexdigest()
             await stream.read(4096)
-            await stream.write(frame(cbor2.dumps({"ok": True, "size": len(body),
-                                                  "sha256": digest})) + body)  # fmt: skip
+            await stream.write(
+                frame(cbor2.dumps({"ok": True, "size": len(body), "sha256": digest})) + body
+            )
 
         m.bad.set_stream_handler("files", serve_junk)
         body = {"kind": "profile", "sha": sha, "source": m.bad.peer_id, "refresh": True}
@@ -284,8 +299,9 @@ async def test_infinity_in_a_frame_and_a_file_request(autojump_clock: Any, tmp_p
         t = hv.templates(ctx_of(m))
         fwd = {**t["act.fwd.open"], "sm": {"temperature": math.inf}}
         await send_stream(m, "act", frame(cbor2.dumps(fwd)))
-        reply = await send_stream(m, "files", frame(cbor2.dumps({**t["files"],
-                                                                  "offset": math.inf})))
+        reply = await send_stream(
+            m, "files", frame(cbor2.dumps({**t["files"], "offset": math.inf}))
+        )
         header = cbor2.loads(reply[4:])
         assert header["ok"] is False and "offset" in header["error"]
         await still_well(m, before)
@@ -297,8 +313,10 @@ async def test_members_named_by_a_peer_are_bounded_and_forgotten(
     async with mesh(tmp_path) as m:
         rng = random.Random(3)
         for _ in range(8):  # 8 x 200 made-up members, each with an address to redial
-            fake = {f"fake{rng.getrandbits(64):x}": [f"/ip4/10.9.9.9/tcp/1/p2p/x{i}"]
-                    for i in range(200)}  # fmt: skip
+            fake = {
+                f"fake{rng.getrandbits(64):x}": [f"/ip4/10.9.9.9/tcp/1/p2p/x{i}"]
+                for i in range(200)
+            }
             await send_ctl(m, cbor2.dumps(hb(m, members=fake)))
             await trio.sleep(0.05)
         assert len(m.victim.peers) <= 256
@@ -311,8 +329,9 @@ async def test_members_named_by_a_peer_are_bounded_and_forgotten(
 async def test_a_handler_that_raises_costs_its_stream_only(autojump_clock: Any) -> None:
     transport = MemoryTransport(MemoryNetwork())
     rng = random.Random(5)
-    a, b = (transport.create_endpoint(EndpointOptions(rng.randbytes(32), SECRET, ()))
-            for _ in range(2))  # fmt: skip
+    a, b = (
+        transport.create_endpoint(EndpointOptions(rng.randbytes(32), SECRET, ())) for _ in range(2)
+    )
     served = []
 
     async def handler(stream: Any) -> None:

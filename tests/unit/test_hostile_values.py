@@ -29,8 +29,13 @@ def test_bignums_and_bigfloats() -> None:
     assert hv.bignum(2**64)[0] == 0xC2 and hv.bignum(-1)[0] == 0xC3
     assert cbor2.loads(hv.bigfloat(-1000, 3)) == Decimal(3) * Decimal(2) ** -1000
     assert [cbor2.loads(hv.integer(n)) for n in (0, 23, 24, 2**64 - 1, -(2**64), 2**64)] == [
-        0, 23, 24, 2**64 - 1, -(2**64), 2**64,
-    ]  # fmt: skip
+        0,
+        23,
+        24,
+        2**64 - 1,
+        -(2**64),
+        2**64,
+    ]
 
 
 def test_floats_are_the_widths_they_claim() -> None:
@@ -85,9 +90,25 @@ def test_every_kind_of_item_is_produced() -> None:
 def test_templates_are_valid_and_round_trip() -> None:
     ctx = hv.Context(epoch=7)
     t = hv.templates(ctx)
-    for name in ("ctl.hb", "ctl.vreq", "ctl.vres", "ctl.app.serve", "ctl.app.profile",
-                 "act.fwd", "act.fwd.open", "act.tok", "act.end", "act.err", "files", "kv",
-                 "probe.echo", "probe.sink", "dataplane", "plan", "profile"):  # fmt: skip
+    for name in (
+        "ctl.hb",
+        "ctl.vreq",
+        "ctl.vres",
+        "ctl.app.serve",
+        "ctl.app.profile",
+        "act.fwd",
+        "act.fwd.open",
+        "act.tok",
+        "act.end",
+        "act.err",
+        "files",
+        "kv",
+        "probe.echo",
+        "probe.sink",
+        "dataplane",
+        "plan",
+        "profile",
+    ):
         assert name in t, name
         assert cbor2.loads(hv.encode(t[name])) == t[name], name
     assert t["plan"]["epoch"] == 7 and t["ctl.hb"]["x"]["plan"] == t["plan"]

@@ -40,8 +40,9 @@ def test_a_request_continues_exactly_on_a_new_split_from_moved_kv(tiny_model, mo
         ids, total = np.asarray([[tokens[-1]]], dtype=np.int64), total + 1
     # Stage 0 may already have run the next step when the plan changes: only the positions
     # every stage has are moved (its extra position is recomputed on the new split).
-    before.segments[0].step("r", {"input_ids": ids, "attention_mask": np.ones((1, total),
-                                  dtype=np.int64)}, 1)  # fmt: skip
+    before.segments[0].step(
+        "r", {"input_ids": ids, "attention_mask": np.ones((1, total), dtype=np.int64)}, 1
+    )
     length = total - 1
     for seg, rng in zip(after.segments, after.ranges, strict=True):
         kv = {}
@@ -99,8 +100,9 @@ def _served(tiny_model):
     chain.forward("r", np.asarray([PROMPT], dtype=np.int64), len(PROMPT))
     seg = chain.segments[0]
     arch = tiny_model.manifest.architecture
-    layout = kvmove.Layout(arch.num_key_value_heads, arch.head_size, np.dtype(arch.kv_dtype),
-                           arch.context_length)  # fmt: skip
+    layout = kvmove.Layout(
+        arch.num_key_value_heads, arch.head_size, np.dtype(arch.kv_dtype), arch.context_length
+    )
     return seg, layout
 
 
@@ -134,8 +136,12 @@ async def test_kv_server_ignores_garbage_and_a_lying_server_is_refused(tiny_mode
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             a, b = await _pair(nursery, lambda epoch: seg)
-            for junk in (b"\xff" * 40, cbor2.dumps([1, 2]), cbor2.dumps({"e": "x"}),
-                         cbor2.dumps({"e": 5, "r": "r", "l": [10**30], "n": 8})):  # fmt: skip
+            for junk in (
+                b"\xff" * 40,
+                cbor2.dumps([1, 2]),
+                cbor2.dumps({"e": "x"}),
+                cbor2.dumps({"e": 5, "r": "r", "l": [10**30], "n": 8}),
+            ):
                 stream = await b.open_stream(a.peer_id, kvmove.KV_PROTOCOL)
                 await stream.write(frame(junk))
                 reply = await stream.read(1 << 16)
@@ -155,9 +161,15 @@ async def test_kv_server_ignores_garbage_and_a_lying_server_is_refused(tiny_mode
 
             b.set_stream_handler(kvmove.KV_PROTOCOL, liar)
             with pytest.raises(KVMoveFailed, match="does not fit"):
-                await kvmove.fetch(a, a.peer_id, lambda e: None,
-                                   KVSource(5, ((b.peer_id, 0, 3),), 8, 8), "r", [1, 2],
-                                   layout)  # fmt: skip
+                await kvmove.fetch(
+                    a,
+                    a.peer_id,
+                    lambda e: None,
+                    KVSource(5, ((b.peer_id, 0, 3),), 8, 8),
+                    "r",
+                    [1, 2],
+                    layout,
+                )
             nursery.cancel_scope.cancel()
 
 
@@ -174,8 +186,9 @@ async def test_prefetch_pulls_every_request_each_at_its_length(tiny_model):
             for rid, n in (("r", 8), ("s", 5)):
                 mine.open(rid, 16, {0: seg.export_kv(rid, [0], n)[0]})
             stages = ((b.peer_id, 0, 1), (a.peer_id, 1, 3))
-            got = await kvmove.prefetch(b, b.peer_id, lambda e: mine if e == 5 else None, 5,
-                                        stages, [0, 1, 2], layout)  # fmt: skip
+            got = await kvmove.prefetch(
+                b, b.peer_id, lambda e: mine if e == 5 else None, 5, stages, [0, 1, 2], layout
+            )
             assert {r: n for r, (n, _) in got.items()} == {"r": 8, "s": 5}
             for rid, (n, kv) in got.items():
                 expected = seg.export_kv(rid, [0, 1, 2], n)

@@ -360,12 +360,15 @@ async def test_malformed_messages_are_dropped_and_node_keeps_working(autojump_cl
         await h.wait_agreed(10)
         a, b = h.nodes
         junk = [
-            b"", b"\xff\xfe", b"not cbor at all",
-            encode_message("hb", -1), encode_message("zz", 1),
+            b"",
+            b"\xff\xfe",
+            b"not cbor at all",
+            encode_message("hb", -1),
+            encode_message("zz", 1),
             encode_message("hb", 1, role="king", leader=None, name="", addrs=[], members={}),
             encode_message("hb", 1, role=LEADER, leader=None, name="", addrs="x", members={}),
             encode_message("vres", 1, granted="yes"),
-        ]  # fmt: skip
+        ]
         for payload in junk:
             await a.endpoint.send(b.peer_id, payload)
         await trio.sleep(2)

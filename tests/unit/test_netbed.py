@@ -41,8 +41,11 @@ name = "old-phone"
 def test_the_shipped_phones_profile_parses():
     prof = testbed_profile.load_profile(PHONES)
     assert [p.device_class.name for p in prof.peers] == [
-        "flagship", "midrange", "midrange", "budget",
-    ]  # fmt: skip
+        "flagship",
+        "midrange",
+        "midrange",
+        "budget",
+    ]
     classes = {c.name: c for c in prof.classes}
     assert classes["flagship"] == testbed_profile.DeviceClass("flagship", 1.0, 400.0, 1024)
     assert classes["midrange"].cpu == 0.5
@@ -166,8 +169,18 @@ def test_missing_tools_and_cgroup_v1_are_named(monkeypatch):
 def test_peers_and_a_conflicting_profile_are_an_error(tmp_path):
     with pytest.raises(testbed.TestbedError, match="--peers 2 conflicts with the profile"):
         testbed.up(tmp_path / "tb", 2, profile=PHONES)
-    res = cli(None, "testbed", "up", "--dir", str(tmp_path / "tb"), "--peers", "2",
-              "--profile", str(PHONES), check=False)  # fmt: skip
+    res = cli(
+        None,
+        "testbed",
+        "up",
+        "--dir",
+        str(tmp_path / "tb"),
+        "--peers",
+        "2",
+        "--profile",
+        str(PHONES),
+        check=False,
+    )
     assert res.returncode == 1 and "conflicts with the profile" in res.stderr
     assert "Traceback" not in res.stderr
     assert not (tmp_path / "tb").exists()
@@ -232,8 +245,12 @@ def test_down_of_a_phone_testbed_needs_root_and_keeps_the_record(tmp_path, monke
 def test_netns_command_prefers_nsenter_which_keeps_sys_fs_cgroup(monkeypatch):
     monkeypatch.setattr(netbed, "_tool", lambda name: f"/usr/bin/{name}")
     assert netbed.netns_command("mltab-p0", ["x", "-y"]) == [
-        "/usr/bin/nsenter", "--net=/var/run/netns/mltab-p0", "--", "x", "-y",
-    ]  # fmt: skip
+        "/usr/bin/nsenter",
+        "--net=/var/run/netns/mltab-p0",
+        "--",
+        "x",
+        "-y",
+    ]
     monkeypatch.setattr(netbed, "_tool", lambda name: None if name == "nsenter" else f"/b/{name}")
     assert netbed.netns_command("mltab-p0", ["x"]) == ["/b/ip", "netns", "exec", "mltab-p0", "x"]
 

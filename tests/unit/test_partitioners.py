@@ -23,18 +23,25 @@ def registry() -> PartitionerRegistry:
 
 
 def worker(name: str, layer_ms: float, memory_mib: int, layers: int = 30) -> WorkerProfile:
-    return WorkerProfile(name=name, memory_bytes=memory_mib * MiB,
-                         layer_s=(layer_ms / 1e3,) * layers, last_s=0.005)  # fmt: skip
+    return WorkerProfile(
+        name=name, memory_bytes=memory_mib * MiB, layer_s=(layer_ms / 1e3,) * layers, last_s=0.005
+    )
 
 
 def request(workers, objective="throughput", layers=30, hop=0.001) -> PartitionRequest:
     w = len(workers)
     links = tuple(tuple(0.0 if i == j else hop for j in range(w)) for i in range(w))
     return PartitionRequest(
-        num_layers=layers, num_workers=w, layer_bytes=(14 * MiB,) * layers,
-        first_bytes=100 * MiB, last_bytes=100 * MiB, workers=tuple(workers),
-        link_s=links, return_s=links, objective=objective,
-    )  # fmt: skip
+        num_layers=layers,
+        num_workers=w,
+        layer_bytes=(14 * MiB,) * layers,
+        first_bytes=100 * MiB,
+        last_bytes=100 * MiB,
+        workers=tuple(workers),
+        link_s=links,
+        return_s=links,
+        objective=objective,
+    )
 
 
 def test_builtins_are_registered(registry):
@@ -82,8 +89,12 @@ def test_lp_gives_a_slow_worker_few_layers_or_none(registry):
 
 
 def test_lp_matches_the_exact_oracle_and_beats_even(registry):
-    ws = [worker("flagship", 1.0, 300), worker("mid", 2.0, 300), worker("mid2", 2.0, 300),
-          worker("budget", 4.0, 300)]  # fmt: skip
+    ws = [
+        worker("flagship", 1.0, 300),
+        worker("mid", 2.0, 300),
+        worker("mid2", 2.0, 300),
+        worker("budget", 4.0, 300),
+    ]
     for objective in ("throughput", "latency"):
         req = request(ws, objective)
         lp = registry.assign("lp", req)

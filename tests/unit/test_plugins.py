@@ -176,8 +176,13 @@ def test_balancing_policies_registry_has_builtins_and_third_party():
         reg = BalancingPolicyRegistry(pm)
         assert {"threshold", "none", "eager"} <= set(reg.names())
         assert reg.owner("eager") == "policy-plugin"
-        obs = Observation(epoch=1, age_s=5.0, slowdown_threshold=1.5, min_steps=1,
-                          stages=(StageObservation("a", 0, 4, 3, 0.01, 0.01),))  # fmt: skip
+        obs = Observation(
+            epoch=1,
+            age_s=5.0,
+            slowdown_threshold=1.5,
+            min_steps=1,
+            stages=(StageObservation("a", 0, 4, 3, 0.01, 0.01),),
+        )
         assert reg.get("eager").decide(obs).factors == {"a": 2.0}
         assert reg.get("none").decide(obs) is None
     finally:
@@ -188,8 +193,9 @@ def test_every_hook_has_a_section_in_the_plugin_guide():
     from pathlib import Path
 
     guide = (Path(__file__).resolve().parents[2] / "docs" / "plugins.md").read_text()
-    specs = [n for n, _ in inspect.getmembers(hookspecs, inspect.isfunction)
-             if n.startswith("meshllm_")]  # fmt: skip
+    specs = [
+        n for n, _ in inspect.getmembers(hookspecs, inspect.isfunction) if n.startswith("meshllm_")
+    ]
     for name in specs:
         assert f"### `{name}(register)`" in guide, f"{name} is missing from docs/plugins.md"
         section = guide.split(f"### `{name}(register)`", 1)[1].split("\n### ", 1)[0]

@@ -16,10 +16,23 @@ from meshllm.plan.profile import LinkStats, Profile, ProfileError
 
 
 def profile(**kw) -> Profile:
-    base = dict(model_sha="ab" * 32, layer_s=0.001, first_s=0.0, last_s=0.004, prefill_layer_s=1e-4,
-                hop_s=5e-4, idle_layer_s=8e-4, idle_first_s=0.0, idle_last_s=0.003,
-                idle_hop_s=4e-4, memory_bytes=1 << 30, memory_exact=False, threads=1,
-                measured_at=1.0, links={"peer-b": LinkStats(0.002, 50e6)})  # fmt: skip
+    base = dict(
+        model_sha="ab" * 32,
+        layer_s=0.001,
+        first_s=0.0,
+        last_s=0.004,
+        prefill_layer_s=1e-4,
+        hop_s=5e-4,
+        idle_layer_s=8e-4,
+        idle_first_s=0.0,
+        idle_last_s=0.003,
+        idle_hop_s=4e-4,
+        memory_bytes=1 << 30,
+        memory_exact=False,
+        threads=1,
+        measured_at=1.0,
+        links={"peer-b": LinkStats(0.002, 50e6)},
+    )
     base.update(kw)
     return Profile(**base)
 
@@ -27,8 +40,13 @@ def profile(**kw) -> Profile:
 def test_profile_round_trips_and_rejects_garbage():
     p = profile()
     assert Profile.from_obj(p.to_obj()) == p
-    for bad in ({}, {**p.to_obj(), "layer_s": -1}, {**p.to_obj(), "links": {"x": [1]}},
-                {**p.to_obj(), "layer_s": float("nan")}, "nonsense"):  # fmt: skip
+    for bad in (
+        {},
+        {**p.to_obj(), "layer_s": -1},
+        {**p.to_obj(), "links": {"x": [1]}},
+        {**p.to_obj(), "layer_s": float("nan")},
+        "nonsense",
+    ):
         with pytest.raises(ProfileError):
             Profile.from_obj(bad)
 
@@ -51,8 +69,10 @@ def test_probe_ranges_span_past_the_cache_and_stay_inside_the_model():
 
 def test_calibration_times_probes_with_generated_weights(tiny_fp32, tmp_path):
     m = tiny_fp32
-    ranges = probe_ranges(m.manifest.architecture.num_layers,
-                          int(statistics.median(m.manifest.per_layer_weight_bytes)))  # fmt: skip
+    ranges = probe_ranges(
+        m.manifest.architecture.num_layers,
+        int(statistics.median(m.manifest.per_layer_weight_bytes)),
+    )
     probes = {}
     for kind, (a, b) in ranges.items():
         ((seg, _),) = m.segment_files([LayerRange(a, b)])

@@ -49,11 +49,20 @@ def test_versions_grow_within_and_across_terms():
 @pytest.mark.parametrize(
     "obj",
     [
-        None, [], {}, {"m": [], "v": [1, 0]}, {"m": ["a"], "v": [1]}, {"m": ["a"], "v": [1, -1]},
-        {"m": ["a"], "v": [True, 0]}, {"m": ["../x"], "v": [1, 0]}, {"m": [1], "v": [1, 0]},
-        {"m": ["a"] * 257, "v": [1, 0]}, {"m": "ab", "v": [1, 0]}, {"m": ["a"], "v": [2**62, 0]},
+        None,
+        [],
+        {},
+        {"m": [], "v": [1, 0]},
+        {"m": ["a"], "v": [1]},
+        {"m": ["a"], "v": [1, -1]},
+        {"m": ["a"], "v": [True, 0]},
+        {"m": ["../x"], "v": [1, 0]},
+        {"m": [1], "v": [1, 0]},
+        {"m": ["a"] * 257, "v": [1, 0]},
+        {"m": "ab", "v": [1, 0]},
+        {"m": ["a"], "v": [2**62, 0]},
     ],
-)  # fmt: skip
+)
 def test_bad_rosters_are_refused(obj):
     with pytest.raises(BadMessage):
         Roster.from_wire(obj)

@@ -23,8 +23,10 @@ def _run(chain: LocalChain, batches: list[list[str]]) -> dict[str, list[dict]]:
     outs: dict[str, list[dict]] = {rid: [] for rid in PROMPTS}
     nxt: dict[str, int] = {}
     for rid, prompt in PROMPTS.items():
-        feeds: dict = {"input_ids": np.asarray([prompt]),
-                       "attention_mask": np.ones((1, len(prompt)), np.int64)}  # fmt: skip
+        feeds: dict = {
+            "input_ids": np.asarray([prompt]),
+            "attention_mask": np.ones((1, len(prompt)), np.int64),
+        }
         for seg in segs:
             seg.open(rid, len(prompt) + STEPS + 1)
             feeds.update(seg.step(rid, feeds, len(prompt)))
@@ -50,10 +52,14 @@ def _run(chain: LocalChain, batches: list[list[str]]) -> dict[str, list[dict]]:
 
 def _kv(chain: LocalChain) -> dict[str, list[np.ndarray]]:
     return {
-        rid: [seg.export_kv(rid, seg.layers, seg.cached_length(rid))[layer][i]
-              for seg in chain.segments for layer in seg.layers for i in (0, 1)]
+        rid: [
+            seg.export_kv(rid, seg.layers, seg.cached_length(rid))[layer][i]
+            for seg in chain.segments
+            for layer in seg.layers
+            for i in (0, 1)
+        ]
         for rid in PROMPTS
-    }  # fmt: skip
+    }
 
 
 def test_a_batched_step_equals_separate_steps_bit_for_bit(tiny_model) -> None:

@@ -23,8 +23,16 @@ CFG = MeshSection()
 
 
 def a_plan(epoch: int, model: str = "m", partitioner: str = "even") -> Plan:
-    return Plan(epoch=epoch, model=model, model_sha="ab" * 32, source="p", num_layers=4,
-                partitioner=partitioner, stages=(Stage("p", 0, 4),), balance="none")  # fmt: skip
+    return Plan(
+        epoch=epoch,
+        model=model,
+        model_sha="ab" * 32,
+        source="p",
+        num_layers=4,
+        partitioner=partitioner,
+        stages=(Stage("p", 0, 4),),
+        balance="none",
+    )
 
 
 @dataclass
@@ -68,8 +76,11 @@ async def start_peers(nursery: trio.Nursery, n: int) -> list[Peer]:
 
         node.on_app_message = on_app
 
-        async def run(peer: Peer = peer, ep: Any = ep,
-                      task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async def run(
+            peer: Peer = peer,
+            ep: Any = ep,
+            task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+        ) -> None:
             with peer.scope:
                 async with trio.open_nursery() as inner:
                     await inner.start(ep.run)

@@ -27,15 +27,33 @@ from meshllm.pipeline.plan import Plan, Stage
 from meshllm.pipeline.serving_state import ServingState
 
 ME = "peer-a"
-ARCH = Architecture(model_type="llama", num_layers=30, hidden_size=8, num_attention_heads=2,
-                    num_key_value_heads=1, head_size=4, vocab_size=100, context_length=64,
-                    bos_token_id=1, eos_token_ids=(2,), kv_dtype="float32")  # fmt: skip
+ARCH = Architecture(
+    model_type="llama",
+    num_layers=30,
+    hidden_size=8,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_size=4,
+    vocab_size=100,
+    context_length=64,
+    bos_token_id=1,
+    eos_token_ids=(2,),
+    kv_dtype="float32",
+)
 
 
 def plan(epoch: int, *stages: tuple[str, int, int], balance: str = "threshold") -> Plan:
-    return Plan(epoch=epoch, model="m", model_sha="ab" * 32, source=ME, num_layers=30,
-                partitioner="even", stages=tuple(Stage(*s) for s in stages),
-                predicted={"objective": "latency", "step_s": 0.05}, balance=balance)  # fmt: skip
+    return Plan(
+        epoch=epoch,
+        model="m",
+        model_sha="ab" * 32,
+        source=ME,
+        num_layers=30,
+        partitioner="even",
+        stages=tuple(Stage(*s) for s in stages),
+        predicted={"objective": "latency", "step_s": 0.05},
+        balance=balance,
+    )
 
 
 PLAN = plan(1, ("peer-b", 0, 10), ("peer-c", 10, 20), ("peer-d", 20, 30))
@@ -111,12 +129,17 @@ class FakeLeader:
         self.gain = gain
         self.built: list[dict[str, float]] = []
 
-    async def build_plan(self, model: str, partitioner: str, objective: Any, balance: Any,
-                         factors: dict[str, float]) -> tuple[Plan, tuple]:  # fmt: skip
+    async def build_plan(
+        self, model: str, partitioner: str, objective: Any, balance: Any, factors: dict[str, float]
+    ) -> tuple[Plan, tuple]:
         self.built.append(factors)
         step = 0.05 / self.gain
-        candidate = replace(plan(self.max_epoch_seen() + 1, ("peer-b", 0, 15), ("peer-c", 15, 17),
-                                 ("peer-d", 17, 30)), predicted={"step_s": step})  # fmt: skip
+        candidate = replace(
+            plan(
+                self.max_epoch_seen() + 1, ("peer-b", 0, 15), ("peer-c", 15, 17), ("peer-d", 17, 30)
+            ),
+            predicted={"step_s": step},
+        )
         return candidate, ([], {"peer-b": object()})
 
     def max_epoch_seen(self) -> int:
@@ -187,8 +210,9 @@ async def run_until(b: Balancer, done: Any, timeout: float = 300) -> None:
         nursery.cancel_scope.cancel()
 
 
-async def test_a_verdict_repeated_three_looks_running_moves_layers(autojump_clock: Any,
-                                                                     costs: None) -> None:
+async def test_a_verdict_repeated_three_looks_running_moves_layers(
+    autojump_clock: Any, costs: None
+) -> None:
     policy = ScriptedPolicy("x")
     b, leader, loader = balancer(policy)
     await run_until(b, lambda: b.state.epoch != 1)
@@ -201,8 +225,9 @@ async def test_a_verdict_repeated_three_looks_running_moves_layers(autojump_cloc
     assert b.staged is None
 
 
-async def test_a_verdict_that_comes_and_goes_moves_nothing(autojump_clock: Any,
-                                                           costs: None) -> None:
+async def test_a_verdict_that_comes_and_goes_moves_nothing(
+    autojump_clock: Any, costs: None
+) -> None:
     policy = ScriptedPolicy("xx-")
     b, leader, _ = balancer(policy)
     await run_until(b, lambda: policy.looks >= 60)
@@ -217,8 +242,9 @@ async def test_a_small_predicted_gain_keeps_the_plan(autojump_clock: Any, costs:
     assert b.state.epoch == 1 and loader.staged == [] and leader.speed_factors == {}
 
 
-async def test_staging_that_never_finishes_switches_after_its_wait(autojump_clock: Any,
-                                                                   costs: None) -> None:
+async def test_staging_that_never_finishes_switches_after_its_wait(
+    autojump_clock: Any, costs: None
+) -> None:
     """Staging only saves the switch its loading; peers that did not finish it load their
     part as for any new plan."""
     b, _, loader = balancer(ScriptedPolicy("x"), loads=False)
@@ -229,8 +255,9 @@ async def test_staging_that_never_finishes_switches_after_its_wait(autojump_cloc
     assert decision["staged_s"] == pytest.approx(balancing.STAGING_TIMEOUT_S, abs=1)
 
 
-async def test_a_plan_changed_while_staging_drops_the_staged_one(autojump_clock: Any,
-                                                                 costs: None) -> None:
+async def test_a_plan_changed_while_staging_drops_the_staged_one(
+    autojump_clock: Any, costs: None
+) -> None:
     b, leader, loader = balancer(ScriptedPolicy("x"), loads=False)
     other = plan(7, ("peer-b", 0, 30))
     loader.prepare = lambda staged: b.state.adopt(other)  # a peer was lost meanwhile
@@ -278,9 +305,11 @@ async def ask(gw: QueryGateway, prompt_ids: list[int], max_tokens: Any = 8) -> s
 
 
 async def test_the_gateway_says_why_it_cannot_answer(autojump_clock: Any) -> None:
-    states = {"peer-b": ready(1), "peer-c": PeerState(serving={"epoch": 1, "state": "fetching",
-                                                               "progress": 0.25}),
-              "peer-d": ready(1)}  # fmt: skip
+    states = {
+        "peer-b": ready(1),
+        "peer-c": PeerState(serving={"epoch": 1, "state": "fetching", "progress": 0.25}),
+        "peer-d": ready(1),
+    }
     gw, leader = gateway(states, max_prompt_tokens=16, max_new_tokens=32)
     assert (await ask(gw, [1])).startswith("not_serving: no model is served")
     gw.state.adopt(PLAN)
@@ -300,8 +329,9 @@ async def test_the_gateway_says_why_it_cannot_answer(autojump_clock: Any) -> Non
 async def test_a_busy_gateway_sends_the_client_elsewhere(
     autojump_clock: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    gw, _ = gateway({"peer-b": ready(1), "peer-c": ready(1), "peer-d": ready(1)},
-                    max_concurrent_requests=2)  # fmt: skip
+    gw, _ = gateway(
+        {"peer-b": ready(1), "peer-c": ready(1), "peer-d": ready(1)}, max_concurrent_requests=2
+    )
     gw.state.adopt(PLAN)
     monkeypatch.setattr(type(gw.coordinator), "in_flight", property(lambda self: 2))
     why = await ask(gw, [1])
@@ -309,8 +339,11 @@ async def test_a_busy_gateway_sends_the_client_elsewhere(
 
 
 async def test_a_query_waits_for_a_plan_that_is_loading(autojump_clock: Any) -> None:
-    states = {"peer-b": ready(1), "peer-c": PeerState(serving={"epoch": 1, "state": "loading"}),
-              "peer-d": ready(1)}  # fmt: skip
+    states = {
+        "peer-b": ready(1),
+        "peer-c": PeerState(serving={"epoch": 1, "state": "loading"}),
+        "peer-d": ready(1),
+    }
     gw, _ = gateway(states)
     gw.state.adopt(PLAN)
     got: list[Any] = []

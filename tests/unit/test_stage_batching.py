@@ -14,8 +14,12 @@ from meshllm.pipeline.frames import FWD, TOKEN, Frame, decode_frame, encode_fram
 from meshllm.pipeline.stage import StageRunner
 from tests.support import greedy_trace
 
-PROMPTS = {"a": [5, 17, 42, 99, 3, 250, 7, 64], "b": [9, 8, 7], "c": list(range(1, 12)),
-           "d": [300, 301, 302, 303, 304]}  # fmt: skip
+PROMPTS = {
+    "a": [5, 17, 42, 99, 3, 250, 7, 64],
+    "b": [9, 8, 7],
+    "c": list(range(1, 12)),
+    "d": [300, 301, 302, 303, 304],
+}
 STEPS = 12
 
 
@@ -27,12 +31,21 @@ def monos(tiny_model):
 
 def _first(rid: str) -> Frame:
     p = PROMPTS[rid]
-    return Frame(kind=FWD, rid=rid, epoch=1, pos=len(p), new=len(p), cap=len(p) + STEPS,
-                 coord="c", tensors={"input_ids": np.asarray([p])})  # fmt: skip
+    return Frame(
+        kind=FWD,
+        rid=rid,
+        epoch=1,
+        pos=len(p),
+        new=len(p),
+        cap=len(p) + STEPS,
+        coord="c",
+        tensors={"input_ids": np.asarray([p])},
+    )
 
 
-async def _serve(tiny_model, ranges: str, max_batch: int, *, late: str | None = None,
-                 direct: bool = True):  # type: ignore[no-untyped-def]  # fmt: skip
+async def _serve(
+    tiny_model, ranges: str, max_batch: int, *, late: str | None = None, direct: bool = True
+):  # type: ignore[no-untyped-def]
     """Stages chained in one process. With *direct*, a decode step's output leaves from the
     compute thread as the service sends it (a batch's rows then go on as a group); else
     through the event loop. All requests but *late* start at once; *late* starts once the
@@ -68,10 +81,17 @@ async def _serve(tiny_model, ranges: str, max_batch: int, *, late: str | None = 
 
     for i, (peer, runtime) in enumerate(zip(peers, chain.segments, strict=True)):
         runners[peer] = StageRunner(
-            runtime, epoch=1, index=i, next_peer=peers[i + 1] if i + 1 < len(peers) else None,
-            first_peer="p0", context_length=arch.context_length, eos_token_ids=(), send=send,
-            max_batch=max_batch, send_now=send_now if direct else None,
-        )  # fmt: skip
+            runtime,
+            epoch=1,
+            index=i,
+            next_peer=peers[i + 1] if i + 1 < len(peers) else None,
+            first_peer="p0",
+            context_length=arch.context_length,
+            eos_token_ids=(),
+            send=send,
+            max_batch=max_batch,
+            send_now=send_now if direct else None,
+        )
     async with trio.open_nursery() as n:
         for r in runners.values():
             await n.start(r.run)

@@ -30,15 +30,32 @@ async def run_two(runtime: Any, arch: Any, bad: list[int]) -> tuple[list[int], l
         else:
             assert stage.submit(f)
 
-    stage = StageRunner(runtime, epoch=1, index=0, next_peer=None, first_peer="p0",
-                        context_length=arch.context_length, eos_token_ids=(), send=send)
+    stage = StageRunner(
+        runtime,
+        epoch=1,
+        index=0,
+        next_peer=None,
+        first_peer="p0",
+        context_length=arch.context_length,
+        eos_token_ids=(),
+        send=send,
+    )
     cap = len(PROMPT) + STEPS
     async with trio.open_nursery() as nursery:
         await nursery.start(stage.run)
         for rid, ids in (("bad", bad), ("good", PROMPT)):
-            assert stage.submit(Frame(kind=FWD, rid=rid, epoch=1, pos=len(ids), new=len(ids),
-                                      cap=cap, coord="c",
-                                      tensors={"input_ids": np.asarray([ids])}))  # fmt: skip
+            assert stage.submit(
+                Frame(
+                    kind=FWD,
+                    rid=rid,
+                    epoch=1,
+                    pos=len(ids),
+                    new=len(ids),
+                    cap=cap,
+                    coord="c",
+                    tensors={"input_ids": np.asarray([ids])},
+                )
+            )
         got: list[int] = []
         errors: list[str] = []
         with trio.fail_after(60):
@@ -93,15 +110,43 @@ async def test_a_position_past_the_context_allocates_nothing(tiny_model) -> None
         if f.kind == ERROR:
             errors.append(f.error)
 
-    stage = StageRunner(runtime, epoch=1, index=0, next_peer=None, first_peer="p0",
-                        context_length=arch.context_length, eos_token_ids=(), send=send)
+    stage = StageRunner(
+        runtime,
+        epoch=1,
+        index=0,
+        next_peer=None,
+        first_peer="p0",
+        context_length=arch.context_length,
+        eos_token_ids=(),
+        send=send,
+    )
     async with trio.open_nursery() as nursery:
         await nursery.start(stage.run)
         ids = np.asarray([PROMPT])
-        stage.submit(Frame(kind=FWD, rid="r", epoch=1, pos=len(PROMPT), new=len(PROMPT),
-                           cap=len(PROMPT) + 4, coord="c", tensors={"input_ids": ids}))
-        stage.submit(Frame(kind=FWD, rid="r", epoch=1, step=1, pos=2**31, new=1, coord="c",
-                           tensors={"input_ids": ids[:, :1]}))  # fmt: skip
+        stage.submit(
+            Frame(
+                kind=FWD,
+                rid="r",
+                epoch=1,
+                pos=len(PROMPT),
+                new=len(PROMPT),
+                cap=len(PROMPT) + 4,
+                coord="c",
+                tensors={"input_ids": ids},
+            )
+        )
+        stage.submit(
+            Frame(
+                kind=FWD,
+                rid="r",
+                epoch=1,
+                step=1,
+                pos=2**31,
+                new=1,
+                coord="c",
+                tensors={"input_ids": ids[:, :1]},
+            )
+        )
         with trio.fail_after(60):
             while not errors:
                 await trio.sleep(0.01)

@@ -77,10 +77,16 @@ async def test_direct_sends_from_the_compute_thread_keep_greedy_tokens(tiny_mode
 
     for i, (peer, runtime) in enumerate(zip(peers, chain.segments, strict=True)):
         runners[peer] = StageRunner(
-            runtime, epoch=1, index=i, next_peer=peers[i + 1] if i + 1 < len(peers) else None,
-            first_peer="p0", context_length=arch.context_length,
-            eos_token_ids=(), send=send, send_now=send_now,
-        )  # fmt: skip
+            runtime,
+            epoch=1,
+            index=i,
+            next_peer=peers[i + 1] if i + 1 < len(peers) else None,
+            first_peer="p0",
+            context_length=arch.context_length,
+            eos_token_ids=(),
+            send=send,
+            send_now=send_now,
+        )
     readers = [threading.Thread(target=read_link, args=(p,), daemon=True) for p in peers]
     for t in readers:
         t.start()
@@ -89,8 +95,17 @@ async def test_direct_sends_from_the_compute_thread_keep_greedy_tokens(tiny_mode
         for r in runners.values():
             await n.start(r.run)
         cap = len(PROMPT) + STEPS
-        first = Frame(kind=FWD, rid="r", epoch=1, step=0, pos=len(PROMPT), new=len(PROMPT),
-                      cap=cap, coord="c", tensors={"input_ids": np.asarray([PROMPT])})  # fmt: skip
+        first = Frame(
+            kind=FWD,
+            rid="r",
+            epoch=1,
+            step=0,
+            pos=len(PROMPT),
+            new=len(PROMPT),
+            cap=cap,
+            coord="c",
+            tensors={"input_ids": np.asarray([PROMPT])},
+        )
         deliver("p0", first)
         with trio.fail_after(30):
             async for f in tokens_out:

@@ -54,10 +54,11 @@ def phones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         netbed.set_cpu_quota(p, p.cpu)  # as `up` leaves them
     # pid 0 never names a running daemon: nothing here is ever signalled.
     peers = [
-        testbed.TestbedPeer(p.index, str(root / f"peer-{p.index}"), 0, p.device_class, p.netns,
-                            p.address)
+        testbed.TestbedPeer(
+            p.index, str(root / f"peer-{p.index}"), 0, p.device_class, p.netns, p.address
+        )
         for p in net.peers
-    ]  # fmt: skip
+    ]
     testbed.save_state(
         root, peers, network=net.to_json(), profile=testbed.profile_record(source, prof)
     )
@@ -170,32 +171,38 @@ def _run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
 
 
 def test_the_cli_throttles_and_status_shows_the_new_cpu(phones, monkeypatch, capsys):
-    code, out, _ = _run_cli(monkeypatch, capsys, "testbed", "throttle", "pixel", "0.25",
-                            "--dir", str(phones))  # fmt: skip
+    code, out, _ = _run_cli(
+        monkeypatch, capsys, "testbed", "throttle", "pixel", "0.25", "--dir", str(phones)
+    )
     assert code == 0
     assert out.strip() == (
         "peer-1 (pixel, phone): cpu 1 core -> 0.25 core (quota 1000 µs per 4000 µs)"
     )
-    code, out, _ = _run_cli(monkeypatch, capsys, "testbed", "throttle", "2", "none",
-                            "--dir", str(phones))  # fmt: skip
+    code, out, _ = _run_cli(
+        monkeypatch, capsys, "testbed", "throttle", "2", "none", "--dir", str(phones)
+    )
     assert code == 0 and out.strip() == "peer-2 (peer-2, budget): cpu 0.25 core -> no quota"
     # status reads the record (the daemons are not running here: each row says so)
     code, out, _ = _run_cli(monkeypatch, capsys, "testbed", "status", "--dir", str(phones))
     rows = out.splitlines()
     assert code == 0 and "CPU" in rows[0]
     assert [r.split()[3] for r in rows[1:]] == ["1", "0.25", "none"]
-    code, out, _ = _run_cli(monkeypatch, capsys, "testbed", "status", "--json", "--dir",
-                            str(phones))  # fmt: skip
+    code, out, _ = _run_cli(
+        monkeypatch, capsys, "testbed", "status", "--json", "--dir", str(phones)
+    )
     assert [e["cpu"] for e in json.loads(out)] == [1.0, 0.25, None]
 
 
 @pytest.mark.parametrize(
     ("cpu", "message"),
-    [("fast", "'fast' is not a number of cores (e.g. 0.25) or none"),
-     ("0.1", "cpu must be at least 0.25 core")],
-)  # fmt: skip
+    [
+        ("fast", "'fast' is not a number of cores (e.g. 0.25) or none"),
+        ("0.1", "cpu must be at least 0.25 core"),
+    ],
+)
 def test_the_cli_refuses_a_bad_cpu(phones, monkeypatch, capsys, cpu, message):
-    code, _, err = _run_cli(monkeypatch, capsys, "testbed", "throttle", "0", cpu,
-                            "--dir", str(phones))  # fmt: skip
+    code, _, err = _run_cli(
+        monkeypatch, capsys, "testbed", "throttle", "0", cpu, "--dir", str(phones)
+    )
     assert code != 0 and message in err and "Traceback" not in err
     assert _quota(phones, 0) == "4000"

@@ -41,9 +41,13 @@ def request(
     workers: Sequence[WorkerProfile], layers: int = 30, first_mib: int = 0, last_mib: int = 0
 ) -> PartitionRequest:
     return PartitionRequest(
-        num_layers=layers, num_workers=len(workers), layer_bytes=(LAYER,) * layers,
-        first_bytes=first_mib * MiB, last_bytes=last_mib * MiB, workers=tuple(workers),
-    )  # fmt: skip
+        num_layers=layers,
+        num_workers=len(workers),
+        layer_bytes=(LAYER,) * layers,
+        first_bytes=first_mib * MiB,
+        last_bytes=last_mib * MiB,
+        workers=tuple(workers),
+    )
 
 
 def sizes(out: Sequence[LayerRange | None]) -> list[int | None]:
@@ -125,8 +129,11 @@ def test_without_profiles_every_worker_counts_as_equal(registry: PartitionerRegi
 
 def test_more_workers_than_layers_leaves_some_out(registry: PartitionerRegistry) -> None:
     out = registry.assign("speed", request([worker(n, 5, layers=3) for n in "abcde"], layers=3))
-    assert [r for r in out if r is not None] == [LayerRange(0, 1), LayerRange(1, 2),
-                                                 LayerRange(2, 3)]  # fmt: skip
+    assert [r for r in out if r is not None] == [
+        LayerRange(0, 1),
+        LayerRange(1, 2),
+        LayerRange(2, 3),
+    ]
 
 
 def test_it_asks_the_leader_for_profiles() -> None:
@@ -140,9 +147,11 @@ def test_it_asks_the_leader_for_profiles() -> None:
     ends=st.tuples(st.integers(0, 60), st.integers(0, 60)),
 )
 def test_any_request_gets_a_fitting_plan_or_infeasible(
-    registry: PartitionerRegistry, layers: int, specs: list[tuple[float, int]],
+    registry: PartitionerRegistry,
+    layers: int,
+    specs: list[tuple[float, int]],
     ends: tuple[int, int],
-) -> None:  # fmt: skip
+) -> None:
     ws = [worker(f"w{i}", ms, mib, layers) for i, (ms, mib) in enumerate(specs)]
     req = request(ws, layers=layers, first_mib=ends[0], last_mib=ends[1])
     try:
@@ -161,11 +170,18 @@ def test_any_request_gets_a_fitting_plan_or_infeasible(
 
 
 def test_installed_entry_point_is_listed_by_meshllm_plugins() -> None:
-    out = subprocess.run([sys.executable, "-m", "meshllm", "plugins", "--json"],
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "meshllm", "plugins", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout)
     owner = info["partitioners"].get("speed")
     assert owner is not None, "meshllm-speed-partitioner is not installed (tools/setup.sh)"
-    assert {"name": owner, "kind": "entry point",
-            "hooks": ["meshllm_register_partitioners"]} in info["plugins"]  # fmt: skip
+    assert {
+        "name": owner,
+        "kind": "entry point",
+        "hooks": ["meshllm_register_partitioners"],
+    } in info["plugins"]

@@ -68,11 +68,15 @@ class ZlibEndpoint:
         c = self.counters
         raw, wire = c.sent_raw + c.received_raw, c.sent_wire + c.received_wire
         return {
-            "compression": "zlib", "level": self.level, "streams": c.streams,
-            "sent_raw": c.sent_raw, "sent_wire": c.sent_wire,
-            "received_raw": c.received_raw, "received_wire": c.received_wire,
+            "compression": "zlib",
+            "level": self.level,
+            "streams": c.streams,
+            "sent_raw": c.sent_raw,
+            "sent_wire": c.sent_wire,
+            "received_raw": c.received_raw,
+            "received_wire": c.received_wire,
             "ratio": round(raw / wire, 3) if wire else None,
-        }  # fmt: skip
+        }
 
     def _wrap(self, stream: Stream) -> CompressedStream:
         return CompressedStream(stream, self.counters, level=self.level)

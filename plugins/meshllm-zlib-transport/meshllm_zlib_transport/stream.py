@@ -122,9 +122,14 @@ class CompressedStream:
         if not self._closed:
             self._closed = True
             c = self.counters
-            log.debug("compressed_stream_closed", other=self.peer_id, sent_raw=c.sent_raw,
-                      sent_wire=c.sent_wire, received_raw=c.received_raw,
-                      received_wire=c.received_wire)  # fmt: skip
+            log.debug(
+                "compressed_stream_closed",
+                other=self.peer_id,
+                sent_raw=c.sent_raw,
+                sent_wire=c.sent_wire,
+                received_raw=c.received_raw,
+                received_wire=c.received_wire,
+            )
         await self._inner.close()
 
     def _count(self, **amounts: int) -> None:

@@ -287,11 +287,16 @@ def test_the_registry_builds_it_from_the_hook() -> None:
 
 
 def test_installed_entry_point_is_listed_by_meshllm_plugins() -> None:
-    out = subprocess.run([sys.executable, "-m", "meshllm", "plugins", "--json"],
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "meshllm", "plugins", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout)
     owner = info["transports"].get("libp2p-zlib")
     assert owner is not None, "meshllm-zlib-transport is not installed (tools/setup.sh)"
-    assert {"name": owner, "kind": "entry point",
-            "hooks": ["meshllm_register_transports"]} in info["plugins"]  # fmt: skip
+    assert {"name": owner, "kind": "entry point", "hooks": ["meshllm_register_transports"]} in info[
+        "plugins"
+    ]
