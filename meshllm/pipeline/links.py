@@ -38,6 +38,7 @@ ACT_PROTOCOL = "act"
 log = structlog.get_logger("meshllm.serve")
 
 Deliver = Callable[[Frame], None]  # a token or an error, for the coordinator
+SendNow = Callable[[bytes], bool]
 
 
 class _Link:
@@ -46,6 +47,18 @@ class _Link:
     def __init__(self) -> None:
         self.stream: Stream | None = None
         self.lock = trio.Lock()
+        # The stream's send_now, looked up once per stream: an isinstance check against a
+        # runtime-checkable Protocol costs microseconds, and this runs for every token.
+        self._checked: Stream | None = None
+        self._send_now: SendNow | None = None
+
+    def sender(self) -> SendNow | None:
+        """The current stream's send_now, if it has one (see SendsNow)."""
+        stream = self.stream
+        if stream is not self._checked:
+            self._checked = stream
+            self._send_now = stream.send_now if isinstance(stream, SendsNow) else None
+        return self._send_now
 
 
 class Links:
@@ -127,10 +140,10 @@ class Links:
         if peer == self.me:
             return False
         link = self._links.get(peer)
-        stream = link.stream if link is not None else None
-        if not isinstance(stream, SendsNow):
+        send_now = link.sender() if link is not None else None
+        if send_now is None:
             return False
-        return stream.send_now(frame(encode_frame(f)))
+        return send_now(frame(encode_frame(f)))
 
     async def _send_quietly(self, peer: str, f: Frame) -> None:
         with contextlib.suppress(MeshError):
