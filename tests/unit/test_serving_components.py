@@ -21,6 +21,7 @@ from meshllm.model.sampling import SamplingParams
 from meshllm.pipeline import balancing
 from meshllm.pipeline.balancing import Balancer
 from meshllm.pipeline.gateway import QueryGateway
+from meshllm.pipeline.leader import Leader
 from meshllm.pipeline.loader import SegmentLoader
 from meshllm.pipeline.peerstate import PeerState
 from meshllm.pipeline.plan import Plan, Stage
@@ -71,7 +72,7 @@ class FakeNode:
         self.peer_id = ME
         self.name = "a"
         self.role = role
-        self.peers: dict[str, Any] = {}
+        self.peers: dict[str, Any] = dict.fromkeys(states)  # records are not read here
         self.states = states
         self.announced = 0
 
@@ -444,3 +445,43 @@ async def test_a_stopping_gateway_refuses_new_queries_and_drains(autojump_clock:
         t0 = trio.current_time()
         query.cancel()
     assert drained and drained[0] - t0 < 0.1
+
+
+# -- the leader's reading of the mesh -----------------------------------------------------------
+def leader_over(states: dict[str, PeerState], mine: Plan | None = None) -> Leader:
+    state = serving_state(states)
+    if mine is not None:
+        state.adopt(mine)
+    return Leader(Config(), state.node, state, None, None)  # type: ignore[arg-type]
+
+
+def test_a_plan_is_taken_from_the_mesh_only_when_most_peers_serve_it() -> None:
+    newer, other = plan(5, ("peer-b", 0, 30)), plan(6, ("peer-c", 0, 30))
+    # A leader that restarted: most of the mesh serves a newer plan than its own.
+    taken = leader_over(
+        {
+            "peer-b": PeerState(plan=newer),
+            "peer-c": PeerState(plan=newer),
+            "peer-d": PeerState(plan=other),
+        },
+        mine=PLAN,
+    )
+    assert taken.majority_plan() == newer
+    # One peer alone (a stale or buggy one) cannot impose a plan, however new.
+    alone = leader_over(
+        {"peer-b": PeerState(plan=other), "peer-c": PeerState(), "peer-d": PeerState()}, mine=PLAN
+    )
+    assert alone.majority_plan() is None
+    # Nothing older than the leader's own plan is taken back.
+    assert leader_over({"peer-b": PeerState(plan=PLAN)}, mine=newer).majority_plan() is None
+
+
+def test_a_new_epoch_follows_every_credible_one_seen() -> None:
+    far = plan(2**62 - 1, ("peer-b", 0, 30))
+    seen = leader_over(
+        {"peer-b": PeerState(plan=plan(9, ("peer-b", 0, 30))), "peer-c": PeerState(plan=far)},
+        mine=PLAN,
+    )
+    # Epoch 9 counts; one far beyond this peer's own (it would leave no epoch that
+    # decodes) does not.
+    assert seen.max_epoch_seen() == 9
