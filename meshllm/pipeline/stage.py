@@ -8,9 +8,7 @@ same time, which is what pipelines several requests across the mesh.
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -25,6 +23,7 @@ from meshllm.model.sampling import SamplingParams
 from meshllm.pipeline.compute import ComputeThread
 from meshllm.pipeline.frames import END, ERROR, FWD, TOKEN, Frame
 from meshllm.pipeline.onward import Onward, SendNow
+from meshllm.pipeline.stage_queue import Batcher, StageQueue
 from meshllm.pipeline.step_times import StepTimes
 
 Send = Callable[[str, Frame], Awaitable[None]]
@@ -107,19 +106,14 @@ class StageRunner:
         self.max_requests = max_requests
         self.fetch_kv = fetch_kv
         self.send_now = send_now
-        self.max_batch = max(1, max_batch)
-        # Frames taken off the queue while gathering a batch that could not join it: the run
-        # loop takes them before the queue (they still count in _queued, so that no frame
-        # starts early ahead of them).
-        self._held: deque[Frame] = deque()
+        self.queue = StageQueue(queue_size)
+        self.batcher = Batcher(runtime, epoch, max_batch)
         self.batches = 0  # batched steps run, and the decode steps they held
         self.batched_steps = 0
-        # What decides whether a step may start as its frame arrives (see submit and
-        # run_here), shared by the event loop and the threads that read links.
-        self._gate = threading.Lock()
+        # With the queue's count, under its gate: whether a step may start as its frame
+        # arrives (see submit and run_here).
         self._busy = False  # the run loop is processing a frame
         self._early: _Step | None = None  # a step started as its frame arrived
-        self._queued = 0  # frames accepted and not yet taken by the run loop
         self.early_starts = 0
         self.steps_on_reader = 0  # of those, run on the thread that read the frame
         # Set when the plan is replaced: the KV caches outlive this runner, for the new
@@ -133,7 +127,6 @@ class StageRunner:
             data_inputs=runtime.data_inputs,
             send_now=send_now,
         )
-        self._in, self._out = trio.open_memory_channel[Frame](queue_size)
         self._mask = np.ones((1, 0), dtype=np.int64)
         self.steps = 0
         self._last_step_at = time.monotonic()  # when a step last finished (or the start)
@@ -154,7 +147,7 @@ class StageRunner:
             "batches": self.batches,
             "batched_steps": self.batched_steps,
             # What a coordinator that got no token reads (see pipeline.stall).
-            "queued": self._queued,
+            "queued": self.queue.queued,
             "busy": int(self._busy),
             "idle_s": round(time.monotonic() - self._last_step_at, 3),
         }
@@ -165,16 +158,14 @@ class StageRunner:
 
     def submit(self, f: Frame) -> bool:
         """Queue a frame; False when the queue is full (the sender then fails the request)."""
-        try:
-            self._in.send_nowait(f)
-        except trio.WouldBlock:
+        if not self.queue.offer(f):
             return False
-        with self._gate:
-            self._queued += 1
+        with self.queue.gate:
+            self.queue.queued += 1
             # An idle stage starts a frame for an open request at once, from the task that
             # read it: the run loop's turn to wake up then overlaps the step instead of
             # preceding it. The loop still takes the frame in order and finishes it.
-            if self._queued == 1 and self._may_start(f):
+            if self.queue.queued == 1 and self._may_start(f):
                 with contextlib.suppress(Exception):  # the loop meets the error, reports it
                     self._early = self._start(f)
                     self.early_starts += 1
@@ -202,15 +193,15 @@ class StageRunner:
         order as for any early start. False, having done nothing, when the stage is not
         free: the caller hands *f* to the event loop as usual.
         """
-        with self._gate:
-            if self._queued or not self._may_start(f):
+        with self.queue.gate:
+            if self.queue.queued or not self._may_start(f):
                 return False
             try:
                 step = self._start(f, here=True)
             except Exception:  # the run loop meets the error again and reports it
                 return False
             self._early = step
-            self._queued += 1
+            self.queue.queued += 1
             self.early_starts += 1
             self.steps_on_reader += 1
             job = step.job  # a wait in the run loop may take it off the step meanwhile
@@ -219,47 +210,29 @@ class StageRunner:
         # against the step's own.
         self._compute.run_here(job)
         with contextlib.suppress(trio.RunFinishedError):  # shutting down: nobody will take it
-            token.run_sync_soon(self._post, f)
+            token.run_sync_soon(self.queue.post, f)
         return True
-
-    def _post(self, f: Frame) -> None:
-        """On the event loop: queue a frame whose step started on a reader thread."""
-        try:
-            self._in.send_nowait(f)
-        except trio.WouldBlock:
-            trio.lowlevel.spawn_system_task(self._post_later, f)
-        except trio.ClosedResourceError:
-            pass
-
-    async def _post_later(self, f: Frame) -> None:
-        with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
-            await self._in.send(f)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         try:
-            while True:
-                if self._held:
-                    f = self._held.popleft()
-                else:
-                    try:
-                        f = await self._out.receive()
-                    except (trio.EndOfChannel, trio.ClosedResourceError):
-                        break
-                with self._gate:
-                    self._queued -= 1
+            while (f := await self.queue.take()) is not None:
+                with self.queue.gate:
+                    self.queue.queued -= 1
                     self._busy = True
                 try:
-                    batch = await self._gather(f)
+                    # The run loop is busy meanwhile, so nothing starts early.
+                    early = self._early is not None
+                    batch = [f] if early else await self.batcher.gather(f, self.queue)
                     if len(batch) > 1:
                         await self._process_batch(batch)
                     else:
                         await self._process_one(f)
                 finally:
-                    with self._gate:
+                    with self.queue.gate:
                         self._busy = False
         finally:
-            with self._gate:
+            with self.queue.gate:
                 self._compute.close()
             if not self.keep_caches:
                 for rid in list(self.runtime.open_requests):
@@ -292,76 +265,6 @@ class StageRunner:
         )
 
     # -- batches --------------------------------------------------------------------------
-    # Most a batch's buffer may hold of KV cache (a copy of its rows' caches): long requests
-    # then run one at a time, where attention rather than the weights dominates anyway.
-    BATCH_BUDGET_BYTES = 64 << 20
-
-    def _batchable(self, f: Frame) -> bool:
-        """Whether *f* is a plain decode step that may run in a batch with others."""
-        if not (
-            f.kind == FWD
-            and f.new == 1
-            and not f.force
-            and not f.fed
-            and f.kv_from is None
-            and f.epoch == self.epoch
-        ):
-            return False
-        length = self.runtime.cached_length(f.rid)
-        if length == 0 or f.pos != length + 1:
-            return False
-        try:
-            self.runtime.check_feeds(f.tensors, 1)
-        except MeshError:  # run alone, it fails on its own
-            return False
-        return True
-
-    # How long a frame sent on from a batch waits for the rest of its group (they left the
-    # previous stage together, microseconds apart).
-    GROUP_WAIT_S = 0.003
-
-    async def _gather(self, f: Frame) -> list[Frame]:
-        """*f*, and the decode steps of other requests queued behind it (or, for a frame of
-        a group, about to arrive) that can run with it as one batch. The run loop is busy
-        meanwhile, so nothing starts early."""
-        alone = f.group < 2 and not self._out.statistics().current_buffer_used
-        if self.max_batch < 2 or self._early is not None or alone or not self._batchable(f):
-            return [f]
-        batch, rids = [f], {f.rid}
-        width = self.runtime.cached_length(f.rid) + 1
-        want = min(self.max_batch, f.group)
-        deadline = trio.current_time() + self.GROUP_WAIT_S
-        while len(batch) < self.max_batch and not self._held:
-            g = await self._next_queued(deadline if len(batch) < want else None)
-            if g is None:
-                break
-            wider = max(width, self.runtime.cached_length(g.rid) + 1)
-            fits = self.runtime.batch_bytes(len(batch) + 1, wider) <= self.BATCH_BUDGET_BYTES
-            if g.rid in rids or not fits or not self._batchable(g):
-                self._held.append(g)  # in order, before anything else queued
-                break
-            with self._gate:
-                self._queued -= 1
-            batch.append(g)
-            rids.add(g.rid)
-            width = wider
-        return batch
-
-    async def _next_queued(self, wait_until: float | None) -> Frame | None:
-        """The next queued frame; if none, None, or with *wait_until* the next to arrive
-        before then."""
-        try:
-            try:
-                return self._out.receive_nowait()
-            except trio.WouldBlock:
-                if wait_until is None:
-                    return None
-            with trio.move_on_at(wait_until):
-                return await self._out.receive()
-            return None
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            return None
-
     async def _process_batch(self, frames: list[Frame]) -> None:
         """Decode steps of several requests as one ONNX Runtime call; then each frame goes
         on as its own step would have."""
@@ -421,7 +324,7 @@ class StageRunner:
     async def _process(self, f: Frame) -> None:
         early = self._early
         if early is not None and early.frame is f:
-            with self._gate:
+            with self.queue.gate:
                 self._early = None
             step = early
         else:

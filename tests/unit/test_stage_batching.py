@@ -12,6 +12,7 @@ from meshllm.model.chain import LocalChain
 from meshllm.model.ranges import parse_ranges
 from meshllm.pipeline.frames import FWD, TOKEN, Frame, decode_frame, encode_frame
 from meshllm.pipeline.stage import StageRunner
+from meshllm.pipeline.stage_queue import Batcher
 from tests.support import greedy_trace
 
 PROMPTS = {
@@ -113,7 +114,7 @@ async def test_batched_stages_give_every_request_its_monolithic_tokens(
     # thread that hands them over can be descheduled for longer than a stage waits for them.
     # Waiting long here makes what is checked the grouping, not the machine's scheduling
     # (every row of a group does arrive, so the wait never runs out in a correct stage).
-    monkeypatch.setattr(StageRunner, "GROUP_WAIT_S", 5.0)
+    monkeypatch.setattr(Batcher, "GROUP_WAIT_S", 5.0)
     tokens, runners = await _serve(tiny_model, ranges, max_batch=8, direct=direct)
     assert tokens == monos
     # Every request's steps after the first came in while the stage was busy: batches.
