@@ -38,7 +38,7 @@ ACT_PROTOCOL = "act"
 log = structlog.get_logger("meshllm.serve")
 
 Deliver = Callable[[Frame], None]  # a token or an error, for the coordinator
-SendNow = Callable[[bytes], bool]
+SendRaw = Callable[[bytes], bool]  # a stream's send_now (see SendsNow)
 
 
 class _Link:
@@ -50,9 +50,9 @@ class _Link:
         # The stream's send_now, looked up once per stream: an isinstance check against a
         # runtime-checkable Protocol costs microseconds, and this runs for every token.
         self._checked: Stream | None = None
-        self._send_now: SendNow | None = None
+        self._send_now: SendRaw | None = None
 
-    def sender(self) -> SendNow | None:
+    def sender(self) -> SendRaw | None:
         """The current stream's send_now, if it has one (see SendsNow)."""
         stream = self.stream
         if stream is not self._checked:

@@ -125,7 +125,7 @@ class = "budget"
 MAX_TOKENS = 24
 
 
-def monolithic(model, prompt: str, max_tokens: int = MAX_TOKENS) -> list[int]:
+def monolithic(model, prompt: str, max_tokens: int = MAX_TOKENS, timeout: float = 120) -> list[int]:
     """The oracle: greedy token ids of the whole model in one process."""
     home = model.path.parent.parent
     out = cli(
@@ -140,6 +140,7 @@ def monolithic(model, prompt: str, max_tokens: int = MAX_TOKENS) -> list[int]:
         "--json",
         "--threads",
         "1",
+        timeout=timeout,
     )
     return json.loads(out.stdout)["token_ids"]
 

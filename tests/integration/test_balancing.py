@@ -11,7 +11,6 @@ for a number of tokens (an answer that ended before the balancer acted once fail
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import threading
@@ -22,7 +21,7 @@ import pytest
 
 from meshllm import netbed, testbed
 from meshllm.control.client import call, call_stream
-from tests.integration.mesh_helpers import cli, needs_phones, wait_for
+from tests.integration.mesh_helpers import cli, monolithic, needs_phones, wait_for
 
 pytestmark = [pytest.mark.real_model, needs_phones]
 TOKENS = 192
@@ -50,26 +49,7 @@ class = "phone"
 
 @pytest.fixture(scope="module")
 def oracle(smollm_models):
-    model = smollm_models["int4"]
-    home = model.path.parent.parent
-    out = {}
-    for prompt in PROMPTS:
-        proc = cli(
-            home,
-            "generate",
-            "--model",
-            model.name,
-            prompt,
-            "--max-tokens",
-            str(TOKENS),
-            "--monolithic",
-            "--json",
-            "--threads",
-            "1",
-            timeout=120,
-        )
-        out[prompt] = json.loads(proc.stdout)["token_ids"]
-    return out
+    return {prompt: monolithic(smollm_models["int4"], prompt, TOKENS) for prompt in PROMPTS}
 
 
 def test_throttled_phone_loses_its_layers_and_answers_stay_exact(

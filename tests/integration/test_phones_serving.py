@@ -23,7 +23,7 @@ import pytest
 
 from meshllm import testbed
 from meshllm.control.client import call_stream
-from tests.integration.mesh_helpers import PHONES3, cli, needs_phones, status
+from tests.integration.mesh_helpers import PHONES3, cli, monolithic, needs_phones, status
 
 pytestmark = [pytest.mark.real_model, needs_phones]
 
@@ -46,23 +46,7 @@ def _elections(homes: list[Path]) -> dict[str, dict]:
 
 def test_phones_profile_serve_and_answer_with_one_leader(smollm_models, tmp_path):
     model = smollm_models["int4"]
-    home0 = model.path.parent.parent
-    expected = json.loads(
-        cli(
-            home0,
-            "generate",
-            "--model",
-            model.name,
-            PROMPT,
-            "--max-tokens",
-            str(TOKENS),
-            "--monolithic",
-            "--json",
-            "--threads",
-            "1",
-            timeout=120,
-        ).stdout
-    )["token_ids"]
+    expected = monolithic(model, PROMPT, TOKENS)
     profile = tmp_path / "phones3.toml"
     profile.write_text(PHONES3)
     root = tmp_path / "tb"
