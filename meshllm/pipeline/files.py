@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,10 @@ META_FILES = (
     "genai_config.json",
 )
 CHUNK = 1 << 20
+# A transfer whose source sends nothing for this long has stalled (a peer that accepts the
+# stream and never answers, a connection gone quiet): it fails, instead of holding up the
+# work waiting on it (profiling is one request at a time) for ever.
+STALL_S = 30.0
 log = structlog.get_logger("meshllm.files")
 
 
@@ -220,9 +224,11 @@ async def fetch_file(
         have = dest.exists() and sidecar.exists()
         offset = dest.stat().st_size if have else (part.stat().st_size if part.exists() else 0)
         stream = await endpoint.open_stream(source, PROTOCOL)
+        read = _stalls_fail(stream.read, source)
         try:
-            await stream.write(frame(cbor2.dumps(replace(request, offset=offset).to_obj())))
-            reader = FrameReader(stream.read, 4096)
+            with trio.fail_after(STALL_S):
+                await stream.write(frame(cbor2.dumps(replace(request, offset=offset).to_obj())))
+            reader = FrameReader(read, 4096)
             header = FileHeader.from_obj(
                 wire.loads(await reader.read_frame()), source, request.file
             )
@@ -245,7 +251,7 @@ async def fetch_file(
                     fh.write(leftover)
                     done += len(leftover)
                 while done < size:
-                    block = await stream.read(CHUNK)
+                    block = await read(CHUNK)
                     if not block:
                         raise TransferError(f"{source} closed the transfer at {done}/{size} bytes")
                     fh.write(block)
@@ -260,9 +266,24 @@ async def fetch_file(
             return
         except (EOFError, ValueError, wire.BadMessage) as exc:
             raise TransferError(f"bad transfer of {request.file} from {source}: {exc}") from None
+        except trio.TooSlowError:
+            raise TransferError(f"{source} did not take the request for {request.file}") from None
         finally:
             await stream.close()
     raise TransferError(f"could not fetch {request.file} from {source}")
+
+
+def _stalls_fail(
+    read: Callable[[int], Awaitable[bytes]], source: str
+) -> Callable[[int], Awaitable[bytes]]:
+    """*read*, failing with TransferError when nothing comes for STALL_S seconds."""
+
+    async def read_some(n: int) -> bytes:
+        with trio.move_on_after(STALL_S):
+            return await read(n)
+        raise TransferError(f"{source} sent nothing for {STALL_S:g} s")
+
+    return read_some
 
 
 __all__ = ["FileServer", "PeerUnreachable", "TransferError", "cache_dir", "fetch_file"]

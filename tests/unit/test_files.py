@@ -99,3 +99,23 @@ async def test_refuses_unknown_models_and_files(served_tiny, model_store, tmp_pa
             header = await _ask(b, a.peer_id, req)
             assert header["ok"] is False and message in header["error"], header
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("sends", [b"", b"\x00\x00\x00\x40{"], ids=["nothing", "half a header"])
+async def test_a_source_that_goes_quiet_fails_the_fetch(autojump_clock, tmp_path, sends):
+    """A source that takes the request and then sends nothing more must not hold the
+    fetch (and whatever waits on it: profiling runs one request at a time) for ever."""
+
+    async def silent(stream) -> None:
+        await stream.read(4096)
+        await stream.write(sends)
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        a, b = await memory_pair(nursery, files.PROTOCOL, silent)
+        req = files.FileRequest("ab" * 32, "meta", "manifest.json")
+        t0 = trio.current_time()
+        with pytest.raises(files.TransferError, match="sent nothing"):
+            await files.fetch_file(b, a.peer_id, req, tmp_path / "m" / "manifest.json")
+        assert trio.current_time() - t0 == pytest.approx(files.STALL_S, abs=1)
+        nursery.cancel_scope.cancel()
