@@ -24,7 +24,7 @@ from meshllm.pipeline.coordinator import Coordinator, OnToken, QueryFailed, Quer
 from meshllm.pipeline.leader import Leader
 from meshllm.pipeline.plan import Plan
 from meshllm.pipeline.serving_state import ServingState
-from meshllm.pipeline.stage import sampling_from
+from meshllm.pipeline.stage_requests import sampling_from
 from meshllm.pipeline.stall import first_unready, why_stalled
 
 log = structlog.get_logger("meshllm.serve")

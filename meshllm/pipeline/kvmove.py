@@ -35,7 +35,7 @@ from meshllm.mesh.framing import FrameError, FrameReader, frame
 from meshllm.mesh.transport import Endpoint, PeerUnreachable, Stream
 from meshllm.model.runtime import KVLayer, SegmentRuntime
 from meshllm.pipeline.frames import KVSource
-from meshllm.pipeline.stage import KVMoveFailed
+from meshllm.pipeline.stage_requests import KVMoveFailed
 
 KV_PROTOCOL = "kv"
 MAX_REQUEST = 4096

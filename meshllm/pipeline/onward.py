@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from meshllm.model.sampling import Sampler, SamplingParams
-from meshllm.pipeline.frames import FWD, Frame
+from meshllm.pipeline.frames import ERROR, FWD, TOKEN, Frame
 
 # Called on the compute thread: put a frame on the wire now if that needs no event loop
 # (True), else leave it to the event loop's send (False, nothing sent).
@@ -112,6 +112,51 @@ class Onward:
             force=force,
             fed=fed,
             kv_from=f.kv_from,
+        )
+
+    def after_last(
+        self, f: Frame, outs: Outputs, sampled: int | None, sent_on: bool, timings: list[float]
+    ) -> tuple[Frame | None, Frame]:
+        """At the last stage, once a step is done: the next step for stage 0 (None when the
+        request ends or it went already) and the token's reply to the coordinator."""
+        force, sent = f.force, sent_on
+        # A quick step was sampled on the thread, which also sent the next step on unless
+        # its link was busy.
+        token = self.sample(f.rid, outs) if sampled is None else sampled
+        if f.fed:
+            # Stage 0 already fed this forced token onwards: only report it.
+            token, sent = force[0], True
+        elif force:
+            # Replaying: the sample above is drawn anyway (a seeded sampler's state then
+            # matches the original run's), and the token the request already had wins.
+            token, force = force[0], force[1:]
+        again = None if sent else self.next_step(f, token, force)
+        reply = Frame(
+            kind=TOKEN, rid=f.rid, epoch=f.epoch, step=f.step, token=token, compute_s=timings
+        )
+        return again, reply
+
+    @staticmethod
+    def error_frame(f: Frame, error: str, retry: bool, busy: bool) -> Frame:
+        """The coordinator's news that *f*'s request failed here (*retry*: on another plan;
+        *busy*: this stage is full)."""
+        return Frame(
+            kind=ERROR, rid=f.rid, epoch=f.epoch, step=f.step, error=error, retry=retry, busy=busy
+        )
+
+    @staticmethod
+    def replay_follow(f: Frame) -> Frame:
+        """Stage 0 replaying: the next forced step, which it feeds itself (see the stage)."""
+        return Frame(
+            kind=FWD,
+            rid=f.rid,
+            epoch=f.epoch,
+            step=f.step + 1,
+            pos=f.pos + 1,
+            new=1,
+            coord=f.coord,
+            tensors={"input_ids": np.asarray([[f.force[0]]], dtype=np.int64)},
+            force=f.force[1:],
         )
 
     def after_decode(self, f: Frame, res: Outputs, inner: float) -> tuple[int | None, Frame | None]:

@@ -294,8 +294,8 @@ class ServingService:
             if stage is None
             else {
                 "index": stage.index,
-                "steps": stage.steps,
-                "compute_s": round(stage.compute_s, 3),
+                "steps": stage.times.steps,
+                "compute_s": round(stage.times.compute_s, 3),
                 "inner_s": round(stage.inner_s, 3),
                 "open_requests": len(stage.runtime.open_requests),
                 # Steps started as their frame arrived; of those, run on the link's reader.

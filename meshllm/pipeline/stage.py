@@ -10,72 +10,31 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
-import numpy as np
 import structlog
 import trio
 
 from meshllm.errors import MeshError
 from meshllm.mesh.transport import PeerUnreachable
-from meshllm.model.runtime import KVLayer, SegmentRuntime
-from meshllm.model.sampling import SamplingParams
-from meshllm.pipeline.compute import ComputeThread
-from meshllm.pipeline.frames import END, ERROR, FWD, TOKEN, Frame
+from meshllm.model.runtime import SegmentRuntime
+from meshllm.pipeline.frames import END, FWD, Frame
 from meshllm.pipeline.onward import Onward, SendNow
 from meshllm.pipeline.stage_queue import Batcher, StageQueue
+from meshllm.pipeline.stage_requests import (
+    FetchKV,
+    KVMoveFailed,
+    RequestOpener,
+    StageBusy,
+    StaleEpoch,
+)
+from meshllm.pipeline.stage_steps import Step, StepStarter
 from meshllm.pipeline.step_times import StepTimes
 
 Send = Callable[[str, Frame], Awaitable[None]]
 REPLAY_WINDOW = 8
 
 
-class StaleEpoch(MeshError):
-    """A frame for another plan than the one this stage serves."""
-
-
-class KVMoveFailed(MeshError):
-    """A request's KV cache could not be moved here; the coordinator replays it instead."""
-
-
-FetchKV = Callable[["Frame", list[int]], Awaitable[dict[int, KVLayer]]]
-
-
-class StageBusy(MeshError):
-    """This stage holds as many requests as its limit allows; a new one must wait."""
-
-
 log = structlog.get_logger("meshllm.stage")
-
-
-def sampling_from(obj: dict) -> SamplingParams:
-    """Sampling parameters from a frame or a request (raises MeshError with the reason)."""
-    return SamplingParams.from_wire(obj)
-
-
-class _Step:
-    """One frame's step, started on the compute thread (or on the thread that read it)."""
-
-    __slots__ = ("error", "frame", "job", "result", "t0")
-
-    def __init__(self, frame: Frame):
-        self.frame = frame
-        self.job: Any = None
-        self.t0 = time.perf_counter()
-        self.result: Any = None
-        self.error: Exception | None = None
-
-    async def outcome(self, compute: ComputeThread) -> Any:
-        """What the step made, once it has run (raises what it raised)."""
-        if self.job is not None:
-            job, self.job = self.job, None
-            try:
-                self.result = await compute.wait(job)
-            except Exception as exc:  # kept for the step's own frame
-                self.error = exc
-        if self.error is not None:
-            raise self.error
-        return self.result
 
 
 class StageRunner:
@@ -103,8 +62,6 @@ class StageRunner:
         self.first_peer = first_peer
         self.context_length = context_length
         self.send = send
-        self.max_requests = max_requests
-        self.fetch_kv = fetch_kv
         self.send_now = send_now
         self.queue = StageQueue(queue_size)
         self.batcher = Batcher(runtime, epoch, max_batch)
@@ -113,13 +70,12 @@ class StageRunner:
         # With the queue's count, under its gate: whether a step may start as its frame
         # arrives (see submit and run_here).
         self._busy = False  # the run loop is processing a frame
-        self._early: _Step | None = None  # a step started as its frame arrived
+        self._early: Step | None = None  # a step started as its frame arrived
         self.early_starts = 0
         self.steps_on_reader = 0  # of those, run on the thread that read the frame
         # Set when the plan is replaced: the KV caches outlive this runner, for the new
         # plan's stages to fetch (see kvmove).
         self.keep_caches = False
-        self._compute = ComputeThread(f"meshllm-stage{index}")
         self.onward = Onward(
             next_peer=next_peer,
             first_peer=first_peer,
@@ -127,12 +83,18 @@ class StageRunner:
             data_inputs=runtime.data_inputs,
             send_now=send_now,
         )
-        self._mask = np.ones((1, 0), dtype=np.int64)
-        self.steps = 0
-        self._last_step_at = time.monotonic()  # when a step last finished (or the start)
-        self.compute_s = 0.0
-        self.inner_s = 0.0
-        self.times = StepTimes()  # decode-step compute, for the balancer and status
+        self.opener = RequestOpener(
+            runtime,
+            self.onward,
+            max_requests=max_requests,
+            context_length=context_length,
+            fetch_kv=fetch_kv,
+        )
+        self.steps_on = StepStarter(
+            runtime, self.onward, index=index, context_length=context_length
+        )
+        self._compute = self.steps_on.compute
+        self.times = StepTimes()  # step compute, for the balancer and status
 
     def stats(self) -> dict[str, float | int]:
         """What the leader's balancer (and `meshllm status`) sees of this stage."""
@@ -149,8 +111,13 @@ class StageRunner:
             # What a coordinator that got no token reads (see pipeline.stall).
             "queued": self.queue.queued,
             "busy": int(self._busy),
-            "idle_s": round(time.monotonic() - self._last_step_at, 3),
+            "idle_s": round(time.monotonic() - t.last_step_at, 3),
         }
+
+    @property
+    def inner_s(self) -> float:
+        """Seconds inside ONNX Runtime, of all steps."""
+        return self.steps_on.inner_s
 
     @property
     def is_last(self) -> bool:
@@ -269,23 +236,7 @@ class StageRunner:
         """Decode steps of several requests as one ONNX Runtime call; then each frame goes
         on as its own step would have."""
         t0 = time.perf_counter()
-        rids = [f.rid for f in frames]
-        feeds = [f.tensors for f in frames]
-        quick = self.send_now is not None
-
-        def run() -> list[tuple[Any, Exception | None]] | Exception:
-            t = time.perf_counter()
-            try:
-                results = self.runtime.step_batch(rids, feeds)
-            except Exception as exc:  # it changed no request's cache: each can run alone
-                return exc
-            inner = time.perf_counter() - t
-            self.inner_s += inner
-            if quick:
-                return self.onward.pass_on_batch(frames, results, inner)
-            return [((res, None, False), None) for res in results]
-
-        done = await self._compute.run(run)
+        done = await self.steps_on.run_batch(frames, quick=self.send_now is not None)
         if isinstance(done, Exception):
             log.warning("batch_failed", stage=self.index, rows=len(frames), reason=str(done))
             for f in frames:
@@ -294,7 +245,7 @@ class StageRunner:
         self.batches += 1
         self.batched_steps += len(frames)
         for f, (result, error) in zip(frames, done, strict=True):
-            step = _Step(f)
+            step = Step(f)
             step.t0, step.result, step.error = t0, result, error
             try:
                 await self._finish(f, step, share=len(frames))
@@ -309,15 +260,7 @@ class StageRunner:
         self, f: Frame, reason: str, *, retry: bool = False, busy: bool = False
     ) -> None:
         if f.coord:
-            err = Frame(
-                kind=ERROR,
-                rid=f.rid,
-                epoch=f.epoch,
-                step=f.step,
-                error=f"stage {self.index}: {reason}",
-                retry=retry,
-                busy=busy,
-            )
+            err = Onward.error_frame(f, f"stage {self.index}: {reason}", retry, busy)
             with contextlib.suppress(MeshError):
                 await self.send(f.coord, err)
 
@@ -338,7 +281,7 @@ class StageRunner:
                 return
         await self._finish(f, step)
 
-    async def _prepare(self, f: Frame) -> _Step | None:
+    async def _prepare(self, f: Frame) -> Step | None:
         """Check and open what a frame needs, and start its step on the compute thread."""
         if f.kind == END:
             self._drop(f.rid)
@@ -349,50 +292,14 @@ class StageRunner:
             return None
         if f.epoch != self.epoch:
             raise StaleEpoch(f"frame for plan epoch {f.epoch}, this stage serves {self.epoch}")
-        rid = f.rid
-        if rid not in self.runtime.open_requests:
-            if not f.cap:
-                raise MeshError(f"unknown request {rid}")
-            if len(self.runtime.open_requests) >= self.max_requests:
-                # Each open request holds a KV cache here: refuse rather than run out of memory.
-                raise StageBusy(
-                    f"this stage already serves {self.max_requests} requests, its limit "
-                    "([limits] max_concurrent_requests)"
-                )
-            if f.cap > self.context_length or f.pos > f.cap:
-                raise MeshError(
-                    f"request needs {f.cap} positions; context is {self.context_length}"
-                )
-            kv = None
-            if f.kv_from is not None:
-                if self.fetch_kv is None:
-                    raise KVMoveFailed("this stage cannot fetch KV caches")
-                kv = await self.fetch_kv(f, self.runtime.layers)
-            try:
-                self.runtime.open(rid, f.cap, kv)
-            except MeshError as exc:
-                if kv is None:
-                    raise
-                raise KVMoveFailed(f"the moved KV cache does not fit: {exc}") from None
-            if self.is_last:
-                drawn = f.kv_from.drawn if f.kv_from is not None else 0
-                self.onward.open(rid, sampling_from(f.sampling), f.cap, drawn)
+        if f.rid not in self.runtime.open_requests:
+            await self.opener.open(f)
         return self._start(f)
 
-    def _start(self, f: Frame, *, here: bool = False) -> _Step:
+    def _start(self, f: Frame, *, here: bool = False) -> Step:
         """Start the step of a frame for an open request (raises MeshError on bad input);
-        *here*: the caller runs it on its own thread (see run_here)."""
-        if f.pos > self.context_length:  # before the mask grows to a size a frame names
-            raise MeshError(f"position {f.pos} is past the context of {self.context_length}")
-        if self._mask.shape[1] < f.pos:
-            self._mask = np.ones((1, max(f.pos, 2 * self._mask.shape[1])), dtype=np.int64)
-        feeds = dict(f.tensors)
-        feeds["attention_mask"] = self._mask[:, : f.pos]
-        self.runtime.check_feeds(feeds, f.new)
-        # A plain decode step's output can leave from the compute thread itself, without
-        # waiting for the event loop to wake up and send it (see send_now): a few hundred µs
-        # per stage, so per generated token several times over. Replays, moved caches and
-        # plugin transports take the event loop's path in _finish.
+        *here*: the caller runs it on its own thread (see run_here). Only a plain decode
+        step may leave from the compute thread (see stage_steps)."""
         quick = (
             self.send_now is not None
             and f.new == 1
@@ -400,48 +307,18 @@ class StageRunner:
             and not f.fed
             and f.kv_from is None
         )
-        step = _Step(f)
+        return self.steps_on.start(f, quick=quick, here=here)
 
-        def run() -> tuple[dict[str, np.ndarray], int | None, bool]:
-            t = time.perf_counter()
-            res = self.runtime.step(f.rid, feeds, f.new)
-            inner = time.perf_counter() - t
-            self.inner_s += inner
-            return self.onward.pass_on(f, res, inner) if quick else (res, None, False)
-
-        step.job = self._compute.claim(run) if here else self._compute.start(run)
-        return step
-
-    async def _finish(self, f: Frame, step: _Step, share: int = 1) -> None:
+    async def _finish(self, f: Frame, step: Step, share: int = 1) -> None:
         """Wait for a frame's step and pass on what it made."""
-        rid = f.rid
         outs, sampled, sent_on = await step.outcome(self._compute)
         spent = time.perf_counter() - step.t0
-        self.steps += 1
-        self._last_step_at = time.monotonic()
-        self.compute_s += spent
-        if f.new == 1 and not f.force:
-            # Replayed steps come in a burst right after a plan change: not typical load. A
-            # batch's time is shared by its rows: what the stage costs a token.
-            self.times.note(spent / share)
+        self.times.finished(spent, typical=f.new == 1 and not f.force, share=share)
         timings = [*f.compute_s, spent]
         if self.is_last:
-            force, sent = f.force, sent_on
-            # A quick step was sampled on the thread, which also sent the next step on unless
-            # its link was busy.
-            token = self.onward.sample(rid, outs) if sampled is None else sampled
-            if f.fed:
-                # Stage 0 already fed this forced token onwards: only report it.
-                token, sent = force[0], True
-            elif force:
-                # Replaying: the sample above is drawn anyway (a seeded sampler's state then
-                # matches the original run's), and the token the request already had wins.
-                token, force = force[0], force[1:]
-            if not sent and (again := self.onward.next_step(f, token, force)) is not None:
+            again, reply = self.onward.after_last(f, outs, sampled, sent_on, timings)
+            if again is not None:
                 await self.send(self.first_peer, again)
-            reply = Frame(
-                kind=TOKEN, rid=rid, epoch=f.epoch, step=f.step, token=token, compute_s=timings
-            )
             await self.send(f.coord, reply)
             return
         if sent_on:  # the compute thread already sent it on
@@ -453,18 +330,7 @@ class StageRunner:
             # each waiting for the previous one to come round from the last stage. Every
             # REPLAY_WINDOW-th step does go round, so stage 0 never runs further ahead of
             # the slowest stage than that (their queues stay short).
-            ids = np.asarray([[force[0]]], dtype=np.int64)
-            follow = Frame(
-                kind=FWD,
-                rid=rid,
-                epoch=f.epoch,
-                step=f.step + 1,
-                pos=f.pos + 1,
-                new=1,
-                coord=f.coord,
-                tensors={"input_ids": ids},
-                force=force[1:],
-            )
+            follow = self.onward.replay_follow(f)
             if not self.submit(follow):
                 raise MeshError("stage queue full while replaying")
             fed = True

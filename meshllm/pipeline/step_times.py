@@ -16,12 +16,25 @@ class StepTimes:
     RATE_WINDOW_S = 10.0
 
     def __init__(self) -> None:
+        self.steps = 0  # every step, replays and prompts too
+        self.compute_s = 0.0  # their time, from start to result
+        self.last_step_at = time.monotonic()  # when a step last finished (or the start)
         self.decode_steps = 0
         self.baseline_s = 0.0  # mean over the baseline steps (0: not measured yet)
         self.recent_s = 0.0  # the moving average since (the running mean before)
         self._baseline_sum = 0.0
         # (time, decode steps) marks for the recent step rate.
         self._rate_marks: deque[tuple[float, int]] = deque()
+
+    def finished(self, spent: float, *, typical: bool, share: int = 1) -> None:
+        """A step took *spent* seconds. *typical*: a plain decode step (replayed steps come
+        in a burst right after a plan change: not typical load); a batch's time is shared by
+        its *share* rows: what the stage costs a token."""
+        self.steps += 1
+        self.compute_s += spent
+        self.last_step_at = time.monotonic()
+        if typical:
+            self.note(spent / share)
 
     def note(self, spent: float) -> None:
         """One decode step took *spent* seconds of this stage's compute."""

@@ -31,7 +31,7 @@ from meshllm.pipeline.frames import decode_frame
 from meshllm.pipeline.peerstate import PeerState
 from meshllm.pipeline.plan import Plan
 from meshllm.pipeline.profiling import probe_message
-from meshllm.pipeline.stage import KVMoveFailed
+from meshllm.pipeline.stage_requests import KVMoveFailed
 from meshllm.plan.profile import Profile
 from tests import hostile_values as hv
 

@@ -14,7 +14,7 @@ from meshllm.model.runtime import BadInput, UnknownRequest
 from meshllm.model.sampling import Sampler, SamplingParams
 from meshllm.pipeline import kvmove
 from meshllm.pipeline.frames import KVSource
-from meshllm.pipeline.stage import KVMoveFailed
+from meshllm.pipeline.stage_requests import KVMoveFailed
 from tests.support import greedy_trace, memory_pair
 
 PROMPT = [5, 17, 42, 99, 3, 250, 7, 64]

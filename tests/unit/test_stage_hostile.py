@@ -152,4 +152,4 @@ async def test_a_position_past_the_context_allocates_nothing(tiny_model) -> None
                 await trio.sleep(0.01)
         nursery.cancel_scope.cancel()
     assert "past the context" in errors[0]
-    assert stage._mask.shape[1] <= arch.context_length
+    assert stage.steps_on.mask_width <= arch.context_length
