@@ -77,18 +77,7 @@ class Onward:
         """
         if token in self.eos or f.pos + 1 >= self._caps.get(f.rid, 0):
             return None
-        ids = np.asarray([[token]], dtype=np.int64)
-        return Frame(
-            kind=FWD,
-            rid=f.rid,
-            epoch=f.epoch,
-            step=f.step + 1,
-            pos=f.pos + 1,
-            new=1,
-            coord=f.coord,
-            tensors={"input_ids": ids},
-            force=force,
-        )
+        return self.step_after(f, token, force)
 
     def frame_for_next(
         self, f: Frame, outs: Outputs, timings: list[float], force: list[int], fed: bool
@@ -145,8 +134,8 @@ class Onward:
         )
 
     @staticmethod
-    def replay_follow(f: Frame) -> Frame:
-        """Stage 0 replaying: the next forced step, which it feeds itself (see the stage)."""
+    def step_after(f: Frame, token: int, force: list[int]) -> Frame:
+        """Stage 0's frame for the decode step after *f*'s, feeding *token*."""
         return Frame(
             kind=FWD,
             rid=f.rid,
@@ -155,8 +144,8 @@ class Onward:
             pos=f.pos + 1,
             new=1,
             coord=f.coord,
-            tensors={"input_ids": np.asarray([[f.force[0]]], dtype=np.int64)},
-            force=f.force[1:],
+            tensors={"input_ids": np.asarray([[token]], dtype=np.int64)},
+            force=force,
         )
 
     def after_decode(self, f: Frame, res: Outputs, inner: float) -> tuple[int | None, Frame | None]:

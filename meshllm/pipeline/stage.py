@@ -330,7 +330,7 @@ class StageRunner:
             # each waiting for the previous one to come round from the last stage. Every
             # REPLAY_WINDOW-th step does go round, so stage 0 never runs further ahead of
             # the slowest stage than that (their queues stay short).
-            follow = self.onward.replay_follow(f)
+            follow = self.onward.step_after(f, force[0], force[1:])
             if not self.submit(follow):
                 raise MeshError("stage queue full while replaying")
             fed = True
