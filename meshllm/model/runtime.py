@@ -18,6 +18,7 @@ import onnxruntime as ort
 
 from meshllm.errors import MeshError, PromptTooLong
 from meshllm.model import hugepages
+from meshllm.model.batch_slab import BatchSlabs
 from meshllm.model.graph import KVNames
 from meshllm.model.manifest import Architecture
 
@@ -55,17 +56,6 @@ class _KVCache:
     # buffers its data outputs are written into (see SegmentRuntime.step).
     binding: ort.IOBinding | None = None
     decode_outputs: dict[str, tuple[np.ndarray, ort.OrtValue]] | None = None
-
-
-@dataclass
-class _BatchSlab:
-    """The KV caches of the requests last run as a batch, side by side (see step_batch)."""
-
-    rids: tuple[str, ...]
-    width: int  # positions per row
-    arrays: dict[str, np.ndarray]  # past name -> (rows, kv_heads, width, head_size)
-    binding: ort.IOBinding  # its buffers bound as past and present
-    synced: list[int]  # per row: positions that match the request's own cache
 
 
 ort.set_default_logger_severity(3)
@@ -131,8 +121,7 @@ class SegmentRuntime:
         self._kv_dtype = np.dtype(arch.kv_dtype)
         self._kv = kv
         self._caches: dict[str, _KVCache] = {}
-        self._slab: _BatchSlab | None = None
-        self._slab_memory: dict[str, np.ndarray] = {}  # past name -> the batch buffer's memory
+        self._batches = BatchSlabs(self.session, self._kv_pairs, arch, self._kv_dtype)
 
     def check_feeds(self, feeds: Mapping[str, Tensor], new_tokens: int) -> None:
         """Validate names, dtypes and shapes of data inputs from the network (raises BadInput)."""
@@ -193,7 +182,7 @@ class SegmentRuntime:
                 buf = ort.OrtValue.ortvalue_from_numpy(data)  # no copy: ORT uses data's memory
                 buffers[past] = buffers[present] = buf
                 arrays[past] = data
-        self._forget_batch(request_id)
+        self._batches.forget(request_id)
         self._caches[request_id] = _KVCache(buffers, capacity, length, arrays)
 
     def _names(self, layer: int) -> tuple[tuple[str, str], tuple[str, str]]:
@@ -220,12 +209,7 @@ class SegmentRuntime:
 
     def close(self, request_id: str) -> None:
         self._caches.pop(request_id, None)
-        self._forget_batch(request_id)
-
-    def _forget_batch(self, request_id: str) -> None:
-        # A request opened again under the same id would find its old positions there.
-        if self._slab is not None and request_id in self._slab.rids:
-            self._slab = None
+        self._batches.forget(request_id)
 
     @property
     def open_requests(self) -> list[str]:
@@ -304,11 +288,8 @@ class SegmentRuntime:
 
         A decode step streams the segment's weights from memory once whatever the batch, so
         on a small machine a batch of 4 costs little more than one step. The rows' caches sit
-        side by side in a batch buffer (padded on the right to the longest; the attention
-        mask tells GroupQueryAttention each row's length), which is kept while the same
-        requests keep coming as a batch: only what a row lacks is copied in, and the position
-        the step appends is copied back to the request's own cache. The results equal
-        separate steps bit for bit (tested).
+        side by side in a batch buffer (see batch_slab). The results equal separate steps
+        bit for bit (tested).
         """
         caches = []
         for rid in request_ids:
@@ -326,12 +307,8 @@ class SegmentRuntime:
         rows = len(caches)
         lengths = [c.length for c in caches]
         width = max(lengths) + 1
-        slab = self._batch_slab(tuple(request_ids), width)
-        for row, (cache, length) in enumerate(zip(caches, lengths, strict=True)):
-            have = slab.synced[row]
-            if have < length:
-                for past, array in slab.arrays.items():
-                    array[row, :, have:length] = cache.arrays[past][0, :, have:length]
+        slab = self._batches.slab(tuple(request_ids), width)
+        slab.copy_in([c.arrays for c in caches], lengths)
         binding = slab.binding
         mask = np.zeros((rows, width), dtype=np.int64)
         for row, length in enumerate(lengths):
@@ -346,12 +323,9 @@ class SegmentRuntime:
             )
             binding.bind_cpu_input(name, stacked)
         outputs = self._run_into(binding, self._output_buffers(1, rows))
-        for past, array in slab.arrays.items():
-            for row, (cache, length) in enumerate(zip(caches, lengths, strict=True)):
-                cache.arrays[past][0, :, length] = array[row, :, length]
-        for row, cache in enumerate(caches):
+        slab.copy_out([c.arrays for c in caches], lengths)
+        for cache in caches:
             cache.length += 1
-            slab.synced[row] = cache.length
         return [{name: out[row : row + 1] for name, out in outputs.items()} for row in range(rows)]
 
     def _run_into(
@@ -371,48 +345,9 @@ class SegmentRuntime:
         values = binding.get_outputs()[len(self._kv_pairs) :]
         return {n: v.numpy() for n, v in zip(self.data_outputs, values, strict=True)}
 
-    # Room a new batch buffer leaves for the positions its requests will add: at least this,
-    # or half its width, so that a growing batch needs a bigger buffer only now and then.
-    BATCH_HEADROOM = 64
-
-    def _batch_width(self, width: int) -> int:
-        return width + max(self.BATCH_HEADROOM, width // 2)
-
     def batch_bytes(self, rows: int, width: int) -> int:
         """Bytes of a batch buffer for *rows* requests of up to *width* positions."""
-        per = rows * self._batch_width(width) * self.arch.num_key_value_heads
-        return 2 * len(self.layers) * per * self.arch.head_size * self._kv_dtype.itemsize
-
-    def _batch_slab(self, rids: tuple[str, ...], width: int) -> _BatchSlab:
-        slab = self._slab
-        if slab is not None and slab.rids == rids and slab.width >= width:
-            return slab
-        self._slab = None
-        shape = (
-            len(rids),
-            self.arch.num_key_value_heads,
-            self._batch_width(width),
-            self.arch.head_size,
-        )
-        size = int(np.prod(shape))
-        if self._slab_memory and next(iter(self._slab_memory.values())).size < size:
-            self._slab_memory = {}  # let the old memory go before allocating more
-        if not self._slab_memory:
-            # Kept across batches and grown only when too small: a fresh buffer for every new
-            # mix of requests left the allocator holding on to freed ones.
-            self._slab_memory = {past: np.empty(size, self._kv_dtype) for past, _ in self._kv_pairs}
-        binding = self.session.io_binding()
-        arrays = {}
-        for past, present in self._kv_pairs:
-            # Past a row's length the buffer holds what it held: GroupQueryAttention reads
-            # only each row's own positions.
-            array = self._slab_memory[past][:size].reshape(shape)
-            value = ort.OrtValue.ortvalue_from_numpy(array)
-            binding.bind_ortvalue_input(past, value)
-            binding.bind_ortvalue_output(present, value)
-            arrays[past] = array
-        slab = self._slab = _BatchSlab(rids, shape[2], arrays, binding, [0] * len(rids))
-        return slab
+        return self._batches.bytes_for(rows, width)
 
     def _bind_kv(self, binding: ort.IOBinding, cache: _KVCache) -> None:
         for past, present in self._kv_pairs:
