@@ -15,7 +15,7 @@ from typing import Any
 import trio
 
 from meshllm.config import MeshSection
-from meshllm.mesh.ctlmsg import FOLLOWER, MAX_MEMBERS
+from meshllm.mesh.ctlmsg import FOLLOWER, LEADER, MAX_MEMBERS
 from meshllm.mesh.stats import ElectionStats
 from meshllm.mesh.transport import AdmissionRefused, Endpoint, PeerUnreachable
 
@@ -42,6 +42,21 @@ class PeerRecord:
     state_refused: str | None = None  # why its published state did not decode, if it did not
     left_at: float | None = None  # when it said goodbye (a stopping daemon), if it did
     gap_max_s: float = 0.0  # its longest silence between two heartbeats (under a minute)
+
+    def describe(self, *, now: float, alive: bool, leads: bool, connected: bool) -> dict[str, Any]:
+        """This peer's entry in ``status --json``'s ``peers``."""
+        return {
+            "id": self.peer_id,
+            "name": self.name,
+            "role": (LEADER if leads else self.role) if alive else "dead",
+            "alive": alive,
+            "last_seen_s": None if self.last_seen is None else round(now - self.last_seen, 3),
+            "term": self.term,
+            "addrs": list(self.addrs),
+            "connected": connected,
+            "gap_max_s": self.gap_max_s,
+            **({"refused": self.refused} if self.refused else {}),
+        }
 
 
 class Members:

@@ -202,25 +202,16 @@ class MeshNode:
 
     def status(self) -> dict[str, Any]:
         now = self.now()
-        peers = []
         leader = self.current_leader()
-        for pid in sorted(self.peers):
-            r = self.peers[pid]
-            alive = self.is_alive(r)
-            peers.append(
-                {
-                    "id": pid,
-                    "name": r.name,
-                    "role": (LEADER if pid == leader else r.role) if alive else "dead",
-                    "alive": alive,
-                    "last_seen_s": None if r.last_seen is None else round(now - r.last_seen, 3),
-                    "term": r.term,
-                    "addrs": list(r.addrs),
-                    "connected": self.endpoint.is_connected(pid),
-                    "gap_max_s": r.gap_max_s,
-                    **({"refused": r.refused} if r.refused else {}),
-                }
+        peers = [
+            r.describe(
+                now=now,
+                alive=self.is_alive(r),
+                leads=pid == leader,
+                connected=self.endpoint.is_connected(pid),
             )
+            for pid, r in sorted(self.peers.items())
+        ]
         roster = self.roster
         return {
             "self": {
