@@ -20,24 +20,19 @@ from tests.integration.mesh_helpers import agreement, cli, cli_status, status, w
 
 
 @pytest.fixture
-def mesh4(tmp_path):
+def mesh4(mesh):
     """Four daemons, each joined through the previous one (a single join chain)."""
-    root = tmp_path / "tb"
     t0 = time.monotonic()
-    peers = testbed.up(root, 4)
-    homes = [Path(p.home) for p in peers]
-    try:
-        members, leader = wait_for(lambda: agreement(homes), timeout=20)
+    with mesh(4) as m:
+        members, leader = wait_for(lambda: agreement(m.homes), timeout=20)
         yield {
-            "root": root,
-            "peers": peers,
-            "homes": homes,
+            "root": m.root,
+            "peers": m.peers,
+            "homes": m.homes,
             "formed_s": time.monotonic() - t0,
             "members": members,
             "leader": leader,
         }
-    finally:
-        testbed.down(root)
 
 
 def test_four_peers_agree_on_members_and_one_leader(mesh4):

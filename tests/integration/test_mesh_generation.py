@@ -12,8 +12,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from meshllm import testbed
-from tests.integration.mesh_helpers import cli, link_model, monolithic, query, status
+from tests.integration.mesh_helpers import cli, monolithic, query, status
 
 pytestmark = pytest.mark.real_model
 
@@ -39,41 +38,16 @@ def oracle(smollm_models):
     params=[(3, "int4"), (4, "int4"), (3, "fp32"), (4, "fp32")],
     ids=lambda p: f"{p[0]}peers-{p[1]}",
 )
-def served_mesh(request, smollm_models, tmp_path_factory):
+def served_mesh(request, smollm_models, mesh):
     n, precision = request.param
     model = smollm_models[precision]
-    root = tmp_path_factory.mktemp(f"mesh{n}{precision}")
-    peers = testbed.up(root, n)
-    homes = [Path(p.home) for p in peers]
-    try:
-        link_model(model, homes[0])
-        # Restart the source so it advertises the model it now holds.
-        cli(homes[0], "stop")
-        proc = testbed.start_daemon(homes[0])
-        testbed.wait_ready(homes[0], proc)
-        peers[0] = testbed.TestbedPeer(0, str(homes[0]), proc.pid)
-        testbed.save_state(root, peers)
-        testbed.wait_for_mesh(homes, timeout=30)
+    with mesh(n) as m:
+        m.give_model(model, at=0)
         # Even split and no balancer: these tests are about generation and read the plan
         # they asked for; the planner and the balancer have their own tests (on a busy
         # machine the balancer would rightly re-plan a stage that runs slower).
-        # serve waits for every peer's profile and segments: on a clean checkout that means
-        # cutting them, so the command gets its own --timeout, not the helper's 30 s.
-        cli(
-            homes[-1],
-            "serve",
-            model.name,
-            "--partitioner",
-            "even",
-            "--balance",
-            "none",
-            "--timeout",
-            "300",
-            timeout=330,
-        )
-        yield {"n": n, "precision": precision, "model": model, "homes": homes, "root": root}
-    finally:
-        testbed.down(root)
+        m.serve(model, "--partitioner", "even", "--balance", "none")
+        yield {"n": n, "precision": precision, "model": model, "homes": m.homes, "root": m.root}
 
 
 def test_query_at_every_peer_equals_monolithic(served_mesh, oracle):

@@ -9,7 +9,6 @@ the right token counts.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import openai
 import pytest
@@ -19,7 +18,7 @@ from meshllm.model.chain import LocalChain
 from meshllm.model.generate import generate_ids
 from meshllm.model.sampling import SamplingParams
 from meshllm.model.tokenizer import ChatTokenizer
-from tests.integration.mesh_helpers import cli, link_model, status, wait_for
+from tests.integration.mesh_helpers import cli, status
 
 pytestmark = pytest.mark.real_model
 
@@ -62,39 +61,17 @@ def reference(smollm_models):
 
 
 @pytest.fixture(scope="module")
-def api_mesh(smollm_models, tmp_path_factory):
+def api_mesh(smollm_models, mesh):
     model = smollm_models["int4"]
-    root = tmp_path_factory.mktemp("apimesh")
-    peers = testbed.up(root, 3)
-    homes = [Path(p.home) for p in peers]
-    try:
-        link_model(model, homes[0])
+    with mesh(3) as m:
+        m.give_model(model, at=0, restart=False)
         # Peer 1 (which holds no model) restarts with the API on a free port.
-        cli(homes[1], "stop")
-        wait_for(lambda: not _running(peers[1].pid), timeout=10)
-        proc = testbed.start_daemon(homes[1], args=("--api", "127.0.0.1:0"))
-        testbed.wait_ready(homes[1], proc)
-        peers[1] = testbed.TestbedPeer(1, str(homes[1]), proc.pid)
-        testbed.save_state(root, peers)
-        testbed.wait_for_mesh(homes, timeout=30)
+        pid = m.restart(1, ("--api", "127.0.0.1:0"))
         # Even split, no balancer: these tests are about the API, not the planner.
-        cli(
-            homes[2],
-            "serve",
-            model.name,
-            "--partitioner",
-            "even",
-            "--balance",
-            "none",
-            "--timeout",
-            "120",
-            timeout=150,
-        )
-        api = status(homes[1])["api"]
+        m.serve(model, "--partitioner", "even", "--balance", "none", at=2, timeout=120)
+        api = status(m.homes[1])["api"]
         client = openai.OpenAI(base_url=api["url"], api_key="unused", max_retries=0, timeout=120)
-        yield {"model": model, "homes": homes, "api": api, "client": client, "pid": proc.pid}
-    finally:
-        testbed.down(root)
+        yield {"model": model, "homes": m.homes, "api": api, "client": client, "pid": pid}
 
 
 def _running(pid: int) -> bool:

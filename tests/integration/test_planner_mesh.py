@@ -9,26 +9,19 @@ from pathlib import Path
 import pytest
 
 from meshllm import testbed
-from tests.integration.mesh_helpers import cli, link_model, monolithic, restart, status
+from tests.integration.mesh_helpers import cli, monolithic, restart, status
 
 pytestmark = pytest.mark.real_model
 PROMPT = "Name three colours of the rainbow."
 
 
 @pytest.fixture(scope="module")
-def lp_mesh(smollm_models, tmp_path_factory):
+def lp_mesh(smollm_models, mesh):
     model = smollm_models["int4"]
-    root = tmp_path_factory.mktemp("lpmesh")
-    peers = testbed.up(root, 3)
-    homes = [Path(p.home) for p in peers]
-    try:
-        link_model(model, homes[0])
-        restart(root, peers, 0)
-        testbed.wait_for_mesh(homes, timeout=30)
-        out = cli(homes[2], "serve", model.name, "--json", timeout=400)  # the default: lp
-        yield {"model": model, "homes": homes, "root": root, "serve": json.loads(out.stdout)}
-    finally:
-        testbed.down(root)
+    with mesh(3) as m:
+        m.give_model(model, at=0)
+        out = m.serve(model, "--json", timeout=400)  # the default partitioner: lp
+        yield {"model": model, "homes": m.homes, "root": m.root, "serve": json.loads(out.stdout)}
 
 
 def test_lp_plan_is_made_from_every_peers_profile(lp_mesh):

@@ -18,7 +18,7 @@ import pytest
 
 from meshllm import testbed
 from meshllm.control.client import call_stream
-from tests.integration.mesh_helpers import cli, link_model, status, wait_for
+from tests.integration.mesh_helpers import cli, status, wait_for
 
 pytestmark = pytest.mark.real_model
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
@@ -48,33 +48,20 @@ def oracle(smollm_models):
     return ids
 
 
-def start_mesh(root: Path, model, n: int = 4):
-    """n peers; the model is imported on a peer that is not the leader (the source must
-    survive: it is where every other peer gets its segment files)."""
-    peers = testbed.up(root, n)
-    homes = [Path(p.home) for p in peers]
-    leader = status(homes[0])["leader"]
-    ids = [status(h)["self"]["id"] for h in homes]
+def serve_from_a_survivor(m, model) -> tuple[list[str], str, int]:
+    """The model imported on a peer that is not the leader (the source must survive: it is
+    where every other peer gets its segment files), and served. (peer ids, leader, source)"""
+    leader = m.status(0)["leader"]
+    ids = [m.status(i)["self"]["id"] for i in range(len(m.homes))]
     # Stages follow the peers' sorted ids (even split): the source takes an end of the
     # pipeline, so a middle stage that is neither the source nor the leader exists.
     ends = [ids.index(min(ids)), ids.index(max(ids))]
     source = next(i for i in ends if ids[i] != leader)
-    link_model(model, homes[source])
     # The daemon notices the new model within seconds and advertises it; serve retries.
     # No balancer: layers it moved on a busy machine would change which stage is the victim.
-    cli(
-        homes[source],
-        "serve",
-        model.name,
-        "--partitioner",
-        "even",
-        "--balance",
-        "none",
-        "--timeout",
-        "120",
-        timeout=150,
-    )
-    return peers, homes, ids, leader, source
+    m.give_model(model, at=source, restart=False)
+    m.serve(model, "--partitioner", "even", "--balance", "none", at=source, timeout=120)
+    return ids, leader, source
 
 
 def query_and_kill(home: Path, victim_pid: int, after_tokens: int = 8) -> tuple[dict, float]:
@@ -110,13 +97,11 @@ def query_and_kill(home: Path, victim_pid: int, after_tokens: int = 8) -> tuple[
 
 
 @pytest.mark.parametrize("victim", ["middle", "leader"])
-def test_query_survives_a_peer_killed_mid_generation(
-    victim, smollm_models, oracle, tmp_path_factory
-):
+def test_query_survives_a_peer_killed_mid_generation(victim, smollm_models, oracle, mesh):
     model = smollm_models["int4"]
-    root = tmp_path_factory.mktemp(f"recover-{victim}")
-    peers, homes, ids, leader, source = start_mesh(root, model)
-    try:
+    with mesh(4) as m:
+        ids, leader, source = serve_from_a_survivor(m, model)
+        peers, homes = m.peers, m.homes
         plan = status(homes[source])["serving"]["plan"]
         stage_peers = [s[0] for s in plan["stages"]]
         if victim == "leader":
@@ -141,16 +126,14 @@ def test_query_survives_a_peer_killed_mid_generation(
         # The mesh goes on serving.
         again = cli(survivors[-1], "query", PROMPT, "--max-tokens", "8", "--json", timeout=120)
         assert json.loads(again.stdout)["token_ids"] == oracle[:8]
-    finally:
-        testbed.down(root)
 
 
-def test_not_enough_peers_is_a_clear_error_and_serving_resumes(smollm_models, tmp_path_factory):
+def test_not_enough_peers_is_a_clear_error_and_serving_resumes(smollm_models, mesh):
     """With the model's only source gone there is no plan; it comes back with the source."""
     model = smollm_models["int4"]
-    root = tmp_path_factory.mktemp("recover-source")
-    peers, homes, _ids, _leader, source = start_mesh(root, model, n=3)
-    try:
+    with mesh(3) as m:
+        _ids, _leader, source = serve_from_a_survivor(m, model)
+        peers, homes = m.peers, m.homes
         os.kill(peers[source].pid, signal.SIGKILL)
         other = next(i for i in range(3) if i != source)
 
@@ -164,7 +147,7 @@ def test_not_enough_peers_is_a_clear_error_and_serving_resumes(smollm_models, tm
         proc = testbed.start_daemon(homes[source])
         testbed.wait_ready(homes[source], proc)
         peers[source] = testbed.TestbedPeer(source, str(homes[source]), proc.pid)
-        testbed.save_state(root, peers)
+        testbed.save_state(m.root, peers)
 
         def answers() -> bool:
             q = cli(
@@ -180,5 +163,3 @@ def test_not_enough_peers_is_a_clear_error_and_serving_resumes(smollm_models, tm
             return q.returncode == 0 and len(json.loads(q.stdout)["token_ids"]) == 4
 
         assert wait_for(answers, 90, interval=1.0)
-    finally:
-        testbed.down(root)

@@ -1,6 +1,7 @@
 """The serving components alone, each against small fakes of its neighbours (trio's autojump
 clock, no daemon, no model): what the shared serving state says is ready, the balancer's
-decisions, the query gateway's limits and reasons, and plan adoption by the segment loader."""
+decisions, the query gateway's limits and reasons, plan adoption by the segment loader, and
+the leader replacing a plan that lost a peer."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import trio
 
 from meshllm.balance import Decision
 from meshllm.config import BalanceSection, Config, LimitsSection
-from meshllm.errors import Refused
+from meshllm.errors import MeshError, Refused
 from meshllm.mesh.node import FOLLOWER, LEADER
 from meshllm.model.manifest import Architecture
 from meshllm.model.sampling import SamplingParams
@@ -485,3 +486,77 @@ def test_a_new_epoch_follows_every_credible_one_seen() -> None:
     # Epoch 9 counts; one far beyond this peer's own (it would leave no epoch that
     # decodes) does not.
     assert seen.max_epoch_seen() == 9
+
+
+# -- the leader replacing a plan that lost a peer -----------------------------------------------
+class PlanMaker:
+    """Stands in for Leader.make_plan: records each call; fails while *error* is set."""
+
+    def __init__(self, leader: Leader):
+        self.leader = leader
+        self.calls: list[tuple[Any, ...]] = []
+        self.error: str | None = None
+
+    async def __call__(self, *args: Any) -> Plan:
+        self.calls.append((trio.current_time(), *args))
+        if self.error is not None:
+            raise MeshError(self.error)
+        new = plan(self.leader.state.epoch + 1, ("peer-b", 0, 15), ("peer-c", 15, 30))
+        self.leader.state.adopt(new)
+        return new
+
+
+def watching(states: dict[str, PeerState], role: str = LEADER) -> tuple[Leader, PlanMaker]:
+    state = ServingState(FakeNode(states, role=role), FakeStore())  # type: ignore[arg-type]
+    state.adopt(PLAN)
+    leader = Leader(Config(), state.node, state, None, None)  # type: ignore[arg-type]
+    maker = PlanMaker(leader)
+    leader.make_plan = maker  # type: ignore[method-assign]
+    return leader, maker
+
+
+async def test_a_plan_that_lost_a_stage_is_replaced_like_for_like(autojump_clock: Any) -> None:
+    states = {p: PeerState() for p in ("peer-b", "peer-c", "peer-d")}
+    leader, maker = watching(states)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(leader.run)
+        await trio.sleep(5)
+        assert maker.calls == []  # every stage's peer is alive: nothing to do
+        del states["peer-d"]
+        await trio.sleep(1)
+        # The same model, partitioner, objective and balance policy, on the peers left.
+        assert [c[1:] for c in maker.calls] == [("m", "even", "latency", "threshold")]
+        assert leader.state.epoch == 2 and leader.replan_error is None
+        await trio.sleep(10)
+        assert len(maker.calls) == 1  # the new plan lost nobody
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_plan_that_cannot_be_replaced_says_why_and_is_retried(autojump_clock: Any) -> None:
+    states = {p: PeerState() for p in ("peer-b", "peer-c")}  # peer-d is gone from the start
+    leader, maker = watching(states)
+    maker.error = "no live peer has imported a model named 'm'"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(leader.run)
+        await trio.sleep(7)
+        # Said on heartbeats (queries then fail with the reason), and retried every couple
+        # of seconds, not in a tight loop.
+        assert leader.replan_failure(PLAN.epoch) == maker.error
+        assert leader.replan_failure(PLAN.epoch + 1) is None
+        gaps = [b[0] - a[0] for a, b in zip(maker.calls, maker.calls[1:], strict=False)]
+        assert len(maker.calls) >= 3 and min(gaps) >= 2.0
+        assert leader.node.announced >= len(maker.calls)
+        # Once the peers are back (or the source returns), the next try works.
+        maker.error = None
+        await trio.sleep(3)
+        assert leader.state.epoch == 2 and leader.replan_failure(PLAN.epoch) is None
+        nursery.cancel_scope.cancel()
+
+
+async def test_only_the_leader_replaces_a_plan(autojump_clock: Any) -> None:
+    leader, maker = watching({"peer-b": PeerState()}, role=FOLLOWER)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(leader.run)
+        await trio.sleep(10)
+        nursery.cancel_scope.cancel()
+    assert maker.calls == [] and leader.state.epoch == PLAN.epoch
