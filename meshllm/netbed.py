@@ -16,9 +16,13 @@ the phone sends, the hub-side end what it receives (a qdisc only shapes egress).
 between two peers therefore runs at the slower of their two rates, like two phones on one
 access point.
 
-CPU: each peer's processes live in the cgroup v1 directory
-``<cpu mount>/meshllm-testbed/<prefix>/p<i>`` with a CFS quota of ``cpu`` cores. A daemon starts
-already inside both its namespace and its cgroup (:func:`peer_command`).
+CPU and memory: each peer's processes live in the cgroup v1 directories
+``<cpu mount>/meshllm-testbed/<prefix>/p<i>``, with a CFS quota of ``cpu`` cores, and
+``<memory mount>/meshllm-testbed/<prefix>/p<i>``, whose ``memory.limit_in_bytes`` is the class's
+``memory_mb`` with no swap beyond it: a peer that goes over is killed by the kernel's OOM killer,
+as Android's low-memory killer kills an app. The daemon reads its budget for planning from that
+limit (see :func:`meshllm.device.memory_budget`). A daemon starts already inside its namespace
+and both cgroups (:func:`peer_command`).
 
 Everything a testbed creates follows from its plan (:func:`plan`), which the testbed records
 before creating anything: :func:`teardown` removes exactly that, is idempotent and carries on
@@ -40,16 +44,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from meshllm import cgroups
 from meshllm.testbed_profile import (
-    CFS_PERIOD_US,
-    MIN_CPU,
-    MIN_QUOTA_US,
     TestbedError,
     TestbedProfile,
 )
 
 CGROUP_PARENT = "meshllm-testbed"
 DEFAULT_CPU_MOUNT = Path("/sys/fs/cgroup/cpu")
+DEFAULT_MEMORY_MOUNT = Path("/sys/fs/cgroup/memory")
 NETNS_DIR = Path("/var/run/netns")  # where `ip netns add` mounts named namespaces
 # 10.213.0.0/16 is rarely used by home, office or container networks; the third octet comes
 # from the testbed's directory so two testbeds' logs are easy to tell apart. The addresses
@@ -84,6 +87,9 @@ class NetPeer:
     veth_hub: str  # inside the hub namespace, a port of the bridge
     address: str  # IPv4, no prefix length
     cgroup: str  # absolute cgroup v1 cpu directory
+    # Absolute cgroup v1 memory directory ("": none, in a testbed recorded before there was
+    # one; no limit in it when memory_mb is 0).
+    memory_cgroup: str = ""
 
     @property
     def listen(self) -> str:
@@ -100,6 +106,13 @@ class Netbed:
     bridge: str
     cgroup_dir: str  # <cpu mount>/meshllm-testbed/<prefix>, parent of the peers' cgroups
     peers: tuple[NetPeer, ...]
+    memory_cgroup_dir: str = ""  # the same under the memory mount
+
+    @property
+    def cgroups(self) -> list[str]:
+        """Every cgroup directory it makes, leaves first (the order they can be removed in)."""
+        leaves = [cg for p in self.peers for cg in (p.cgroup, p.memory_cgroup) if cg]
+        return [*leaves, *(d for d in (self.cgroup_dir, self.memory_cgroup_dir) if d)]
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -116,11 +129,20 @@ def prefix_for(root: Path) -> str:
     return "mlt" + hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:5]
 
 
-def plan(root: Path, profile: TestbedProfile, *, cpu_mount: Path | None = None) -> Netbed:
+def plan(
+    root: Path,
+    profile: TestbedProfile,
+    *,
+    cpu_mount: Path | None = None,
+    memory_mount: Path | None = None,
+) -> Netbed:
     """Names, addresses and cgroups for *profile*'s peers; creates nothing."""
     prefix = prefix_for(root)
     octet = int(hashlib.sha256(prefix.encode()).hexdigest()[:2], 16)
-    cgroup_dir = (cpu_mount or find_cpu_mount() or DEFAULT_CPU_MOUNT) / CGROUP_PARENT / prefix
+    cpu_mount = cpu_mount or cgroups.find_cpu_mount() or DEFAULT_CPU_MOUNT
+    cgroup_dir = cpu_mount / CGROUP_PARENT / prefix
+    memory_mount = memory_mount or cgroups.find_mount("memory") or DEFAULT_MEMORY_MOUNT
+    memory_dir = memory_mount / CGROUP_PARENT / prefix
     peers = tuple(
         NetPeer(
             index=i,
@@ -133,6 +155,7 @@ def plan(root: Path, profile: TestbedProfile, *, cpu_mount: Path | None = None) 
             veth_hub=f"{prefix}-h{i}",
             address=f"{SUBNET_PREFIX}.{octet}.{i + 1}",
             cgroup=str(cgroup_dir / f"p{i}"),
+            memory_cgroup=str(memory_dir / f"p{i}"),
         )
         for i, p in enumerate(profile.peers)
     )
@@ -143,32 +166,16 @@ def plan(root: Path, profile: TestbedProfile, *, cpu_mount: Path | None = None) 
         bridge=f"{prefix}-br",
         cgroup_dir=str(cgroup_dir),
         peers=peers,
+        memory_cgroup_dir=str(memory_dir),
     )
 
 
 # --- the host ---------------------------------------------------------------------------------
 
 
-def find_cpu_mount() -> Path | None:
-    """Where the cgroup v1 ``cpu`` controller is mounted (maybe co-mounted with cpuacct)."""
-    try:
-        mounts = Path("/proc/mounts").read_text().splitlines()
-    except OSError:
-        return None
-    for line in mounts:
-        fields = line.split()
-        if len(fields) >= 4 and fields[2] == "cgroup" and "cpu" in fields[3].split(","):
-            return Path(fields[1].replace("\\040", " "))
-    return None
-
-
 def _tool(name: str) -> str | None:
     # Non-login root shells do not always have the sbin directories on PATH.
     return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/bin:/bin")
-
-
-def host_cpus() -> int:
-    return len(os.sched_getaffinity(0))
 
 
 def check_host() -> Path:
@@ -186,12 +193,17 @@ def check_host() -> Path:
             f"{' and '.join(f'`{t}`' for t in missing)} not found: install iproute2 "
             "(tools/setup.sh does, as root)"
         )
-    mount = find_cpu_mount()
-    if mount is None or not (mount / "cpu.cfs_quota_us").exists():
-        problems.append(
-            "no cgroup v1 `cpu` controller is mounted (looked for a `cgroup` mount with the "
-            "`cpu` option in /proc/mounts; cgroup v2-only hosts are not supported)"
-        )
+    mount = cgroups.find_cpu_mount()
+    for controller, probe, where in (
+        ("cpu", "cpu.cfs_quota_us", mount),
+        ("memory", "memory.limit_in_bytes", cgroups.find_mount("memory")),
+    ):
+        if where is None or not (where / probe).exists():
+            problems.append(
+                f"no cgroup v1 `{controller}` controller is mounted (looked for a `cgroup` "
+                f"mount with the `{controller}` option in /proc/mounts; cgroup v2-only hosts "
+                "are not supported)"
+            )
     if problems:
         raise TestbedError("cannot build the phone testbed (--profile): " + "; ".join(problems))
     assert mount is not None
@@ -260,6 +272,8 @@ def create(net: Netbed) -> None:
     _run("ip", "-n", hub, "link", "add", net.bridge, "type", "bridge")
     _run("ip", "-n", hub, "link", "set", net.bridge, "up")
     Path(net.cgroup_dir).mkdir(parents=True, exist_ok=True)
+    if net.memory_cgroup_dir:
+        Path(net.memory_cgroup_dir).mkdir(parents=True, exist_ok=True)
     for p in net.peers:
         _run("ip", "netns", "add", p.netns)
         _run("ip", "-n", p.netns, "link", "set", "lo", "up")
@@ -287,22 +301,24 @@ def create(net: Netbed) -> None:
         _tbf(hub, p.veth_hub, p.bandwidth_mbit)  # what it receives
         Path(p.cgroup).mkdir(exist_ok=True)
         set_cpu_quota(p, p.cpu)
+        if p.memory_cgroup:
+            Path(p.memory_cgroup).mkdir(exist_ok=True)
+            set_memory_limit(p, p.memory_mb)
 
 
 def set_cpu_quota(peer: NetPeer, cpu: float) -> int:
-    """Give *peer*'s cgroup *cpu* cores from now on (also while it runs); returns the quota in
-    µs per period, -1 for none (``cpu`` at least the host's core count)."""
-    if not cpu >= MIN_CPU:
-        raise TestbedError(f"cpu must be at least {MIN_CPU:g} core, not {cpu!r}")
-    quota = -1 if cpu >= host_cpus() else max(MIN_QUOTA_US, round(cpu * CFS_PERIOD_US))
-    cg = Path(peer.cgroup)
-    try:
-        # Period first: a quota is only valid relative to the period it is set against.
-        (cg / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
-        (cg / "cpu.cfs_quota_us").write_text(str(quota))
-    except OSError as exc:
-        raise TestbedError(f"cannot set the CPU quota of {cg}: {exc.strerror}") from None
-    return quota
+    """Give *peer* *cpu* cores from now on (also while it runs); see cgroups.set_cpu_quota."""
+    return cgroups.set_cpu_quota(Path(peer.cgroup), cpu)
+
+
+def set_memory_limit(peer: NetPeer, memory_mb: int) -> int:
+    """Cap *peer* at *memory_mb* MiB (0: no cap); see cgroups.set_memory_limit."""
+    return cgroups.set_memory_limit(Path(peer.memory_cgroup), memory_mb)
+
+
+def memory_usage(peer: NetPeer) -> dict[str, int | None]:
+    """*peer*'s memory limit, peak, usage and OOM kills (None each without a memory cgroup)."""
+    return cgroups.memory_usage(Path(peer.memory_cgroup) if peer.memory_cgroup else None)
 
 
 def netns_command(netns: str, argv: Sequence[str]) -> list[str]:
@@ -325,40 +341,29 @@ def peer_command(peer: NetPeer, argv: Sequence[str]) -> list[str]:
     it is in the cgroup before *argv*'s first instruction, so every thread and child it ever
     makes inherits the quota. (Moving the pid after spawning would let start-up run
     unthrottled; a preexec_fn would do the same but is unsafe in a parent that has threads.)"""
+    # A testbed recorded before peers had a memory cgroup joins the cpu one twice.
+    memory = peer.memory_cgroup or peer.cgroup
     return [
         "/bin/sh",
         "-c",
-        'echo $$ > "$1/cgroup.procs" && shift && exec "$@"',
+        'echo $$ > "$1/cgroup.procs" && echo $$ > "$2/cgroup.procs" && shift 2 && exec "$@"',
         "meshllm-netbed",
         peer.cgroup,
+        memory,
         *netns_command(peer.netns, argv),
     ]
 
 
-def _cgroup_pids(cg: Path) -> set[int]:
-    try:
-        return {int(x) for x in (cg / "cgroup.procs").read_text().split()}
-    except OSError:
-        return set()
-
-
-def _alive(pid: int) -> bool:
-    """Running, or a zombie not yet reaped (reaping it here if it is our child)."""
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)
-    return Path(f"/proc/{pid}").exists()
-
-
 def _processes_inside(net: Netbed, present: set[str]) -> set[int]:
     pids: set[int] = set()
-    for p in net.peers:
-        pids |= _cgroup_pids(Path(p.cgroup))
+    for cg in net.cgroups:
+        pids |= cgroups.pids(Path(cg))
     for ns in (*(p.netns for p in net.peers), net.hub_netns):
         if ns in present:
             with contextlib.suppress(TestbedError):
                 pids |= {int(x) for x in _run("ip", "netns", "pids", ns).stdout.split()}
     pids.discard(os.getpid())
-    return {pid for pid in pids if _alive(pid)}
+    return {pid for pid in pids if cgroups.alive(pid)}
 
 
 def teardown(net: Netbed, timeout: float = 5.0) -> None:
@@ -372,7 +377,7 @@ def teardown(net: Netbed, timeout: float = 5.0) -> None:
     # the cgroup busy until it is reaped, so wait for those too (reaping our own children).
     deadline = time.monotonic() + timeout
     killed: set[int] = set()
-    while pids := _processes_inside(net, present) | {p for p in killed if _alive(p)}:
+    while pids := _processes_inside(net, present) | {p for p in killed if cgroups.alive(p)}:
         for pid in pids - killed:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -402,37 +407,21 @@ def teardown(net: Netbed, timeout: float = 5.0) -> None:
                 errors.append(str(exc))
     # Leaves first: a cgroup directory can only go once it has no children and no tasks.
     rm_deadline = max(deadline, time.monotonic() + 1.0)
-    for cg in (*(p.cgroup for p in net.peers), net.cgroup_dir):
-        if err := _remove_cgroup(Path(cg), rm_deadline):
+    for cg in net.cgroups:
+        if err := cgroups.remove(Path(cg), rm_deadline):
             errors.append(err)
-    # The shared parent goes once no other testbed uses it.
-    try:
-        Path(net.cgroup_dir).parent.rmdir()
-    except OSError as exc:
-        if exc.errno not in (errno.ENOENT, errno.ENOTEMPTY, errno.EBUSY):
-            errors.append(f"cannot remove cgroup {Path(net.cgroup_dir).parent}: {exc.strerror}")
+    # The shared parents go once no other testbed uses them.
+    for top in (net.cgroup_dir, net.memory_cgroup_dir):
+        if not top:
+            continue
+        try:
+            Path(top).parent.rmdir()
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENOTEMPTY, errno.EBUSY):
+                errors.append(f"cannot remove cgroup {Path(top).parent}: {exc.strerror}")
     errors += [f"{what} is still there" for what in leftovers(net)]
     if errors:
         raise TestbedError(f"could not remove all of testbed {net.prefix}: " + "; ".join(errors))
-
-
-def _remove_cgroup(cg: Path, deadline: float) -> str | None:
-    """rmdir *cg*; while it is busy (a process that joined it late, one not yet reaped), kill
-    what is in it and retry until *deadline*. Returns what went wrong, if anything."""
-    while True:
-        try:
-            cg.rmdir()
-            return None
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            if exc.errno != errno.EBUSY or time.monotonic() > deadline:
-                return f"cannot remove cgroup {cg}: {exc.strerror}"
-        for pid in _cgroup_pids(cg):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            _alive(pid)  # reaps it if it is our child
-        time.sleep(0.02)
 
 
 def leftovers(net: Netbed) -> list[str]:
@@ -445,9 +434,5 @@ def leftovers(net: Netbed) -> list[str]:
         for line in links
         if (name := line.split(":")[1].strip().split("@")[0]).startswith(ours)
     ]
-    found += [
-        f"cgroup {cg}"
-        for cg in (*(p.cgroup for p in net.peers), net.cgroup_dir)
-        if Path(cg).exists()
-    ]
+    found += [f"cgroup {cg}" for cg in net.cgroups if Path(cg).exists()]
     return found

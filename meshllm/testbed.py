@@ -24,14 +24,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from meshllm import netbed, testbed_profile
+from meshllm import cgroups, netbed, testbed_profile
 from meshllm.config import CONFIG_FILE, load_config
 from meshllm.control.client import DaemonNotRunning, call
 from meshllm.errors import MeshError
 from meshllm.mesh.identity import JoinToken, MeshSecret
 from meshllm.mesh.peerstore import add_bootstrap
 from meshllm.netbed import Netbed
-from meshllm.testbed_profile import TestbedError, TestbedProfile
+from meshllm.testbed_profile import CFS_PERIOD_US, MIN_CPU, TestbedError, TestbedProfile
 
 STATE_FILE = "testbed.json"
 DEFAULT_PEERS = 3
@@ -280,11 +280,16 @@ def wait_for_mesh(homes: list[Path], timeout: float) -> None:
 
 
 def status(root: Path) -> list[dict]:
+    """Every peer's entry: where it runs, its daemon's status (or why there is none) and, on
+    a phone testbed, its memory cgroup's limit, peak and OOM kills."""
     out = []
+    net = load_network(root)
     for p in load_state(root):
         entry: dict = {"index": p.index, "home": p.home, "pid": p.pid}
         if p.device_class is not None:
             entry.update({"class": p.device_class, "netns": p.netns, "address": p.address})
+        if net is not None and p.index < len(net.peers):
+            entry.update(netbed.memory_usage(net.peers[p.index]))
         try:
             entry["status"] = call(Path(p.home), "status", timeout=5)
         except MeshError as exc:
@@ -311,18 +316,18 @@ def throttle(root: Path, peer: int | str, cpu: float | None) -> dict[str, Any]:
     index = _peer_index(root, net, peer)
     if cpu is not None and (not math.isfinite(cpu) or cpu < 0):
         raise TestbedError(f"cpu must be a number of cores, not {cpu!r}")
-    if cpu is not None and 0 < cpu < netbed.MIN_CPU:
+    if cpu is not None and 0 < cpu < MIN_CPU:
         # Checked here too, before the root check, so the fix named is the right one.
         raise TestbedError(
-            f"cpu must be at least {netbed.MIN_CPU:g} core (the kernel's shortest quota at "
-            f"a {netbed.CFS_PERIOD_US} µs period), or none / 0 to remove the quota; not {cpu:g}"
+            f"cpu must be at least {MIN_CPU:g} core (the kernel's shortest quota at "
+            f"a {CFS_PERIOD_US} µs period), or none / 0 to remove the quota; not {cpu:g}"
         )
     if os.geteuid() != 0:
         raise TestbedError("throttle writes the peer's cgroup CPU quota: run it as root (sudo)")
     old = net.peers[index]
     # No quota is what set_cpu_quota gives for as many cores as the host has; that figure is
     # also what gets recorded, so the record stays a number that `up` could have set.
-    cores = cpu if cpu else float(netbed.host_cpus())
+    cores = cpu if cpu else float(cgroups.host_cpus())
     quota = netbed.set_cpu_quota(old, cores)
     peers = list(net.peers)
     peers[index] = dataclasses.replace(old, cpu=cores)
@@ -335,10 +340,10 @@ def throttle(root: Path, peer: int | str, cpu: float | None) -> dict[str, Any]:
         "class": old.device_class,
         "cgroup": old.cgroup,
         # None: no quota (as many cores as the host has, or more)
-        "previous_cpu": None if old.cpu >= netbed.host_cpus() else old.cpu,
+        "previous_cpu": None if old.cpu >= cgroups.host_cpus() else old.cpu,
         "cpu": None if quota == -1 else cores,
         "quota_us": quota,
-        "period_us": netbed.CFS_PERIOD_US,
+        "period_us": CFS_PERIOD_US,
     }
 
 

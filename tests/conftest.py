@@ -54,3 +54,24 @@ def smollm_models(model_store) -> dict[str, ImportedModel]:
     return {
         p: _import(model_store, None, p, f"smollm2-135m-instruct-{p}") for p in ("int4", "fp32")
     }
+
+
+# Every shape `model synth` knows from a published checkpoint, shrunk to 3 layers of width 64
+# and a 512-token vocabulary: the same family's graph, built in seconds.
+SYNTH_TESTED = ("llama-3.2-1b", "qwen2.5-0.5b", "qwen2.5-1.5b", "qwen3-0.6b")
+
+
+@pytest.fixture(
+    scope="session",
+    params=[(s, p) for s in SYNTH_TESTED for p in ("int4", "fp32")],
+    ids=lambda sp: f"{sp[0]}-{sp[1]}",
+)
+def synth_small(request, model_store) -> ImportedModel:
+    from meshllm.model.synth import synth_model
+
+    shape, precision = request.param
+    name = f"synth-{shape}-{precision}-small"
+    synth_model(
+        model_store.dir, shape, precision=precision, name=name, layers=3, hidden=64, vocab=512
+    )
+    return model_store.get(name)

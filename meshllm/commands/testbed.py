@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from meshllm import netbed, testbed
+from meshllm import cgroups, testbed
 from meshllm.commands.common import print_json, progress
 
 DEFAULT_DIR = Path(".meshllm-testbed")
@@ -58,23 +58,25 @@ def up_cmd(n: int | None, profile: Path | None, transport: str | None, root: Pat
 @dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def status_cmd(root: Path, as_json: bool) -> None:
-    """Show every testbed peer's view: role, term, leader, members (and device class)."""
+    """Show every testbed peer's view: role, term, leader, members (and, on a phone testbed,
+    its device class, CPU quota, address, and peak memory against its cap)."""
     entries = testbed.status(root)
     # The class, CPU and address columns only for a testbed started with --profile. The CPU is
     # the recorded quota, which `testbed throttle` may have changed since `up`.
     net = testbed.load_network(root)
     if net is not None:
         for e, np in zip(entries, net.peers, strict=False):
-            e["cpu"] = None if np.cpu >= netbed.host_cpus() else np.cpu  # None: no quota
+            e["cpu"] = None if np.cpu >= cgroups.host_cpus() else np.cpu  # None: no quota
     if as_json:
         print_json(entries)
         return
     profiled = any("class" in e for e in entries)
-    device = f" {'CLASS':10} {'CPU':>5} {'ADDRESS':15}" if profiled else ""
+    device = f" {'CLASS':10} {'CPU':>5} {'ADDRESS':15} {'PEAK/CAP MiB':>13}" if profiled else ""
     click.echo(f"{'PEER':7} {'PID':>7}{device} {'ROLE':9} {'TERM':>4} {'MEMBERS':>7}  LEADER")
     for e in entries:
         device = (
             f" {e.get('class') or '-':10} {_cores(e.get('cpu')):>5} {e.get('address') or '-':15}"
+            f" {_memory(e):>13}"
             if profiled
             else ""
         )
@@ -86,6 +88,16 @@ def status_cmd(root: Path, as_json: bool) -> None:
             f"peer-{e['index']:<2} {e['pid']:>7}{device} {st['self']['role']:9} {st['term']:>4} "
             f"{len(st['members']):>7}  {st['leader'] or '-'}"
         )
+
+
+def _memory(entry: dict) -> str:
+    """Peak over cap in MiB, and the OOM kills when there were any ("-": not known)."""
+    peak, cap = entry.get("memory_peak_bytes"), entry.get("memory_limit_bytes")
+    if peak is None:
+        return "-"
+    text = f"{peak >> 20}/{'none' if cap is None else cap >> 20}"
+    kills = entry.get("oom_kills")
+    return f"{text} oom{kills}" if kills else text
 
 
 def _cores(cpu: float | None) -> str:

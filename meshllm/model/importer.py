@@ -73,7 +73,7 @@ def import_model(
             existing is not None
             and existing.source_sha256 == fingerprint
             and existing.precision == precision
-            and _files_intact(target, existing)
+            and files_intact(target, existing)
         ):
             return existing, False
 
@@ -95,7 +95,7 @@ def import_model(
     return manifest, True
 
 
-def _files_intact(model_dir: Path, manifest: Manifest) -> bool:
+def files_intact(model_dir: Path, manifest: Manifest) -> bool:
     return all(
         (model_dir / f).is_file() and (model_dir / f).stat().st_size == e.bytes
         for f, e in manifest.files.items()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from meshllm.errors import MeshError
 from meshllm.model.graph import KVNames
@@ -56,6 +57,9 @@ class Manifest:
     created_at: str = ""
     meshllm_version: str = ""
     version: int = MANIFEST_VERSION
+    # How a synthetic model was made (shape, checkpoint, seed and any shrinking), or None for
+    # a model converted from real weights (see model.synth).
+    synthetic: dict[str, Any] | None = None
 
     @property
     def model_sha256(self) -> str:
@@ -78,6 +82,7 @@ class Manifest:
                 is_sha256_hex(manifest.model_sha256),
                 isinstance(arch.context_length, int) and 0 < arch.context_length <= 1 << 24,
                 all(isinstance(t, int) for t in arch.eos_token_ids),
+                manifest.synthetic is None or isinstance(manifest.synthetic, dict),
             )
         except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as exc:
             raise BadManifest(f"malformed manifest: {type(exc).__name__}: {exc}"[:300]) from None

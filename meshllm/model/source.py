@@ -16,7 +16,7 @@ BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Model types whose builder graphs have the Llama block structure the partitioner relies on
 # (pre-norm decoder layers joined by SkipSimplifiedLayerNormalization, GroupQueryAttention).
-SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
+SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 
 
 @dataclass(frozen=True)

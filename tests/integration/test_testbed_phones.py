@@ -19,9 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from meshllm import netbed, testbed, testbed_profile
+from meshllm import cgroups, netbed, testbed, testbed_profile
 from meshllm.control.client import call
-from tests.integration.mesh_helpers import PHONES3, needs_phones
+from meshllm.testbed_profile import CFS_PERIOD_US
+from tests.integration.mesh_helpers import PHONES3, cli, needs_phones
 
 PROFILE = PHONES3
 
@@ -57,7 +58,15 @@ while time.monotonic() - t0 < 1.0:
     pass
 print((time.process_time() - c0) / (time.monotonic() - t0))
 """
-
+# Touches the given MiB, one page at a time (more than the peer's cap: the kernel kills it).
+HOG = """
+import mmap
+size = %d << 20
+block = mmap.mmap(-1, size)
+for i in range(0, size, 4096):
+    block[i] = 1
+print("survived")
+"""
 
 pytestmark = needs_phones
 
@@ -135,9 +144,9 @@ def test_phone_testbed_shapes_throttles_meshes_and_cleans_up(tmp_path):
             assert _tbf_rates(np.netns) == {np.veth_peer: rate}  # upload
             assert hub_rates[np.veth_hub] == rate  # download
             cg = Path(np.cgroup)
-            expected = -1 if np.cpu >= netbed.host_cpus() else round(np.cpu * netbed.CFS_PERIOD_US)
+            expected = -1 if np.cpu >= cgroups.host_cpus() else round(np.cpu * CFS_PERIOD_US)
             assert int((cg / "cpu.cfs_quota_us").read_text()) == expected
-            assert int((cg / "cpu.cfs_period_us").read_text()) == netbed.CFS_PERIOD_US
+            assert int((cg / "cpu.cfs_period_us").read_text()) == CFS_PERIOD_US
             # Every thread of the daemon is in its peer's cgroup and network namespace.
             assert testbed.is_our_daemon(tp.pid)
             assert _cgroup_of(tp.pid, mount) == {np.cgroup}
@@ -146,6 +155,10 @@ def test_phone_testbed_shapes_throttles_meshes_and_cleans_up(tmp_path):
                 os.stat(f"/proc/{tp.pid}/ns/net").st_ino
                 == (netbed.NETNS_DIR / np.netns).stat().st_ino
             )
+            # ... and in its memory cgroup, capped at its class's memory with no swap.
+            mem = Path(np.memory_cgroup)
+            assert int((mem / "memory.limit_in_bytes").read_text()) == np.memory_mb << 20
+            assert tp.pid in {int(x) for x in (mem / "cgroup.procs").read_text().split()}
             if netbed._tool("nsenter"):  # no private /sys: it can read its own quota
                 quota = Path(f"/proc/{tp.pid}/root{np.cgroup}/cpu.cfs_quota_us").read_text()
                 assert int(quota) == expected
@@ -199,16 +212,33 @@ def test_phone_testbed_shapes_throttles_meshes_and_cleans_up(tmp_path):
         print(f"budget peer (0.25 cpu): a busy loop got {share:.2f} of a core")
         assert 0.15 <= share <= 0.35, share
         quota = netbed.set_cpu_quota(budget, 0.5)  # what `testbed throttle` will do
-        half = round(0.5 * netbed.CFS_PERIOD_US)
+        half = round(0.5 * CFS_PERIOD_US)
         assert quota == half
         assert (Path(budget.cgroup) / "cpu.cfs_quota_us").read_text().strip() == str(half)
+
+        # --- the memory cap kills what goes over it, as a phone's low-memory killer would ------
+        hog = subprocess.run(
+            netbed.peer_command(budget, [sys.executable, "-c", HOG % (budget.memory_mb + 64)]),
+            capture_output=True,
+            timeout=60,
+        )
+        assert hog.returncode == -signal.SIGKILL, (hog.returncode, hog.stderr[-300:])
+        entries = {e["index"]: e for e in testbed.status(root)}
+        for np in net.peers:
+            e = entries[np.index]
+            assert e["memory_limit_bytes"] == np.memory_mb << 20
+            assert 0 < e["memory_peak_bytes"] <= e["memory_limit_bytes"]
+            assert e["oom_kills"] == (1 if np is budget else 0), e
+        assert testbed.is_our_daemon(peers[budget.index].pid)  # the hog went, not the daemon
+        shown = cli(None, "testbed", "status", "--dir", str(root), "--json")
+        assert json.loads(shown.stdout)[budget.index]["oom_kills"] == 1
 
         # --- down removes every namespace, link, cgroup and daemon -----------------------------
         assert testbed.down(root) == len(peers)
         assert not any(testbed.is_our_daemon(p.pid) for p in peers)
         assert not {net.hub_netns, *(p.netns for p in net.peers)} & netbed.list_netns()
         assert netbed.leftovers(net) == []
-        assert not Path(net.cgroup_dir).exists()
+        assert not Path(net.cgroup_dir).exists() and not Path(net.memory_cgroup_dir).exists()
         assert not (root / "testbed.json").exists()
         assert testbed.down(root) == 0  # idempotent
     finally:

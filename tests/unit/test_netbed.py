@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from meshllm import netbed, testbed, testbed_profile
+from meshllm import cgroups, netbed, testbed, testbed_profile
 from meshllm.commands.peer import init_home
 from meshllm.config import load_config
 from tests.integration.mesh_helpers import cli
@@ -158,12 +158,13 @@ def test_without_root_it_refuses_saying_why_and_creates_nothing(tmp_path, monkey
 def test_missing_tools_and_cgroup_v1_are_named(monkeypatch):
     monkeypatch.setattr(netbed.os, "geteuid", lambda: 0)
     monkeypatch.setattr(netbed, "_tool", lambda name: None if name == "tc" else "/sbin/" + name)
-    monkeypatch.setattr(netbed, "find_cpu_mount", lambda: None)
+    monkeypatch.setattr(cgroups, "find_mount", lambda controller: None)
     with pytest.raises(testbed.TestbedError) as err:
         netbed.check_host()
     msg = str(err.value)
     assert "`tc` not found: install iproute2" in msg and "`ip`" not in msg
     assert "no cgroup v1 `cpu` controller" in msg and "must run as root" not in msg
+    assert "no cgroup v1 `memory` controller" in msg
 
 
 def test_peers_and_a_conflicting_profile_are_an_error(tmp_path):
@@ -217,7 +218,7 @@ def test_an_unknown_transport_is_refused_before_any_peer_starts(tmp_path):
 
 
 def test_cpu_quota_is_cores_times_a_4ms_period(tmp_path, monkeypatch):
-    monkeypatch.setattr(netbed, "host_cpus", lambda: 2)
+    monkeypatch.setattr(cgroups, "host_cpus", lambda: 2)
     cg = tmp_path / "cg"
     cg.mkdir()
     peer = netbed.plan(tmp_path, _big_profile(1), cpu_mount=tmp_path).peers[0]
@@ -228,6 +229,36 @@ def test_cpu_quota_is_cores_times_a_4ms_period(tmp_path, monkeypatch):
         assert (cg / "cpu.cfs_period_us").read_text() == "4000"
     with pytest.raises(testbed.TestbedError, match=r"at least 0\.25 core"):
         netbed.set_cpu_quota(peer, 0.05)
+
+
+def test_memory_limit_is_the_class_memory_with_no_swap_and_usage_reads_back(tmp_path):
+    cg = tmp_path / "mem"
+    cg.mkdir()
+    for name in ("memory.memsw.limit_in_bytes", "memory.limit_in_bytes", "memory.swappiness"):
+        (cg / name).write_text("9223372036854771712")
+    peer = netbed.plan(tmp_path, _big_profile(1), memory_mount=tmp_path).peers[0]
+    peer = netbed.NetPeer(**{**peer.__dict__, "memory_cgroup": str(cg)})
+    assert netbed.set_memory_limit(peer, 640) == 640 << 20
+    assert (cg / "memory.limit_in_bytes").read_text() == str(640 << 20)
+    assert (cg / "memory.memsw.limit_in_bytes").read_text() == str(640 << 20)  # no swap
+    assert (cg / "memory.swappiness").read_text() == "0"
+    (cg / "memory.max_usage_in_bytes").write_text("123456\n")
+    (cg / "memory.usage_in_bytes").write_text("1000\n")
+    (cg / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 2\n")
+    assert netbed.memory_usage(peer) == {
+        "memory_limit_bytes": 640 << 20,
+        "memory_peak_bytes": 123456,
+        "memory_bytes": 1000,
+        "oom_kills": 2,
+    }
+    # 0 MiB: what the host has, no cap (the kernel's "unlimited" reads back as None).
+    assert netbed.set_memory_limit(peer, 0) == -1
+    (cg / "memory.limit_in_bytes").write_text("9223372036854771712")
+    assert netbed.memory_usage(peer)["memory_limit_bytes"] is None
+    # A testbed recorded before peers had memory cgroups: nothing to read, no error.
+    old = netbed.NetPeer(**{**peer.__dict__, "memory_cgroup": ""})
+    assert set(netbed.memory_usage(old).values()) == {None}
+    assert netbed.peer_command(old, ["x"])[4:6] == [old.cgroup, old.cgroup]
 
 
 def test_down_of_a_phone_testbed_needs_root_and_keeps_the_record(tmp_path, monkeypatch):
@@ -261,10 +292,15 @@ def test_peer_command_joins_the_cgroup_first_and_stays_one_process(tmp_path, mon
 
     monkeypatch.setattr(netbed, "netns_command", lambda _ns, argv: list(argv))
     peer = netbed.plan(tmp_path, _big_profile(1), cpu_mount=tmp_path).peers[0]
-    peer = netbed.NetPeer(**{**peer.__dict__, "cgroup": str(tmp_path)})
-    argv = netbed.peer_command(peer, ["/bin/sh", "-c", "echo $$; cat cgroup.procs"])
+    (tmp_path / "mem").mkdir()
+    peer = netbed.NetPeer(
+        **{**peer.__dict__, "cgroup": str(tmp_path), "memory_cgroup": str(tmp_path / "mem")}
+    )
+    argv = netbed.peer_command(
+        peer, ["/bin/sh", "-c", "echo $$; cat cgroup.procs; cat mem/cgroup.procs"]
+    )
     proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, text=True)
     out, _ = proc.communicate(timeout=10)
     # The command runs as the very process started (so `down` signals the daemon itself), and
-    # that pid was in the cgroup before the command's first instruction.
-    assert out.split() == [str(proc.pid), str(proc.pid)]
+    # that pid was in both cgroups before the command's first instruction.
+    assert out.split() == [str(proc.pid)] * 3

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from meshllm import netbed, testbed, testbed_profile
+from meshllm import cgroups, netbed, testbed, testbed_profile
 from meshllm.cli import main
+from meshllm.testbed_profile import CFS_PERIOD_US
 from tests.integration.mesh_helpers import cli
 
 PROFILE = """
@@ -47,8 +48,8 @@ def phones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     source = tmp_path / "phones.toml"
     source.write_text(PROFILE)
     prof = testbed_profile.load_profile(source)
-    net = netbed.plan(root, prof, cpu_mount=tmp_path / "cg")
-    monkeypatch.setattr(netbed, "host_cpus", lambda: 2)
+    net = netbed.plan(root, prof, cpu_mount=tmp_path / "cg", memory_mount=tmp_path / "mem")
+    monkeypatch.setattr(cgroups, "host_cpus", lambda: 2)
     for p in net.peers:
         Path(p.cgroup).mkdir(parents=True)
         netbed.set_cpu_quota(p, p.cpu)  # as `up` leaves them
@@ -76,7 +77,7 @@ def test_throttle_sets_the_quota_and_records_it(phones):
     done = testbed.throttle(phones, 1, 0.25)
     assert done["index"] == 1 and done["name"] == "pixel" and done["class"] == "phone"
     assert done["previous_cpu"] == 1.0 and done["cpu"] == 0.25
-    assert done["quota_us"] == 1000 and done["period_us"] == netbed.CFS_PERIOD_US
+    assert done["quota_us"] == 1000 and done["period_us"] == CFS_PERIOD_US
     assert _quota(phones, 1) == "1000"
     net = testbed.load_network(phones)
     assert net is not None
