@@ -173,7 +173,7 @@ def plan(
 # --- the host ---------------------------------------------------------------------------------
 
 
-def _tool(name: str) -> str | None:
+def find_tool(name: str) -> str | None:
     # Non-login root shells do not always have the sbin directories on PATH.
     return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/bin:/bin")
 
@@ -187,7 +187,7 @@ def check_host() -> Path:
             "it must run as root (network namespaces, tc qdiscs and cgroups need it): "
             "run it with sudo, or leave out --profile for the unprivileged loopback testbed"
         )
-    missing = [t for t in ("ip", "tc") if _tool(t) is None]
+    missing = [t for t in ("ip", "tc") if find_tool(t) is None]
     if missing:
         problems.append(
             f"{' and '.join(f'`{t}`' for t in missing)} not found: install iproute2 "
@@ -211,7 +211,7 @@ def check_host() -> Path:
 
 
 def _run(*argv: str) -> subprocess.CompletedProcess[str]:
-    tool = _tool(argv[0]) or argv[0]
+    tool = find_tool(argv[0]) or argv[0]
     try:
         proc = subprocess.run([tool, *argv[1:]], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -222,7 +222,7 @@ def _run(*argv: str) -> subprocess.CompletedProcess[str]:
 
 
 def _ok(*argv: str) -> bool:
-    tool = _tool(argv[0]) or argv[0]
+    tool = find_tool(argv[0]) or argv[0]
     return subprocess.run([tool, *argv[1:]], capture_output=True, timeout=30).returncode == 0
 
 
@@ -327,10 +327,10 @@ def netns_command(netns: str, argv: Sequence[str]) -> list[str]:
     ``nsenter --net`` (util-linux) switches only the network namespace. ``ip netns exec``, the
     fallback, also gives the command a private mount namespace with a fresh /sys, which hides
     /sys/fs/cgroup from it: a daemon could then not read its own cgroup limits."""
-    nsenter = _tool("nsenter")
+    nsenter = find_tool("nsenter")
     if nsenter is not None:
         return [nsenter, f"--net={NETNS_DIR / netns}", "--", *argv]
-    return [_tool("ip") or "ip", "netns", "exec", netns, *argv]
+    return [find_tool("ip") or "ip", "netns", "exec", netns, *argv]
 
 
 def peer_command(peer: NetPeer, argv: Sequence[str]) -> list[str]:

@@ -27,7 +27,7 @@ def _describe(plan: dict[str, Any]) -> str:
     )
 
 
-def _loading_line(status: dict[str, Any], plan: dict[str, Any]) -> str:
+def loading_line(status: dict[str, Any], plan: dict[str, Any]) -> str:
     """Each stage's peer by name, with a bar while it fetches its layers."""
     names = {status["self"]["id"]: status["self"]["name"]}
     names.update({p["id"]: p["name"] for p in status["peers"]})
@@ -111,7 +111,7 @@ def serve_cmd(
             if st["plan"] and st["plan"]["epoch"] > plan["epoch"]:
                 shown.done()
                 raise MeshError("the plan was replaced while loading (a peer joined or left)")
-            shown.show(_loading_line(full, plan))
+            shown.show(loading_line(full, plan))
             if st["ready"]:
                 shown.done()
                 break

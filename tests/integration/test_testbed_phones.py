@@ -159,7 +159,7 @@ def test_phone_testbed_shapes_throttles_meshes_and_cleans_up(tmp_path):
             mem = Path(np.memory_cgroup)
             assert int((mem / "memory.limit_in_bytes").read_text()) == np.memory_mb << 20
             assert tp.pid in {int(x) for x in (mem / "cgroup.procs").read_text().split()}
-            if netbed._tool("nsenter"):  # no private /sys: it can read its own quota
+            if netbed.find_tool("nsenter"):  # no private /sys: it can read its own quota
                 quota = Path(f"/proc/{tp.pid}/root{np.cgroup}/cpu.cfs_quota_us").read_text()
                 assert int(quota) == expected
 

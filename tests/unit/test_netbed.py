@@ -157,7 +157,7 @@ def test_without_root_it_refuses_saying_why_and_creates_nothing(tmp_path, monkey
 
 def test_missing_tools_and_cgroup_v1_are_named(monkeypatch):
     monkeypatch.setattr(netbed.os, "geteuid", lambda: 0)
-    monkeypatch.setattr(netbed, "_tool", lambda name: None if name == "tc" else "/sbin/" + name)
+    monkeypatch.setattr(netbed, "find_tool", lambda name: None if name == "tc" else "/sbin/" + name)
     monkeypatch.setattr(cgroups, "find_mount", lambda controller: None)
     with pytest.raises(testbed.TestbedError) as err:
         netbed.check_host()
@@ -274,7 +274,7 @@ def test_down_of_a_phone_testbed_needs_root_and_keeps_the_record(tmp_path, monke
 
 
 def test_netns_command_prefers_nsenter_which_keeps_sys_fs_cgroup(monkeypatch):
-    monkeypatch.setattr(netbed, "_tool", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(netbed, "find_tool", lambda name: f"/usr/bin/{name}")
     assert netbed.netns_command("mltab-p0", ["x", "-y"]) == [
         "/usr/bin/nsenter",
         "--net=/var/run/netns/mltab-p0",
@@ -282,7 +282,9 @@ def test_netns_command_prefers_nsenter_which_keeps_sys_fs_cgroup(monkeypatch):
         "x",
         "-y",
     ]
-    monkeypatch.setattr(netbed, "_tool", lambda name: None if name == "nsenter" else f"/b/{name}")
+    monkeypatch.setattr(
+        netbed, "find_tool", lambda name: None if name == "nsenter" else f"/b/{name}"
+    )
     assert netbed.netns_command("mltab-p0", ["x"]) == ["/b/ip", "netns", "exec", "mltab-p0", "x"]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from meshllm.commands.common import ProgressLine, bar
 from meshllm.commands.peer import print_status
-from meshllm.commands.serve import _loading_line
+from meshllm.commands.serve import loading_line
 
 A, B = (
     "12D3KooWAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA1",
@@ -89,7 +89,7 @@ def test_serve_progress_names_peers_and_draws_fetch_bars():
         "plan": PLAN,
         "states": {A: {"state": "ready"}, B: {"state": "fetching", "progress": 0.5}},
     }
-    line = _loading_line(status(serving), PLAN)
+    line = loading_line(status(serving), PLAN)
     assert line == "phone-a 0-20: ready  phone-b 20-30: fetching [######......]  50%"
     assert bar(0) == "[............]   0%" and bar(1.0).endswith("100%")
 
