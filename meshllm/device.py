@@ -73,6 +73,14 @@ def memory_budget(limit_mb: int) -> tuple[int, bool]:
     return (min(figures) if figures else 0), False
 
 
+def _data_bytes(seg_path: Path) -> int:
+    """Bytes of a segment's external weights (0 when they are inside its graph file)."""
+    try:
+        return (seg_path.parent / (seg_path.name + ".data")).stat().st_size
+    except OSError:
+        return 0
+
+
 # -- compute -----------------------------------------------------------------------------------
 def fill_random_weights(seg_dir: Path, seed: int = 0) -> Path:
     """Write ``segment.onnx.data`` for a weightless probe: right shapes and types, random values.
@@ -119,6 +127,9 @@ class ProbeTiming:
     decode_s: float  # seconds per decode step, steps back to back (sustained load)
     idle_decode_s: float  # seconds per decode step after an idle spell (one request in a pipeline)
     prefill_s: float  # seconds per prompt token in a prefill
+    # Resident bytes its session added beyond its weights and KV cache (ONNX Runtime's own
+    # buffers, first-use allocations): measured on the first probe a process loads.
+    extra_bytes: int = 0
 
 
 class _Probe:
@@ -127,6 +138,9 @@ class _Probe:
     def __init__(self, seg_path: Path, arch: Any, kv: Any, *, threads: int, prompt: int):
         from meshllm.model.runtime import SegmentRuntime
 
+        self.resident_before = resident_bytes()
+        self.weight_bytes = _data_bytes(seg_path)
+        self.extra_bytes = 0
         self.rt = SegmentRuntime(seg_path, arch, kv, threads=threads)
         self.arch = arch
         self.rng = np.random.default_rng(1)
@@ -164,6 +178,10 @@ class _Probe:
         self.pos = self.prompt
         for _ in range(2):  # warm-up: first-run allocations
             self.step()
+        now, before = resident_bytes(), self.resident_before
+        if now is not None and before is not None:
+            held = self.weight_bytes + self.rt.kv_bytes("probe")
+            self.extra_bytes = max(self.extra_bytes, now - before - held)
         return prefill
 
     @property
@@ -266,7 +284,11 @@ def time_probes(
 
     base = {f: over_pairs("typical", f) for f in fields}
     scale = {f: over_pairs("mean", f) / base[f] if base[f] > 0 else 1.0 for f in fields}
-    out = {reference: ProbeTiming(**{f: base[f] * scale[f] for f in fields})}
+    out = {
+        reference: ProbeTiming(
+            **{f: base[f] * scale[f] for f in fields}, extra_bytes=max(0, ref.extra_bytes)
+        )
+    }
     for kind, p in pairs.items():
         out[kind] = ProbeTiming(**{f: base[f] * getattr(p.ratio, f) * scale[f] for f in fields})
     return out
@@ -301,6 +323,7 @@ class Calibration:
     first_s: float  # extra decode seconds of the embedding
     last_s: float  # extra decode seconds of the final norm and lm_head
     prefill_layer_s: float  # prefill seconds per layer per prompt token
+    session_extra_bytes: int = 0  # see ProbeTiming.extra_bytes (the reference probe's)
 
 
 def calibrate(
@@ -346,4 +369,5 @@ def _fit(t: dict[str, ProbeTiming], ranges: dict[str, tuple[int, int]], key: str
         first_s=max(0.0, d("first") - one),
         last_s=max(0.0, d("last") - one),
         prefill_layer_s=pre,
+        session_extra_bytes=t["a"].extra_bytes,
     )

@@ -10,11 +10,15 @@ copied back to the request's own cache.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnxruntime as ort
 
 from meshllm.model.manifest import Architecture
+from meshllm.model.ortlib import ort as load_ort
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 Arrays = dict[str, np.ndarray]  # past name -> (1 or rows, kv_heads, positions, head_size)
 
@@ -106,7 +110,7 @@ class BatchSlabs:
             # Past a row's length the buffer holds what it held: GroupQueryAttention reads
             # only each row's own positions.
             array = self._memory[past][:size].reshape(shape)
-            value = ort.OrtValue.ortvalue_from_numpy(array)
+            value = load_ort().OrtValue.ortvalue_from_numpy(array)
             binding.bind_ortvalue_input(past, value)
             binding.bind_ortvalue_output(present, value)
             arrays[past] = array

@@ -7,9 +7,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnxruntime as ort
 
 from meshllm.errors import PartitionError
+from meshllm.model.ortlib import ort as load_ort
 from meshllm.model.ranges import LayerRange
 from meshllm.model.runtime import SegmentRuntime, use_global_thread_pool
 from meshllm.model.store import ImportedModel
@@ -74,7 +74,7 @@ class LocalChain:
         """Run new tokens *input_ids* ([1, n]) with *total_len* positions in all; last logits."""
         new = int(input_ids.shape[1])
         # A contiguous view: every segment's mask-derived subgraph reads the same tensor.
-        mask = ort.OrtValue.ortvalue_from_numpy(self._ones[:, :total_len])
+        mask = load_ort().OrtValue.ortvalue_from_numpy(self._ones[:, :total_len])
         feeds: dict[str, object] = {"input_ids": input_ids, "attention_mask": mask}
         for k, seg in enumerate(self.segments):
             t0 = time.perf_counter()

@@ -23,13 +23,17 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
-from onnx import TensorProto
 
 from meshllm.errors import PartitionError
 from meshllm.model.ranges import LayerRange
+
+if TYPE_CHECKING:
+    # onnx costs about 20 MiB to import; only the peer that cuts segments needs it.
+    import onnx
+    from onnx import TensorProto
 
 _LAYER_RE = re.compile(r"/layers\.(\d+)/")
 
@@ -52,7 +56,9 @@ class KVNames:
 
 def tensor_nbytes(t: TensorProto) -> int:
     """Bytes a stored initializer occupies (external length, raw bytes or typed fields)."""
-    if t.data_location == TensorProto.EXTERNAL:
+    import onnx
+
+    if t.data_location == onnx.TensorProto.EXTERNAL:
         info = {e.key: e.value for e in t.external_data}
         if "length" in info:
             return int(info["length"])
@@ -66,6 +72,8 @@ class ModelGraph:
     """Producer/consumer index and layer homes of one decoder graph (weights not loaded)."""
 
     def __init__(self, model: onnx.ModelProto, kv: KVNames, token_input: str = "input_ids"):
+        import onnx
+
         self.model = model
         self.graph = model.graph
         self.kv = kv
@@ -242,4 +250,6 @@ class ModelGraph:
 
 
 def load_graph(path: Path, kv: KVNames) -> ModelGraph:
+    import onnx
+
     return ModelGraph(onnx.load(str(path), load_external_data=False), kv)

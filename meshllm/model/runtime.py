@@ -12,17 +12,21 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnxruntime as ort
 
 from meshllm.errors import MeshError, PromptTooLong
 from meshllm.model import hugepages
 from meshllm.model.batch_slab import BatchSlabs
 from meshllm.model.graph import KVNames
 from meshllm.model.manifest import Architecture
+from meshllm.model.ortlib import ort as load_ort
 
-Tensor = np.ndarray | ort.OrtValue
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
+    Tensor = np.ndarray | ort.OrtValue
 
 
 KVLayer = tuple[np.ndarray, np.ndarray]  # one layer's (key, value) cache
@@ -58,7 +62,6 @@ class _KVCache:
     decode_outputs: dict[str, tuple[np.ndarray, ort.OrtValue]] | None = None
 
 
-ort.set_default_logger_severity(3)
 _global_pool_threads: int | None = None
 
 
@@ -84,6 +87,7 @@ def use_global_thread_pool(threads: int) -> bool:
 
 
 def session_options(threads: int) -> ort.SessionOptions:
+    ort = load_ort()
     so = ort.SessionOptions()
     if _global_pool_threads is not None:
         so.use_per_session_threads = False
@@ -101,7 +105,7 @@ class SegmentRuntime:
     def __init__(self, path: Path, arch: Architecture, kv: KVNames, *, threads: int = 1):
         self.path = path
         self.arch = arch
-        self.session = ort.InferenceSession(
+        self.session = load_ort().InferenceSession(
             str(path), session_options(threads), providers=["CPUExecutionProvider"]
         )
         self.huge_page_bytes = hugepages.after_load()
@@ -179,7 +183,8 @@ class SegmentRuntime:
                 data = np.zeros(shape, self._kv_dtype)
                 if kv is not None:
                     data[:, :, :length] = kv[layer][i]
-                buf = ort.OrtValue.ortvalue_from_numpy(data)  # no copy: ORT uses data's memory
+                # no copy: ORT uses data's memory
+                buf = load_ort().OrtValue.ortvalue_from_numpy(data)
                 buffers[past] = buffers[present] = buf
                 arrays[past] = data
         self._batches.forget(request_id)
@@ -249,13 +254,13 @@ class SegmentRuntime:
             self._bind_kv(binding, cache)
         for name in self.data_inputs:
             value = feeds[name]
-            if isinstance(value, ort.OrtValue):
+            if isinstance(value, load_ort().OrtValue):
                 binding.bind_ortvalue_input(name, value)
             elif new_tokens > 1:
                 # As an OrtValue, which clear_binding_inputs lets go of (see below); what
                 # bind_cpu_input keeps stays until the name is bound again.
                 arr = np.ascontiguousarray(value)
-                binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(arr))
+                binding.bind_ortvalue_input(name, load_ort().OrtValue.ortvalue_from_numpy(arr))
             else:
                 binding.bind_cpu_input(name, value)
         outs = self._decode_outputs(cache)
@@ -319,7 +324,7 @@ class SegmentRuntime:
                 continue
             parts = [f[name] for f in feeds]
             stacked = np.concatenate(
-                [p.numpy() if isinstance(p, ort.OrtValue) else p for p in parts]
+                [p.numpy() if isinstance(p, load_ort().OrtValue) else p for p in parts]
             )
             binding.bind_cpu_input(name, stacked)
         outputs = self._run_into(binding, self._output_buffers(1, rows))
@@ -369,7 +374,7 @@ class SegmentRuntime:
             if dtype is None or len(shape) < 2 or not all(isinstance(d, int) for d in shape[2:]):
                 return None
             array = np.empty([rows, positions, *shape[2:]], dtype)
-            outs[meta.name] = (array, ort.OrtValue.ortvalue_from_numpy(array))
+            outs[meta.name] = (array, load_ort().OrtValue.ortvalue_from_numpy(array))
         return outs
 
     def _decode_outputs(self, cache: _KVCache) -> dict[str, tuple[np.ndarray, ort.OrtValue]] | None:

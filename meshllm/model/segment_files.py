@@ -11,13 +11,15 @@ import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-import onnx
-from onnx import TensorProto
+from typing import TYPE_CHECKING
 
 from meshllm.errors import PartitionError
 from meshllm.model.graph import ModelGraph, tensor_nbytes
 from meshllm.model.ranges import LayerRange
+
+if TYPE_CHECKING:
+    import onnx
+    from onnx import TensorProto
 
 SEGMENT_MODEL = "segment.onnx"
 SEGMENT_DATA = "segment.onnx.data"
@@ -55,6 +57,9 @@ def write_segment(
     graph: ModelGraph, source_dir: Path, r: LayerRange, out_dir: Path, source_sha256: str
 ) -> SegmentInfo:
     """Cut layers *r* out of *graph* (whose weights live in *source_dir*) into *out_dir*."""
+    import onnx
+    from onnx import TensorProto
+
     nodes = graph.segment_nodes(r)
     inputs, outputs = graph.segment_io(r, nodes)
     init_names = graph.segment_initializers(nodes)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-
-from jinja2 import TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import Tokenizer
+from typing import Any
 
 from meshllm.errors import MeshError
+
+# tokenizers and jinja2 (about 14 MiB together) are imported when a model's tokenizer is first
+# loaded: only a peer that coordinates queries needs them.
 
 
 class ChatTemplateError(MeshError):
@@ -20,11 +20,16 @@ class ChatTemplateError(MeshError):
 def _raise_exception(message: str) -> None:
     # Hugging Face chat templates reject what they cannot render (roles out of order, say)
     # by calling this; the caller learns the template's own reason.
+    from jinja2 import TemplateError
+
     raise TemplateError(message)
 
 
 class ChatTokenizer:
     def __init__(self, model_dir: Path):
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        from tokenizers import Tokenizer
+
         self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         template = None
         tpl_file = model_dir / "chat_template.jinja"
@@ -42,7 +47,7 @@ class ChatTokenizer:
             trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
         )
         env.globals["raise_exception"] = _raise_exception
-        self._template = env.from_string(template) if template else None
+        self._template: Any = env.from_string(template) if template else None
 
     @property
     def has_chat_template(self) -> bool:
@@ -59,6 +64,8 @@ class ChatTokenizer:
         where the assistant's next turn starts."""
         if self._template is None:
             raise ChatTemplateError("this model has no chat template: send raw text instead")
+        from jinja2 import TemplateError
+
         try:
             return self._template.render(
                 messages=[dict(m) for m in messages], add_generation_prompt=True, **self._special

@@ -21,7 +21,7 @@ import trio
 
 from meshllm import wire
 from meshllm.config import Config
-from meshllm.device import calibrate, memory_budget, probe_ranges
+from meshllm.device import calibrate, memory_budget, probe_ranges, resident_bytes
 from meshllm.errors import MeshError
 from meshllm.mesh.framing import FrameError, FrameReader, frame
 from meshllm.mesh.node import MeshNode
@@ -159,6 +159,7 @@ class Profiler:
                 last_ms=round(prof.last_s * 1e3, 3),
                 hop_ms=round(prof.hop_s * 1e3, 3),
                 memory_mib=prof.memory_bytes >> 20,
+                overhead_mib=prof.overhead_bytes >> 20,
                 links=len(prof.links),
             )
             return prof
@@ -173,6 +174,8 @@ class Profiler:
         )
         handoff = await self._handoff_s()
         mem, exact = memory_budget(self.config.peer.memory_limit_mb)
+        # Measured after the probes ran, so the runtime this peer will serve with is loaded.
+        overhead = (resident_bytes() or 0) + cal.session_extra_bytes
         links = {}
         for peer in self.node.alive_peers():
             try:
@@ -197,6 +200,7 @@ class Profiler:
             threads=threads,
             measured_at=time.time(),
             links=links,
+            overhead_bytes=overhead,
         )
 
     @staticmethod
@@ -291,6 +295,7 @@ def worker_profile(
 ) -> WorkerProfile:
     """A measured profile in the partitioner's terms."""
     mem = prof.memory_bytes if prof.memory_exact else int(prof.memory_bytes * memory_fraction)
+    mem -= prof.overhead_bytes
     layer, first, last = (
         (prof.idle_layer_s, prof.idle_first_s, prof.idle_last_s)
         if regime == IDLE

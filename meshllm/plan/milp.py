@@ -37,8 +37,8 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import highspy
 import numpy as np
 
 from meshllm.plan.problem import (
@@ -53,6 +53,10 @@ from meshllm.plan.problem import (
 )
 from meshllm.plan.start import Stages, StartSearch
 
+if TYPE_CHECKING:
+    # Imported where a plan is solved (about 9 MiB): a peer that never leads never loads it.
+    import highspy
+
 _GAP = 1e-7  # relative MIP gap: well inside the 1e-6 the tests hold the DP oracle to
 _KEEP = 1e-9  # slack when pruning ranges against the start plan, so its own ranges survive
 _RELAXED, _Z_BINARY, _Y_BINARY = 0, 1, 2  # integrality levels, see _solve
@@ -63,6 +67,8 @@ def solve_milp(problem: PlanProblem, *, time_limit_s: float = 10.0) -> PlanSolut
 
     Raises :class:`Infeasible` if no assignment fits the peers' memory.
     """
+    import highspy
+
     t0 = time.perf_counter()
     fill = greedy_fill(problem)
     if not fill or fill[-1][2] != problem.num_layers:
@@ -204,6 +210,8 @@ class _Model:
 
     def start_solution(self, start: PlanSolution) -> highspy.HighsSolution:
         """The start plan as a full primal vector, so HiGHS begins with an incumbent."""
+        import highspy
+
         values = np.zeros(self.num_cols)
         n, m = len(self.seg), len(self.hop)
         segs = {s: j for j, s in enumerate(map(tuple, self.seg.tolist()))}
@@ -225,6 +233,8 @@ class _Model:
 
     def stages(self, highs: highspy.Highs) -> Stages | None:
         """The plan in HiGHS's best solution; None if it has none or its ``y`` is fractional."""
+        import highspy
+
         feasible = highspy.SolutionStatus.kSolutionStatusFeasible
         if highs.getInfo().primal_solution_status != int(feasible):
             return None
@@ -373,6 +383,8 @@ def _links(problem: PlanProblem, seg: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 
 def _highs(model: _Model) -> highspy.Highs:
+    import highspy
+
     highs = highspy.Highs()
     highs.setOptionValue("output_flag", False)
     highs.setOptionValue("mip_rel_gap", _GAP)
@@ -418,6 +430,8 @@ def _solve(
     first peer is made binary (which makes the rest integral); only if HiGHS still returns a
     fractional ``y`` is ``y`` made binary as well. Throughput needs ``y`` binary from the start.
     """
+    import highspy
+
     while True:
         highs.changeColsIntegrality(
             model.num_cols,

@@ -260,7 +260,13 @@ def infeasible_reason(problem: PlanProblem) -> str:
     offered = sum(d.memory_bytes for d in problem.devices)
     if need > offered:
         need_s, offered_s = _mib_pair(need, offered)
-        return f"the model needs {need_s} but the peers offer {offered_s} in all"
+        shown = sorted(problem.devices, key=lambda d: d.memory_bytes)[:8]
+        each = ", ".join(f"{d.name} {_mib(d.memory_bytes)}" for d in shown)
+        more = ", ..." if len(problem.devices) > len(shown) else ""
+        return (
+            f"the model needs {need_s} but the peers offer {offered_s} in all: "
+            f"{_mib(need - offered)} short (each offers: {each}{more})"
+        )
     biggest = max(problem.devices, key=lambda d: d.memory_bytes)
     for i in range(layers):
         alone = problem.stage_bytes(i, i + 1)

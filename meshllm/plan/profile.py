@@ -61,6 +61,11 @@ class Profile:
     threads: int
     measured_at: float
     links: dict[str, LinkStats] = field(default_factory=dict)
+    # Memory the peer needs besides a stage's weights and KV cache: the daemon's own resident
+    # memory when it measured (runtime, libp2p, Python) plus what an ONNX Runtime session holds
+    # beyond its weights. The planner offers the model only memory_bytes minus this. 0 from a
+    # peer of a version that did not measure it.
+    overhead_bytes: int = 0
 
     def to_obj(self) -> dict[str, Any]:
         return {
@@ -76,6 +81,7 @@ class Profile:
             "threads": self.threads,
             "measured_at": self.measured_at,
             "links": {p: [s.rtt_s, s.bandwidth_Bps] for p, s in self.links.items()},
+            "overhead_bytes": self.overhead_bytes,
         }
 
     @classmethod
@@ -118,4 +124,5 @@ class Profile:
             threads=wire.integer(obj.get("threads"), "threads", 0, 4096),
             measured_at=wire.number(obj.get("measured_at"), "measured_at", 0.0),
             links=links,
+            overhead_bytes=wire.integer(obj.get("overhead_bytes", 0), "overhead_bytes"),
         )

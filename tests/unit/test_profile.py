@@ -45,10 +45,29 @@ def test_profile_round_trips_and_rejects_garbage():
         {**p.to_obj(), "layer_s": -1},
         {**p.to_obj(), "links": {"x": [1]}},
         {**p.to_obj(), "layer_s": float("nan")},
+        {**p.to_obj(), "overhead_bytes": -1},
+        {**p.to_obj(), "overhead_bytes": "100"},
         "nonsense",
     ):
         with pytest.raises(ProfileError):
             Profile.from_obj(bad)
+
+
+def test_profile_overhead_round_trips_and_is_zero_from_older_peers():
+    p = profile(overhead_bytes=123 << 20)
+    assert Profile.from_obj(p.to_obj()) == p
+    older = {k: v for k, v in p.to_obj().items() if k != "overhead_bytes"}
+    assert Profile.from_obj(older).overhead_bytes == 0
+
+
+def test_the_planner_offers_a_peers_memory_minus_its_measured_overhead(tiny_fp32):
+    manifest: Manifest = tiny_fp32.manifest
+    cfg = Config(plan=PlanSection(memory_fraction=0.5))
+    capped = profile(memory_bytes=600 << 20, memory_exact=True, overhead_bytes=150 << 20)
+    reported = profile(memory_bytes=1 << 30, overhead_bytes=100 << 20)
+    req = partition_request(["a", "b"], {"a": capped, "b": reported}, manifest, (0, 0), cfg)
+    assert req.workers[0].memory_bytes == 450 << 20
+    assert req.workers[1].memory_bytes == (1 << 29) - (100 << 20)
 
 
 def test_memory_budget_prefers_the_configured_limit():
@@ -84,6 +103,8 @@ def test_calibration_times_probes_with_generated_weights(tiny_fp32, tmp_path):
     sustained, idle = calibrate(
         probes, ranges, m.manifest.architecture, m.manifest.kv_names, threads=1
     )
+    # An ONNX Runtime session holds memory of its own beyond its weights and KV cache.
+    assert sustained.session_extra_bytes > 0
     for cal in (sustained, idle):
         assert cal.layer_s + cal.run_s > 0 and cal.prefill_layer_s >= 0 and cal.run_s >= 0
         assert cal.first_s >= 0 and cal.last_s >= 0
@@ -142,7 +163,7 @@ def test_probe_timings_keep_their_proportions_on_a_drifting_machine(monkeypatch)
 
     class FakeProbe:
         def __init__(self, seg_path, arch, kv, *, threads, prompt):
-            self.kind, self.pos = str(seg_path), 0
+            self.kind, self.pos, self.extra_bytes = str(seg_path), 0, 0
 
         def start(self) -> float:
             self.pos = 0
