@@ -31,6 +31,10 @@ class PeerSection:
     # Memory the planner may count on for this peer, in MiB; 0 means what the device reports
     # (available memory, or its cgroup limit when lower).
     memory_limit_mb: int = 0
+    # False: this peer runs no layers. It keeps and serves model files (it can be the source a
+    # laptop that converted the model is), answers queries and may lead, but the planner
+    # gives it no stage.
+    stages: bool = True
 
     def __post_init__(self) -> None:
         if not 1 <= self.threads <= 256:
@@ -302,13 +306,16 @@ def load_config(path: Path) -> Config:
     return parse_config(text, str(path))
 
 
-def default_config_text(name: str, listen: str = "/ip4/127.0.0.1/tcp/0") -> str:
+def default_config_text(
+    name: str, listen: str = "/ip4/127.0.0.1/tcp/0", *, stages: bool = True
+) -> str:
     d, p, api = MeshSection(), PlanSection(), ApiSection()
     return f"""# meshllm peer configuration. Unknown keys are rejected: `meshllm config check FILE`.
 
 [peer]
 name = "{name}"
 listen = ["{listen}"]
+stages = {str(stages).lower()}  # false: keep and serve model files, run no layers
 
 [mesh]
 transport = "{d.transport}"

@@ -60,6 +60,21 @@ def resident_bytes() -> int | None:
     return pages * os.sysconf("SC_PAGE_SIZE")
 
 
+def anonymous_bytes() -> int | None:
+    """This process's resident anonymous memory (Linux), or None where it cannot be read.
+
+    What a memory cap cannot take back without swap; file-backed pages (code, memory-mapped
+    weights) the kernel can drop and re-read instead of killing the process.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def memory_budget(limit_mb: int) -> tuple[int, bool]:
     """(bytes, exact): what this peer can give a model.
 
@@ -110,16 +125,23 @@ def fill_random_weights(seg_dir: Path, seed: int = 0) -> Path:
     with data.open("wb") as fh:
         fh.truncate(size)
         for off, length, dtype in spans:
-            np_type = helper.tensor_dtype_to_np_dtype(dtype)
-            count = length // np_type.itemsize
-            if np.issubdtype(np_type, np.floating):
-                values = (rng.standard_normal(count, dtype=np.float32) * 0.02).astype(np_type)
-                blob = values.tobytes()
-            else:
-                blob = rng.integers(0, 256, size=length, dtype=np.uint8).tobytes()
+            np_type = np.dtype(helper.tensor_dtype_to_np_dtype(dtype))
             fh.seek(off)
-            fh.write(blob)
+            # In pieces: a whole embedding table at once took several times its size in
+            # temporaries, enough to have a phone's memory cap kill the daemon while profiling.
+            step = max(np_type.itemsize, _FILL_CHUNK - _FILL_CHUNK % np_type.itemsize)
+            for at in range(0, length, step):
+                n = min(step, length - at)
+                if np.issubdtype(np_type, np.floating):
+                    values = rng.standard_normal(n // np_type.itemsize, dtype=np.float32)
+                    values *= 0.02
+                    fh.write(values.astype(np_type, copy=False).tobytes())
+                else:
+                    fh.write(rng.integers(0, 256, size=n, dtype=np.uint8).tobytes())
     return seg_dir / SEGMENT_MODEL
+
+
+_FILL_CHUNK = 4 * MiB
 
 
 @dataclass(frozen=True)
@@ -127,20 +149,19 @@ class ProbeTiming:
     decode_s: float  # seconds per decode step, steps back to back (sustained load)
     idle_decode_s: float  # seconds per decode step after an idle spell (one request in a pipeline)
     prefill_s: float  # seconds per prompt token in a prefill
-    # Resident bytes its session added beyond its weights and KV cache (ONNX Runtime's own
-    # buffers, first-use allocations): measured on the first probe a process loads.
-    extra_bytes: int = 0
 
 
 class _Probe:
     """One probe segment loaded for timing, serving one request of random inputs."""
 
     def __init__(self, seg_path: Path, arch: Any, kv: Any, *, threads: int, prompt: int):
+        from meshllm.model.ortlib import ort
         from meshllm.model.runtime import SegmentRuntime
 
-        self.resident_before = resident_bytes()
+        ort()  # loaded before measuring: the runtime itself is not the session's memory
+        self.anon_before = anonymous_bytes()
         self.weight_bytes = _data_bytes(seg_path)
-        self.extra_bytes = 0
+        self.extra_bytes: int | None = None  # see start
         self.rt = SegmentRuntime(seg_path, arch, kv, threads=threads)
         self.arch = arch
         self.rng = np.random.default_rng(1)
@@ -178,10 +199,11 @@ class _Probe:
         self.pos = self.prompt
         for _ in range(2):  # warm-up: first-run allocations
             self.step()
-        now, before = resident_bytes(), self.resident_before
-        if now is not None and before is not None:
-            held = self.weight_bytes + self.rt.kv_bytes("probe")
-            self.extra_bytes = max(self.extra_bytes, now - before - held)
+        now, before = anonymous_bytes(), self.anon_before
+        if self.extra_bytes is None and now is not None and before is not None:
+            # What loading and first running it cost beyond its weights and KV cache: its
+            # share of the session's own buffers, repacked weights, first-use allocations.
+            self.extra_bytes = now - before - self.weight_bytes - self.rt.kv_bytes("probe")
         return prefill
 
     @property
@@ -286,7 +308,7 @@ def time_probes(
     scale = {f: over_pairs("mean", f) / base[f] if base[f] > 0 else 1.0 for f in fields}
     out = {
         reference: ProbeTiming(
-            **{f: base[f] * scale[f] for f in fields}, extra_bytes=max(0, ref.extra_bytes)
+            **{f: base[f] * scale[f] for f in fields},
         )
     }
     for kind, p in pairs.items():
@@ -323,7 +345,11 @@ class Calibration:
     first_s: float  # extra decode seconds of the embedding
     last_s: float  # extra decode seconds of the final norm and lm_head
     prefill_layer_s: float  # prefill seconds per layer per prompt token
-    session_extra_bytes: int = 0  # see ProbeTiming.extra_bytes (the reference probe's)
+    # A loaded segment's memory beyond its KV cache: session_bytes + weight_factor x its
+    # weight bytes. ONNX Runtime repacks some weights for its kernels (int4 matmuls: about a
+    # third more) and holds buffers of its own.
+    session_bytes: int = 0
+    weight_factor: float = 1.0
 
 
 def calibrate(
@@ -341,14 +367,58 @@ def calibrate(
         for kind in ("a", "b", "first", "last"):
             segs[kind] = fill_random_weights(probes[kind])
         t = time_probes(segs, arch, kv, threads=threads, reference="a")
+        session_bytes, weight_factor = session_memory(segs, arch, kv, threads=threads)
     finally:
         # The random weights are only for timing; a peer keeps no weights it does not run.
         for seg in segs.values():
             (seg.parent / (seg.name + ".data")).unlink(missing_ok=True)
-    return _fit(t, ranges, "decode_s"), _fit(t, ranges, "idle_decode_s")
+    memory = {"session_bytes": session_bytes, "weight_factor": weight_factor}
+    return _fit(t, ranges, "decode_s", memory), _fit(t, ranges, "idle_decode_s", memory)
 
 
-def _fit(t: dict[str, ProbeTiming], ranges: dict[str, tuple[int, int]], key: str) -> Calibration:
+def session_memory(segs: dict[str, Path], arch: Any, kv: Any, *, threads: int) -> tuple[int, float]:
+    """(session_bytes, weight_factor): a loaded segment's memory beyond its KV cache is
+    session_bytes + weight_factor x its weight bytes.
+
+    Probes ``a`` and ``b`` (twice a's layers) are each loaded alone, with the memory freed by
+    the ones before handed back to the system first, and each runs a short prefill: two sizes
+    give the per-byte cost (the slope) and the fixed one (the intercept).
+    """
+    extra: dict[str, tuple[int, int]] = {}
+    for kind in ("a", "b"):
+        release_free_memory()
+        probe = _Probe(segs[kind], arch, kv, threads=threads, prompt=32)
+        probe.start()
+        extra[kind] = (probe.extra_bytes or 0, probe.weight_bytes)
+        del probe
+    release_free_memory()
+    (ea, wa), (eb, wb) = extra["a"], extra["b"]
+    per = (eb - ea) / (wb - wa) if wb > wa else 0.0
+    per = min(max(per, 0.0), 3.0)
+    fixed = max(0, ea - int(per * wa), eb - int(per * wb))
+    return fixed, 1.0 + per
+
+
+def release_free_memory() -> None:
+    """Hand memory the C allocator holds but nothing uses back to the system (glibc).
+
+    Without it, a peer that profiled a model kept the probes' freed memory (measured: 334 MiB
+    resident after profiling, 110 MiB after this), which its memory cap counts.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to do
+
+
+def _fit(
+    t: dict[str, ProbeTiming],
+    ranges: dict[str, tuple[int, int]],
+    key: str,
+    memory: dict[str, Any],
+) -> Calibration:
     """Per-layer cost (slope) and fixed run cost (intercept) from the two middle probes."""
 
     def d(kind: str) -> float:
@@ -369,5 +439,5 @@ def _fit(t: dict[str, ProbeTiming], ranges: dict[str, tuple[int, int]], key: str
         first_s=max(0.0, d("first") - one),
         last_s=max(0.0, d("last") - one),
         prefill_layer_s=pre,
-        session_extra_bytes=t["a"].extra_bytes,
+        **memory,
     )

@@ -189,6 +189,8 @@ def up(
                 add_bootstrap(home, list(token.addrs))  # a re-used home: ports are new
             if np is not None:
                 set_peer_config(home, listen=np.listen, memory_limit_mb=np.memory_mb)
+            if prof is not None and not prof.peers[i].device_class.stages:
+                set_config_keys(home, "peer", {"stages": "false"})
             if transport is not None:
                 set_config_keys(home, "mesh", {"transport": json.dumps(transport)})
             for section, values in (config or {}).items():

@@ -6,6 +6,7 @@
     cpu = 0.25            # cores
     bandwidth_mbit = 20   # each way
     memory_mb = 384       # the peer's [peer] memory_limit_mb
+    stages = true         # optional; false: [peer] stages = false (a laptop that holds files)
 
     [[peer]]              # one per device, in start (and pipeline) order
     class = "budget"
@@ -58,6 +59,7 @@ class DeviceClass:
     cpu: float  # cores: the cgroup's CFS quota is cpu * period
     bandwidth_mbit: float  # Mbit/s, each way
     memory_mb: int  # the peer's [peer] memory_limit_mb (0: what the host reports)
+    stages: bool = True  # the peer's [peer] stages: False runs no layers, only serves files
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ class TestbedProfile:
 
 
 _CLASS_KEYS = ("bandwidth_mbit", "cpu", "memory_mb")
+_CLASS_OPTIONAL = ("stages",)
 _PEER_KEYS = ("class", "name")
 _TOP_KEYS = ("class", "peer")
 
@@ -106,15 +109,19 @@ def _parse_class(name: str, table: Any) -> DeviceClass:
     where = f"class.{name}"
     if not isinstance(table, dict):
         raise TestbedProfileError(f"{where}: expected a table ([class.{name}])")
-    _check_keys(table, _CLASS_KEYS, where)
+    _check_keys(table, (*_CLASS_KEYS, *_CLASS_OPTIONAL), where)
     missing = [k for k in _CLASS_KEYS if k not in table]
     if missing:
         raise TestbedProfileError(f"{where}: missing key {missing[0]!r}")
+    stages = table.get("stages", True)
+    if not isinstance(stages, bool):
+        raise TestbedProfileError(f"{where}.stages: expected true or false, got {stages!r}")
     return DeviceClass(
         name=name,
         cpu=_number(table["cpu"], f"{where}.cpu", MIN_CPU, 1024),
         bandwidth_mbit=_number(table["bandwidth_mbit"], f"{where}.bandwidth_mbit", 0.1, 100_000),
         memory_mb=_integer(table["memory_mb"], f"{where}.memory_mb", 0, 1 << 24),
+        stages=stages,
     )
 
 

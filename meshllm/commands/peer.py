@@ -44,7 +44,12 @@ def home_of(ctx: click.Context) -> Path:
 
 
 def init_home(
-    home: Path, *, name: str | None = None, listen: str | None = None, token: JoinToken | None
+    home: Path,
+    *,
+    name: str | None = None,
+    listen: str | None = None,
+    token: JoinToken | None,
+    stages: bool = True,
 ) -> bool:
     """Create identity, config and secret; returns False if the home was already set up."""
     if (home / IDENTITY_FILE).exists():
@@ -53,7 +58,8 @@ def init_home(
     home.chmod(0o700)
     create_identity(home)
     name = name or f"{socket.gethostname().split('.')[0]}-{secrets.token_hex(2)}"
-    (home / CONFIG_FILE).write_text(default_config_text(name, listen or "/ip4/127.0.0.1/tcp/0"))
+    listen = listen or "/ip4/127.0.0.1/tcp/0"
+    (home / CONFIG_FILE).write_text(default_config_text(name, listen, stages=stages))
     (token.secret if token else MeshSecret.generate()).save(home)
     if token:
         add_bootstrap(home, list(token.addrs))
@@ -65,12 +71,21 @@ def init_home(
 @click.option("--name", help="Display name of this peer (default: host name + random suffix).")
 @click.option("--listen", help="Listen multiaddr  [default: /ip4/127.0.0.1/tcp/0]")
 @click.option("--join", "token_text", metavar="TOKEN", help="Join the mesh of this invite token.")
+@click.option(
+    "--stages/--no-stages",
+    default=True,
+    show_default=True,
+    help="--no-stages: this peer runs no layers; it keeps and serves model files (a laptop "
+    "that converts models for a mesh of phones), answers queries and may lead.",
+)
 @click.pass_context
-def init_cmd(ctx: click.Context, name: str | None, listen: str | None, token_text: str | None):
+def init_cmd(
+    ctx: click.Context, name: str | None, listen: str | None, token_text: str | None, stages: bool
+):
     """Create this peer's home: key pair, config.toml and a new mesh secret (or a joined one)."""
     home = home_of(ctx)
     token = JoinToken.decode(token_text) if token_text else None
-    if not init_home(home, name=name, listen=listen, token=token):
+    if not init_home(home, name=name, listen=listen, token=token, stages=stages):
         click.echo(f"{home} is already initialised", err=True)
         return
     mesh = (token.secret if token else MeshSecret.load(home)).mesh_id

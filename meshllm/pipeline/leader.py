@@ -138,6 +138,12 @@ class Leader:
             log.warning("profiles_missing", peers=missing)
         return found
 
+    def stage_peers(self) -> list[str]:
+        """The live peers the planner may give layers: not those that run no stages."""
+        mine = [self.me] if self.config.peer.stages else []
+        others = [p for p in self.node.alive_peers() if self.state.state_of(p).stages]
+        return sorted([*mine, *others])
+
     async def make_plan(
         self,
         model: str,
@@ -165,7 +171,9 @@ class Leader:
         config = replace(self.config, plan=replace(self.config.plan, objective=objective))
         info, source = self.find_model(model)
         sha = str(info["sha"])
-        workers = sorted([self.me, *self.node.alive_peers()])
+        workers = self.stage_peers()
+        if not workers:
+            raise PlanError(f"cannot serve {model}: no live peer runs layers ([peer] stages)")
         impl = self.partitioners.get(partitioner)
         manifest = Manifest.read(await self.profiler.meta_dir(sha, source))
         ends = await self.profiler.end_bytes(sha, source)

@@ -11,6 +11,7 @@ A heartbeat's ``x`` map is small state, re-sent every interval (losing one costs
   ``staged``          leader: a plan being prepared while the current one serves
   ``prepared``        the staged epoch this peer has loaded
   ``plan``            the newest plan this peer knows
+  ``stages``          false: it runs no layers (``[peer] stages``); absent means true
 
 :meth:`PeerState.from_obj` checks all of it with :mod:`meshllm.wire` as the heartbeat arrives;
 a heartbeat whose state does not decode is dropped whole, with the reason logged. Unknown keys
@@ -101,6 +102,7 @@ class PeerState:
     staged: Plan | None = None
     prepared: int = 0
     plan: Plan | None = None
+    stages: bool = True
 
     @classmethod
     def from_obj(cls, raw: Any) -> PeerState:
@@ -134,6 +136,7 @@ class PeerState:
             staged=wire.optional(obj.get("staged"), "staged", _plan),
             prepared=wire.integer(obj.get("prepared", 0), "prepared"),
             plan=wire.optional(obj.get("plan"), "plan", _plan),
+            stages=wire.flag(obj.get("stages", True), "stages"),
         )
 
 

@@ -160,6 +160,7 @@ class Profiler:
                 hop_ms=round(prof.hop_s * 1e3, 3),
                 memory_mib=prof.memory_bytes >> 20,
                 overhead_mib=prof.overhead_bytes >> 20,
+                weight_factor=round(prof.weight_factor, 3),
                 links=len(prof.links),
             )
             return prof
@@ -175,7 +176,7 @@ class Profiler:
         handoff = await self._handoff_s()
         mem, exact = memory_budget(self.config.peer.memory_limit_mb)
         # Measured after the probes ran, so the runtime this peer will serve with is loaded.
-        overhead = (resident_bytes() or 0) + cal.session_extra_bytes
+        overhead = (resident_bytes() or 0) + cal.session_bytes
         links = {}
         for peer in self.node.alive_peers():
             try:
@@ -201,6 +202,7 @@ class Profiler:
             measured_at=time.time(),
             links=links,
             overhead_bytes=overhead,
+            weight_factor=min(cal.weight_factor, 8.0),
         )
 
     @staticmethod
@@ -295,7 +297,7 @@ def worker_profile(
 ) -> WorkerProfile:
     """A measured profile in the partitioner's terms."""
     mem = prof.memory_bytes if prof.memory_exact else int(prof.memory_bytes * memory_fraction)
-    mem -= prof.overhead_bytes
+    mem = int((mem - prof.overhead_bytes) / prof.weight_factor)
     layer, first, last = (
         (prof.idle_layer_s, prof.idle_first_s, prof.idle_last_s)
         if regime == IDLE

@@ -144,6 +144,8 @@ class ServingService:
             x["prepared"] = self.loader.prepared_epoch
         if st.plan is not None:
             x["plan"] = st.plan.to_obj()
+        if not self.config.peer.stages:
+            x["stages"] = False
         return x
 
     def _on_peer_extra(self, sender: str, state: PeerState) -> None:
@@ -257,7 +259,7 @@ class ServingService:
         except MeshError as exc:
             raise ControlError("unknown_model", str(exc)) from None
         sha = str(info["sha"])
-        peers = sorted([self.me, *self.node.alive_peers()])
+        peers = self.leader.stage_peers()
         found = await self.leader.gather_profiles(sha, source, peers, refresh=refresh)
         return {
             "model": model,
@@ -270,9 +272,13 @@ class ServingService:
         """A peer's memory and recent stage figures, as it last published them."""
         if pid == self.me:
             extra = {"rss_mb": rss_mb(), "stage_stats": self.state.stage_stats_of(pid)}
+            stages = self.config.peer.stages
         else:
             state = self.state.state_of(pid)
             extra = {"rss_mb": state.rss_mb, "stage_stats": state.stage_stats}
+            stages = state.stages
+        if not stages:
+            extra["stages"] = False  # keeps and serves files, runs no layers
         return {k: v for k, v in extra.items() if v is not None}
 
     def serving_status(self) -> dict[str, Any]:

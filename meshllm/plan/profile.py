@@ -61,11 +61,13 @@ class Profile:
     threads: int
     measured_at: float
     links: dict[str, LinkStats] = field(default_factory=dict)
-    # Memory the peer needs besides a stage's weights and KV cache: the daemon's own resident
-    # memory when it measured (runtime, libp2p, Python) plus what an ONNX Runtime session holds
-    # beyond its weights. The planner offers the model only memory_bytes minus this. 0 from a
-    # peer of a version that did not measure it.
+    # Memory the peer needs besides a stage: the daemon's own resident memory once its probes
+    # ran (runtime, libp2p, Python) plus a session's fixed part; and the resident bytes a
+    # loaded segment takes per byte of its weights (see meshllm.device.Calibration). The
+    # planner offers the model (memory_bytes - overhead_bytes) / weight_factor. 0 and 1 from
+    # a peer of a version that did not measure them.
     overhead_bytes: int = 0
+    weight_factor: float = 1.0
 
     def to_obj(self) -> dict[str, Any]:
         return {
@@ -82,6 +84,7 @@ class Profile:
             "measured_at": self.measured_at,
             "links": {p: [s.rtt_s, s.bandwidth_Bps] for p, s in self.links.items()},
             "overhead_bytes": self.overhead_bytes,
+            "weight_factor": self.weight_factor,
         }
 
     @classmethod
@@ -125,4 +128,5 @@ class Profile:
             measured_at=wire.number(obj.get("measured_at"), "measured_at", 0.0),
             links=links,
             overhead_bytes=wire.integer(obj.get("overhead_bytes", 0), "overhead_bytes"),
+            weight_factor=wire.number(obj.get("weight_factor", 1.0), "weight_factor", 1.0, 8.0),
         )

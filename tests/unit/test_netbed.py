@@ -59,6 +59,11 @@ def test_a_profile_decodes_into_typed_values():
     assert isinstance(fast.cpu, float) and fast.cpu == 1.0
     assert slow.bandwidth_mbit == 20.5 and slow.memory_mb == 384
     assert prof.peers[1].name == "old-phone"
+    assert fast.stages and slow.stages  # run layers unless a class says otherwise
+    files = testbed_profile.parse_profile(
+        GOOD.replace("memory_mb = 1024", "memory_mb = 0\nstages = false")
+    )
+    assert not files.peers[0].device_class.stages
 
 
 @pytest.mark.parametrize(
@@ -78,6 +83,7 @@ def test_a_profile_decodes_into_typed_values():
         (("memory_mb = 384", "memory_mb = 1.5"), "class.slow.memory_mb: expected an integer"),
         (("memory_mb = 384", "memory_mb = -1"), "class.slow.memory_mb: must be between 0"),
         (("memory_mb = 384\n", ""), "class.slow: missing key 'memory_mb'"),
+        (("memory_mb = 384", "memory_mb = 384\nstages = 0"), "class.slow.stages: expected true"),
         (('name = "old-phone"', 'name = ""'), "peer[1].name: expected a non-empty string"),
         (("[class.fast]", "[class.fast"), "not valid TOML"),
     ],

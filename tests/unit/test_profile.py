@@ -54,19 +54,24 @@ def test_profile_round_trips_and_rejects_garbage():
 
 
 def test_profile_overhead_round_trips_and_is_zero_from_older_peers():
-    p = profile(overhead_bytes=123 << 20)
+    p = profile(overhead_bytes=123 << 20, weight_factor=1.25)
     assert Profile.from_obj(p.to_obj()) == p
-    older = {k: v for k, v in p.to_obj().items() if k != "overhead_bytes"}
-    assert Profile.from_obj(older).overhead_bytes == 0
+    older = {k: v for k, v in p.to_obj().items() if k not in ("overhead_bytes", "weight_factor")}
+    assert (Profile.from_obj(older).overhead_bytes, Profile.from_obj(older).weight_factor) == (0, 1)
+    for bad in (0.5, 100.0, "1"):
+        with pytest.raises(ProfileError):
+            Profile.from_obj({**p.to_obj(), "weight_factor": bad})
 
 
 def test_the_planner_offers_a_peers_memory_minus_its_measured_overhead(tiny_fp32):
     manifest: Manifest = tiny_fp32.manifest
     cfg = Config(plan=PlanSection(memory_fraction=0.5))
-    capped = profile(memory_bytes=600 << 20, memory_exact=True, overhead_bytes=150 << 20)
+    capped = profile(
+        memory_bytes=600 << 20, memory_exact=True, overhead_bytes=150 << 20, weight_factor=1.5
+    )
     reported = profile(memory_bytes=1 << 30, overhead_bytes=100 << 20)
     req = partition_request(["a", "b"], {"a": capped, "b": reported}, manifest, (0, 0), cfg)
-    assert req.workers[0].memory_bytes == 450 << 20
+    assert req.workers[0].memory_bytes == 300 << 20  # (600 - 150) / 1.5
     assert req.workers[1].memory_bytes == (1 << 29) - (100 << 20)
 
 
@@ -104,7 +109,7 @@ def test_calibration_times_probes_with_generated_weights(tiny_fp32, tmp_path):
         probes, ranges, m.manifest.architecture, m.manifest.kv_names, threads=1
     )
     # An ONNX Runtime session holds memory of its own beyond its weights and KV cache.
-    assert sustained.session_extra_bytes > 0
+    assert sustained.session_bytes > 0 and 1.0 <= sustained.weight_factor <= 4.0
     for cal in (sustained, idle):
         assert cal.layer_s + cal.run_s > 0 and cal.prefill_layer_s >= 0 and cal.run_s >= 0
         assert cal.first_s >= 0 and cal.last_s >= 0
@@ -163,7 +168,7 @@ def test_probe_timings_keep_their_proportions_on_a_drifting_machine(monkeypatch)
 
     class FakeProbe:
         def __init__(self, seg_path, arch, kv, *, threads, prompt):
-            self.kind, self.pos, self.extra_bytes = str(seg_path), 0, 0
+            self.kind, self.pos = str(seg_path), 0
 
         def start(self) -> float:
             self.pos = 0

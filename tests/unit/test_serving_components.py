@@ -488,6 +488,28 @@ def test_a_new_epoch_follows_every_credible_one_seen() -> None:
     assert seen.max_epoch_seen() == 9
 
 
+def test_the_planner_gives_no_layers_to_a_peer_that_runs_no_stages() -> None:
+    from meshllm.config import PeerSection
+
+    states = {"peer-b": PeerState(stages=False), "peer-c": PeerState(), "peer-d": PeerState()}
+    leader = leader_over(states)
+    assert leader.stage_peers() == sorted([leader.me, "peer-c", "peer-d"])
+    # A heartbeat says so only when false; older peers, which do not say, run stages.
+    assert PeerState.from_obj({"stages": False}).stages is False
+    assert PeerState.from_obj({}).stages is True
+    with pytest.raises(MeshError):
+        PeerState.from_obj({"stages": "no"})
+    # This peer itself, by its own config.
+    files_only = Leader(
+        Config(peer=PeerSection(stages=False)),
+        leader.node,
+        leader.state,
+        None,
+        None,  # type: ignore[arg-type]
+    )
+    assert files_only.stage_peers() == ["peer-c", "peer-d"]
+
+
 # -- the leader replacing a plan that lost a peer -----------------------------------------------
 class PlanMaker:
     """Stands in for Leader.make_plan: records each call; fails while *error* is set."""
