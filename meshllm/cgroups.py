@@ -77,12 +77,22 @@ def memory_usage(cg: Path | None) -> dict[str, int | None]:
                 key, _, value = line.partition(" ")
                 if key == "oom_kill":
                     kills = int(value)
+    anon = None
+    if cg is not None:
+        with contextlib.suppress(OSError, ValueError):
+            for line in (cg / "memory.stat").read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "total_rss":
+                    anon = int(value)
     limit = number("memory.limit_in_bytes")
     return {
         # The kernel's "no limit" is the largest page-aligned 63-bit value.
         "memory_limit_bytes": None if limit is None or limit >= 1 << 62 else limit,
         "memory_peak_bytes": number("memory.max_usage_in_bytes"),
         "memory_bytes": number("memory.usage_in_bytes"),
+        # Anonymous memory now: what the cap cannot reclaim (the peak and usage above also
+        # count page cache, which fills up to the cap and is dropped as needed).
+        "memory_anon_bytes": anon,
         "oom_kills": kills,
     }
 

@@ -299,6 +299,7 @@ def time_probes(
             other = _Probe(seg, arch, kv, threads=threads, prompt=prompt)
             pairs[kind] = _time_pair(ref, other, budget_s)
             del other  # its session's memory goes before the next probe loads
+            release_free_memory()  # measured: without, the next probe's memory came on top
     fields = ("decode_s", "idle_decode_s", "prefill_s")
 
     def over_pairs(which: str, f: str) -> float:

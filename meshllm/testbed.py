@@ -281,6 +281,17 @@ def wait_for_mesh(homes: list[Path], timeout: float) -> None:
         time.sleep(0.1)
 
 
+def resident_peak(pid: int) -> int | None:
+    """Process *pid*'s peak resident memory (VmHWM), or None where it cannot be read."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def status(root: Path) -> list[dict]:
     """Every peer's entry: where it runs, its daemon's status (or why there is none) and, on
     a phone testbed, its memory cgroup's limit, peak and OOM kills."""
@@ -292,6 +303,7 @@ def status(root: Path) -> list[dict]:
             entry.update({"class": p.device_class, "netns": p.netns, "address": p.address})
         if net is not None and p.index < len(net.peers):
             entry.update(netbed.memory_usage(net.peers[p.index]))
+            entry["resident_peak_bytes"] = resident_peak(p.pid) if is_our_daemon(p.pid) else None
         try:
             entry["status"] = call(Path(p.home), "status", timeout=5)
         except MeshError as exc:

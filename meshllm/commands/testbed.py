@@ -91,8 +91,10 @@ def status_cmd(root: Path, as_json: bool) -> None:
 
 
 def _memory(entry: dict) -> str:
-    """Peak over cap in MiB, and the OOM kills when there were any ("-": not known)."""
-    peak, cap = entry.get("memory_peak_bytes"), entry.get("memory_limit_bytes")
+    """The daemon's peak resident memory over its cap in MiB, and the OOM kills when there
+    were any ("-": not known). With the daemon gone, the cgroup's peak (page cache too)."""
+    peak = entry.get("resident_peak_bytes") or entry.get("memory_peak_bytes")
+    cap = entry.get("memory_limit_bytes")
     if peak is None:
         return "-"
     text = f"{peak >> 20}/{'none' if cap is None else cap >> 20}"

@@ -251,10 +251,12 @@ def test_memory_limit_is_the_class_memory_with_no_swap_and_usage_reads_back(tmp_
     (cg / "memory.max_usage_in_bytes").write_text("123456\n")
     (cg / "memory.usage_in_bytes").write_text("1000\n")
     (cg / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 2\n")
+    (cg / "memory.stat").write_text("cache 4096\nrss 512\ntotal_cache 4096\ntotal_rss 800\n")
     assert netbed.memory_usage(peer) == {
         "memory_limit_bytes": 640 << 20,
         "memory_peak_bytes": 123456,
         "memory_bytes": 1000,
+        "memory_anon_bytes": 800,
         "oom_kills": 2,
     }
     # 0 MiB: what the host has, no cap (the kernel's "unlimited" reads back as None).
