@@ -29,6 +29,21 @@ def find_mount(controller: str) -> Path | None:
     return None
 
 
+def own_cgroup(controller: str) -> Path | None:
+    """This process's cgroup v1 directory for *controller*, or None where it has none."""
+    mount = find_mount(controller)
+    if mount is None:
+        return None
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if controller in controllers.split(","):
+                return mount / path.lstrip("/")
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def find_cpu_mount() -> Path | None:
     """Where the cgroup v1 ``cpu`` controller is mounted (maybe co-mounted with cpuacct)."""
     return find_mount("cpu")

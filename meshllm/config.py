@@ -28,8 +28,9 @@ class PeerSection:
     name: str = ""
     listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
     threads: int = 1  # ONNX Runtime threads for this peer's segment
-    # Memory the planner may count on for this peer, in MiB; 0 means what the device reports
-    # (available memory, or its cgroup limit when lower).
+    # This peer's memory in MiB, its daemon's own included (the planner offers the model what
+    # is left once the daemon's measured overhead is taken off); 0 means what the device
+    # reports (available memory, or its cgroup limit when lower).
     memory_limit_mb: int = 0
     # False: this peer runs no layers. It keeps and serves model files (it can be the source a
     # laptop that converted the model is), answers queries and may lead, but the planner

@@ -47,6 +47,7 @@ from meshllm.mesh.transport import (
     PeerUnreachable,
     ReportsStats,
 )
+from meshllm.pipeline import memory_lesson
 from meshllm.plugins import TransportRegistry, get_plugin_manager
 
 DAEMON_FILE = "daemon.json"
@@ -168,6 +169,7 @@ class Daemon:
             },
             streaming={"query": self.serving.gateway.op_query},
         )
+        memory_lesson.learn_at_start(self.home)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_signals, nursery.cancel_scope)
             await nursery.start(self.endpoint.run)
@@ -205,6 +207,7 @@ class Daemon:
                 await self.node.leave()
             nursery.cancel_scope.cancel()
         (self.home / DAEMON_FILE).unlink(missing_ok=True)
+        memory_lesson.released(self.home)  # a stop, not a kill: nothing to learn
 
     async def _start_api(self, nursery: trio.Nursery) -> None:
         from meshllm.api.browser import url_host

@@ -5,7 +5,7 @@
     [class.budget]
     cpu = 0.25            # cores
     bandwidth_mbit = 20   # each way
-    memory_mb = 384       # the peer's [peer] memory_limit_mb
+    memory_mb = 384       # the phone's memory, a cap: the peer's [peer] memory_limit_mb
     stages = true         # optional; false: [peer] stages = false (a laptop that holds files)
 
     [[peer]]              # one per device, in start (and pipeline) order

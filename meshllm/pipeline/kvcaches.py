@@ -57,6 +57,12 @@ class KVCaches:
         stage.keep_caches = True
         self._retired[stage.epoch] = (stage.runtime, trio.current_time() + kvmove.RETIRED_KEEP_S)
 
+    def drop_retired(self) -> int:
+        """Let the kept stages go now (their KV caches with them); returns how many."""
+        n = len(self._retired)
+        self._retired.clear()
+        return n
+
     def runtime_of(self, epoch: int) -> Any:
         stage = self.state.stage
         if stage is not None and stage.epoch == epoch:

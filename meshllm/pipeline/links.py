@@ -238,8 +238,7 @@ class Links:
                 f = self._decode(data, stream.peer_id)
                 if f is None:
                     continue
-                stage = self.state.stage
-                if f.kind == FWD and stage is not None and stage.run_here(f, token):
+                if f.kind == FWD and self._run_here(f, token):
                     continue
                 try:
                     # Contained: raised in a callback, it would take the event loop down.
@@ -248,6 +247,13 @@ class Links:
                     return
         finally:
             stream.close_reader()
+
+    def _run_here(self, f: Frame, token: trio.lowlevel.TrioToken) -> bool:
+        # Its own frame, so that no reference to the stage outlives the step: a local in the
+        # reader's loop kept a replaced stage (its session, its KV caches) alive for as long
+        # as the link stayed quiet, and a phone at its memory cap was killed loading the next.
+        stage = self.state.stage
+        return stage is not None and stage.run_here(f, token)
 
 
 def _link_ended(exc: Exception, peer_id: str) -> None:

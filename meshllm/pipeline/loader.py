@@ -10,24 +10,35 @@ itself only starts a stage already loaded.
 
 from __future__ import annotations
 
+import gc
+import weakref
 from pathlib import Path
 from typing import Any
 
+import structlog
 import trio
 
 from meshllm.config import Config
+from meshllm.device import memory_budget, release_free_memory, resident_bytes
 from meshllm.mesh.contain import report, spawn
 from meshllm.mesh.node import MeshNode
 from meshllm.mesh.transport import Endpoint
 from meshllm.model.manifest import Manifest
 from meshllm.model.ranges import LayerRange
 from meshllm.model.tokenizer import ChatTokenizer
-from meshllm.pipeline import files
+from meshllm.pipeline import files, memory_lesson
 from meshllm.pipeline.kvcaches import KVCaches
 from meshllm.pipeline.links import Links
 from meshllm.pipeline.plan import Plan
 from meshllm.pipeline.serving_state import ServingState
 from meshllm.pipeline.stage import StageRunner
+
+log = structlog.get_logger()
+
+# Resident bytes a segment takes per weight byte, with a margin: int4 segments were measured at
+# about 1.26 (ONNX Runtime repacks their matmul weights), float32 at 1.0.
+ROOM_FACTOR = 1.3
+ROOM_WAIT_S = 10.0
 
 
 class SegmentLoader:
@@ -97,6 +108,8 @@ class SegmentLoader:
 
     async def _realize_inner(self, plan: Plan) -> None:
         st = self.state
+        # Not a reference: whether the old stage's session is really gone is checked later.
+        previous = None if st.stage is None else weakref.ref(st.stage.runtime)
         if st.stage is not None and st.stage.epoch != plan.epoch:
             self.kv.retire(st.stage)
         if self._stage_scope is not None:
@@ -118,6 +131,7 @@ class SegmentLoader:
             return  # replaced while the files loaded (a thread is not cancelled): it loads
         idx = plan.stage_of(self.me)
         if idx is None:
+            memory_lesson.released(self.home)
             st.set_state("ready", role="coordinator")
             return
         r = plan.stages[idx].range
@@ -128,6 +142,8 @@ class SegmentLoader:
         else:
             seg_path = await self._segment_path(plan, r, local, report=True)
             st.set_state("loading")
+            await self._make_room(data_bytes(seg_path), previous)
+            memory_lesson.holding(self.home, data_bytes(seg_path))
             runtime = await self._load_runtime(seg_path, manifest)
         if self.state.plan is not plan:
             return  # replaced while the segment loaded: the newer plan's load takes over
@@ -162,8 +178,35 @@ class SegmentLoader:
                 plan.epoch,
                 runtime.layers,
             )
-        seg_bytes = (seg_path.parent / "segment.onnx.data").stat().st_size
+        seg_bytes = data_bytes(seg_path)
         st.set_state("ready", layers=str(r), segment_bytes=seg_bytes)
+
+    async def _make_room(self, new_bytes: int, previous: weakref.ref[Any] | None) -> None:
+        """Under a memory cap, let the old plan's stage go before loading a new one that would
+        not fit beside it: its KV caches are then replayed instead of moved (measured: on a
+        phone capped at 480 MiB, the old stage and the new one together had the kernel kill
+        the daemon during a recovery)."""
+        limit, exact = memory_budget(self.config.peer.memory_limit_mb)
+        now = resident_bytes()
+        if not exact or now is None or now + ROOM_FACTOR * new_bytes <= limit:
+            return
+        dropped = self.kv.drop_retired()
+        # The old stage's last step may still be running on its thread: wait (a while) until
+        # its session is really freed. A cancelled task's frames can also hold it in a cycle.
+        with trio.move_on_after(ROOM_WAIT_S):
+            while True:
+                gc.collect()
+                if previous is None or previous() is None:
+                    break
+                await trio.sleep(0.1)
+        release_free_memory()
+        log.info(
+            "old_stage_dropped_for_room",
+            new_mib=new_bytes >> 20,
+            cap_mib=limit >> 20,
+            kept=dropped,
+            freed=previous is None or previous() is None,
+        )
 
     async def _segment_path(self, plan: Plan, r: LayerRange, local: Any, *, report: bool) -> Path:
         """This peer's segment files for *r*: cut from the local model, or fetched."""
@@ -211,6 +254,9 @@ class SegmentLoader:
                 r = plan.stages[idx].range
                 local = self.state.store.by_sha(plan.model_sha)
                 seg_path = await self._segment_path(plan, r, local, report=False)
+                # Both stages are held until the switch.
+                held = int(self.state.state.get("segment_bytes", 0))
+                memory_lesson.holding(self.home, held + data_bytes(seg_path))
                 runtime = await self._load_runtime(seg_path, self.state.manifest)
                 self._prepared = (plan.epoch, r, runtime, seg_path)
             self.prepared_epoch = plan.epoch
@@ -218,6 +264,14 @@ class SegmentLoader:
         except Exception as exc:  # as in _realize: whatever the files were, only this fails
             report(exc, "prepare_plan", plan.source)
             self._preparing = 0
+
+
+def data_bytes(seg_path: Path) -> int:
+    """Weight bytes of a segment on disk (0 if its data file is missing)."""
+    try:
+        return (seg_path.parent / "segment.onnx.data").stat().st_size
+    except OSError:
+        return 0
 
 
 async def _run_stage(stage: StageRunner, scope: trio.CancelScope) -> None:

@@ -31,7 +31,7 @@ from meshllm.model.ranges import LayerRange
 from meshllm.model.segment_files import SegmentInfo
 from meshllm.model.store import ModelStore
 from meshllm.partitioners import PartitionRequest, WorkerProfile
-from meshllm.pipeline import files
+from meshllm.pipeline import files, memory_lesson
 from meshllm.pipeline.peerstate import PeerState
 from meshllm.plan.profile import LinkStats, Profile
 
@@ -203,6 +203,7 @@ class Profiler:
             links=links,
             overhead_bytes=overhead,
             weight_factor=min(cal.weight_factor, 8.0),
+            learned_max_bytes=memory_lesson.lesson(self.home) or 0,
         )
 
     @staticmethod
@@ -298,6 +299,8 @@ def worker_profile(
     """A measured profile in the partitioner's terms."""
     mem = prof.memory_bytes if prof.memory_exact else int(prof.memory_bytes * memory_fraction)
     mem = int((mem - prof.overhead_bytes) / prof.weight_factor)
+    if prof.learned_max_bytes:
+        mem = min(mem, prof.learned_max_bytes)  # it was killed for memory holding more
     layer, first, last = (
         (prof.idle_layer_s, prof.idle_first_s, prof.idle_last_s)
         if regime == IDLE

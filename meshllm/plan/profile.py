@@ -68,6 +68,9 @@ class Profile:
     # a peer of a version that did not measure them.
     overhead_bytes: int = 0
     weight_factor: float = 1.0
+    # Learned from an OOM kill (see meshllm.pipeline.memory_lesson): the most weight bytes this
+    # peer offers a stage now; 0: no such lesson.
+    learned_max_bytes: int = 0
 
     def to_obj(self) -> dict[str, Any]:
         return {
@@ -85,6 +88,7 @@ class Profile:
             "links": {p: [s.rtt_s, s.bandwidth_Bps] for p, s in self.links.items()},
             "overhead_bytes": self.overhead_bytes,
             "weight_factor": self.weight_factor,
+            "learned_max_bytes": self.learned_max_bytes,
         }
 
     @classmethod
@@ -129,4 +133,5 @@ class Profile:
             links=links,
             overhead_bytes=wire.integer(obj.get("overhead_bytes", 0), "overhead_bytes"),
             weight_factor=wire.number(obj.get("weight_factor", 1.0), "weight_factor", 1.0, 8.0),
+            learned_max_bytes=wire.integer(obj.get("learned_max_bytes", 0), "learned_max_bytes"),
         )

@@ -5,18 +5,25 @@ The model is SmolLM2-135M's exact shape in float32 with seeded random weights (`
 holds the files; four phones, each in a cgroup memory controller capped below the model's
 weight bytes, serve it with the `lp` plan. Greedy tokens asked at a phone that is not the
 source must equal the whole model's, run outside the caps, and no phone may be OOM-killed.
-Then two phones leave and `serve` on the rest fails at once, saying how many MiB are short.
+Then memory runs out on the phone of the second stage (another app takes it: the kernel kills
+the daemon, as Android's low-memory killer would): the mesh serves on without it, with the same
+tokens; restarted, that phone has learned not to take such a load again. Last, two phones leave
+and `serve` on the rest fails at once, saying how many MiB are short.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from meshllm import testbed
+from meshllm import netbed, testbed
+from meshllm.model.segment_files import read_segment_info
 from meshllm.model.store import ImportedModel
+from meshllm.pipeline import memory_lesson
 from tests.integration.mesh_helpers import (
     cli,
     link_model,
@@ -62,6 +69,16 @@ class = "phone"
 name = "phone-4"
 """
 PROMPT = "Tell me about the sea."
+# Another app on the phone, in the foreground: it takes more memory than the daemon leaves free
+# (but less than the cap). The daemon, a background app, is the OOM killer's first choice
+# (oom_score_adj 1000, as Android ranks background apps), so it goes, as it would on a phone.
+OTHER_APP = """
+import mmap
+size = %d << 20
+block = mmap.mmap(-1, size)
+for i in range(0, size, 4096):
+    block[i] = 1
+"""
 TOKENS = 24
 
 
@@ -81,7 +98,9 @@ def test_phones_serve_a_model_none_of_them_could_hold(big_model, tmp_path):
     profile = tmp_path / "bigger.toml"
     profile.write_text(PROFILE)
     root = tmp_path / "tb"
-    peers = testbed.up(root, profile=profile)
+    # KV reserved for two requests at a time (not four): three phones can then carry the model
+    # when one is lost, and two cannot.
+    peers = testbed.up(root, profile=profile, config={"plan": {"concurrency": "2"}})
     homes = [Path(p.home) for p in peers]
     laptop, phones = homes[0], homes[1:]
     try:
@@ -112,6 +131,52 @@ def test_phones_serve_a_model_none_of_them_could_hold(big_model, tmp_path):
             assert 0 < e["resident_peak_bytes"] < e["memory_limit_bytes"]
             assert e["oom_kills"] == 0, e
             assert testbed.is_our_daemon(peers[i].pid), f"phone {i} died"
+
+        # --- memory runs out on the second stage's phone: the daemon is killed -----------
+        victim = next(i for i, h in enumerate(homes) if ids[h] == plan["stages"][1][0])
+        segments = laptop / "models" / big_model.name / "segments"
+        net = testbed.load_network(root)
+        np_victim = net.peers[victim]
+        Path(f"/proc/{peers[victim].pid}/oom_score_adj").write_text("1000")
+        # (The app may go too: the daemon's memory is freed a moment after the kill.)
+        subprocess.run(
+            netbed.peer_command(np_victim, [sys.executable, "-c", OTHER_APP % (PHONE_MB - 150)]),
+            capture_output=True,
+            timeout=120,
+        )
+        wait_for(lambda: not testbed.is_our_daemon(peers[victim].pid), timeout=30)
+        assert testbed.status(root)[victim]["oom_kills"] >= 1
+        # The mesh re-plans without it and answers with the same tokens.
+        out = cli(phones[-1], "query", PROMPT, "--max-tokens", str(TOKENS), "--json", timeout=300)
+        got = json.loads(out.stdout)
+        assert got["token_ids"] == expected
+        survivors = status(phones[-1])["serving"]["plan"]
+        assert ids[homes[victim]] not in {s[0] for s in survivors["stages"]}
+        # Back again, it has learned: no plan gives it as many layers' bytes as it died with.
+        proc = testbed.start_daemon(homes[victim], wrap=netbed.peer_command(np_victim, []))
+        testbed.wait_ready(homes[victim], proc)
+        peers[victim] = testbed.TestbedPeer(
+            victim,
+            str(homes[victim]),
+            proc.pid,
+            np_victim.device_class,
+            np_victim.netns,
+            np_victim.address,
+        )
+        testbed.save_state(root, peers)
+        lesson = memory_lesson.lesson(homes[victim])
+        died_with = read_segment_info(segments / f"{plan['stages'][1][1]}-{plan['stages'][1][2]}")
+        assert lesson is not None and died_with is not None
+        assert lesson == int(died_with.weight_bytes * memory_lesson.MARGIN)
+        wait_for(lambda: len((status(phones[0]) or {}).get("members", ())) == 5, timeout=60)
+        cli(phones[0], *serve, "--timeout", "500", timeout=520)
+        again = status(phones[-1])["serving"]["plan"]
+        mine = [s for s in again["stages"] if s[0] == ids[homes[victim]]]
+        if mine:
+            info = read_segment_info(segments / f"{mine[0][1]}-{mine[0][2]}")
+            assert info is not None and info.weight_bytes <= lesson
+        out = cli(phones[-1], "query", PROMPT, "--max-tokens", str(TOKENS), "--json", timeout=300)
+        assert json.loads(out.stdout)["token_ids"] == expected
 
         # --- two phones leave: the other two cannot hold it, and serve says so at once -----
         for home in phones[2:]:

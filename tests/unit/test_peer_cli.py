@@ -9,7 +9,7 @@ import click
 import pytest
 
 from meshllm.commands.peer import ApiAddress
-from meshllm.config import ApiSection, load_config
+from meshllm.config import ApiSection, PeerSection, load_config
 from meshllm.mesh.identity import JoinToken, MeshSecret
 from meshllm.mesh.peerstore import bootstrap_addrs
 from tests.integration.mesh_helpers import cli
@@ -24,6 +24,15 @@ def test_init_creates_a_private_home_and_is_idempotent(tmp_path):
     secret = MeshSecret.load(home)
     again = cli(None, "init", "--home", str(home))
     assert "already initialised" in again.stderr and MeshSecret.load(home) == secret
+
+
+def test_init_no_stages_makes_a_peer_that_runs_no_layers(tmp_path):
+    assert PeerSection().stages  # the default: it runs layers
+    home = tmp_path / "laptop"
+    cli(None, "init", "--home", str(home), "--no-stages")
+    assert load_config(home / "config.toml").peer.stages is False
+    cli(None, "init", "--home", str(tmp_path / "phone"))
+    assert load_config(tmp_path / "phone" / "config.toml").peer.stages is True
 
 
 def test_join_stores_secret_and_bootstrap(tmp_path):
