@@ -31,7 +31,10 @@ _MAX = 1 << 50
 
 
 def _oom_kills() -> int | None:
-    return cgroups.memory_usage(cgroups.own_cgroup("memory"))["oom_kills"]
+    """OOM kills in this process's memory cgroup, if it has a cap (None otherwise: a count
+    of the whole machine's kills would not say this process hit its own limit)."""
+    usage = cgroups.memory_usage(cgroups.own_cgroup("memory"))
+    return usage["oom_kills"] if usage["memory_limit_bytes"] is not None else None
 
 
 def _read_int(path: Path, key: str) -> int | None:

@@ -83,7 +83,9 @@ def test_a_model_that_cannot_fit_is_a_clear_error(lp_mesh, tmp_path):
             text = text.replace("[peer]\n", "[peer]\nmemory_limit_mb = 1\n", 1)
         cfg.write_text(text)
         restart(root, peers, i)
-    testbed.wait_for_mesh([Path(p.home) for p in peers], timeout=30)
+        # Each restart listens on a new port: the next peer may stop only once the others have
+        # heard this one's new address, or no peer would know where the last ones are.
+        testbed.wait_for_mesh([Path(p.home) for p in peers], timeout=30)
     proc = cli(
         Path(peers[2].home),
         "serve",
