@@ -243,9 +243,14 @@ async def test_a_starved_peer_does_not_take_the_lead(seed, stall, autojump_clock
         assert {n.peer_id: n.term for n in h.nodes} == terms
         assert hungry.stats.elections == 0
         assert (hungry.stats.prevotes > asked) == (stall > CFG.unresponsive_after_s)
-        # The others measured the silence (status reports it: how close peers come to dead).
+        # The others measured the silence (status reports it: how close peers come to dead),
+        # to within a heartbeat interval: one sent just before the stall began can land after
+        # it did (failed about one run in six while this asked for the full stall).
         others = [n.stats for n in h.nodes if n is not hungry]
-        assert any(st.hb_gap_max_s >= stall and st.hb_gaps_over_dead >= 1 for st in others)
+        near = stall - CFG.heartbeat_interval_s
+        assert any(st.hb_gap_max_s >= near and st.hb_gaps_over_dead >= 1 for st in others), [
+            (st.hb_gap_max_s, st.hb_gaps_over_dead) for st in others
+        ]
         nursery.cancel_scope.cancel()
 
 
