@@ -73,6 +73,19 @@ def set_memory_limit(cg: Path, memory_mb: int) -> int:
     return limit
 
 
+def keyed_number(path: Path, key: str) -> int | None:
+    """The number after *key* on its line of a ``key value`` kernel file (a cgroup's
+    memory.stat, /proc/self/status: ``key`` includes its colon there), or None."""
+    try:
+        for line in path.read_text().splitlines():
+            fields = line.split()
+            if len(fields) >= 2 and fields[0] == key:
+                return int(fields[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def memory_usage(cg: Path | None) -> dict[str, int | None]:
     """What memory cgroup *cg* says: its limit, its peak usage and the OOM kills in it
     (None each where there is no memory cgroup, or it is gone)."""
@@ -85,20 +98,8 @@ def memory_usage(cg: Path | None) -> dict[str, int | None]:
         except (OSError, ValueError, IndexError):
             return None
 
-    kills = None
-    if cg is not None:
-        with contextlib.suppress(OSError, ValueError):
-            for line in (cg / "memory.oom_control").read_text().splitlines():
-                key, _, value = line.partition(" ")
-                if key == "oom_kill":
-                    kills = int(value)
-    anon = None
-    if cg is not None:
-        with contextlib.suppress(OSError, ValueError):
-            for line in (cg / "memory.stat").read_text().splitlines():
-                key, _, value = line.partition(" ")
-                if key == "total_rss":
-                    anon = int(value)
+    kills = None if cg is None else keyed_number(cg / "memory.oom_control", "oom_kill")
+    anon = None if cg is None else keyed_number(cg / "memory.stat", "total_rss")
     limit = number("memory.limit_in_bytes")
     return {
         # The kernel's "no limit" is the largest page-aligned 63-bit value.

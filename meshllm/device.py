@@ -20,35 +20,26 @@ from typing import Any
 
 import numpy as np
 
+from meshllm import cgroups
 from meshllm.plan.profile import MiB, ProfileError
 
 
 # -- memory ------------------------------------------------------------------------------------
+def _kib(path: str, key: str) -> int | None:
+    """A ``Key:  N kB`` figure of a /proc file, in bytes."""
+    value = cgroups.keyed_number(Path(path), key)
+    return None if value is None else value * 1024
+
+
 def _meminfo_available() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    return _kib("/proc/meminfo", "MemAvailable:")
 
 
 def _cgroup_headroom() -> int | None:
     """Memory left under this process's cgroup v1 memory limit, if it has one."""
-    try:
-        for line in Path("/proc/self/cgroup").read_text().splitlines():
-            _, controllers, path = line.split(":", 2)
-            if "memory" in controllers.split(","):
-                base = Path("/sys/fs/cgroup/memory") / path.lstrip("/")
-                limit = int((base / "memory.limit_in_bytes").read_text())
-                usage = int((base / "memory.usage_in_bytes").read_text())
-                if limit >= 1 << 60:  # "no limit" is a huge number
-                    return None
-                return max(0, limit - usage)
-    except (OSError, ValueError):
-        pass
-    return None
+    usage = cgroups.memory_usage(cgroups.own_cgroup("memory"))
+    limit, used = usage["memory_limit_bytes"], usage["memory_bytes"]
+    return None if limit is None or used is None else max(0, limit - used)
 
 
 def resident_bytes() -> int | None:
@@ -66,13 +57,7 @@ def anonymous_bytes() -> int | None:
     What a memory cap cannot take back without swap; file-backed pages (code, memory-mapped
     weights) the kernel can drop and re-read instead of killing the process.
     """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    return _kib("/proc/self/status", "RssAnon:")
 
 
 def memory_budget(limit_mb: int) -> tuple[int, bool]:

@@ -283,13 +283,8 @@ def wait_for_mesh(homes: list[Path], timeout: float) -> None:
 
 def resident_peak(pid: int) -> int | None:
     """Process *pid*'s peak resident memory (VmHWM), or None where it cannot be read."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    kib = cgroups.keyed_number(Path(f"/proc/{pid}/status"), "VmHWM:")
+    return None if kib is None else kib * 1024
 
 
 def status(root: Path) -> list[dict]:
